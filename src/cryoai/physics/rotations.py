@@ -1,0 +1,165 @@
+"""Rotations: RELION ZYZ Euler angles, the 6D representation, uniform sampling, distances.
+
+A pose ``R`` maps the image frame to the volume frame and acts on column vectors of
+``(x, y, z)``. RELION angles ``(rot, tilt, psi)`` give ``R = Rz(rot) @ Ry(tilt) @ Rz(psi)``
+(scipy's intrinsic ``"ZYZ"``). All angles here are in radians.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rot_z(angle_rad: torch.Tensor) -> torch.Tensor:
+    """Rotation about z by ``angle_rad``, shape (..., 3, 3)."""
+    c, s = torch.cos(angle_rad), torch.sin(angle_rad)
+    o, z = torch.ones_like(c), torch.zeros_like(c)
+    return torch.stack([c, -s, z, s, c, z, z, z, o], dim=-1).reshape(*c.shape, 3, 3)
+
+
+def rot_y(angle_rad: torch.Tensor) -> torch.Tensor:
+    """Rotation about y by ``angle_rad``, shape (..., 3, 3)."""
+    c, s = torch.cos(angle_rad), torch.sin(angle_rad)
+    o, z = torch.ones_like(c), torch.zeros_like(c)
+    return torch.stack([c, z, s, z, o, z, -s, z, c], dim=-1).reshape(*c.shape, 3, 3)
+
+
+def euler_zyz_to_matrix(angles_rad: torch.Tensor) -> torch.Tensor:
+    """RELION Euler angles (rot, tilt, psi) in radians, shape (..., 3), to matrices (..., 3, 3)."""
+    rot, tilt, psi = angles_rad.unbind(-1)
+    return rot_z(rot) @ rot_y(tilt) @ rot_z(psi)
+
+
+def matrix_to_euler_zyz(matrices: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`euler_zyz_to_matrix`: (..., 3, 3) -> (rot, tilt, psi) radians (..., 3).
+
+    ``tilt`` is in [0, pi]; at the gimbal lock (tilt 0 or pi) psi is set to 0.
+    """
+    m = matrices
+    cos_tilt = m[..., 2, 2].clamp(-1.0, 1.0)
+    tilt = torch.acos(cos_tilt)
+    sin_tilt = torch.sqrt(torch.clamp(1 - cos_tilt**2, min=0.0))
+    eps = 1e-6 if m.dtype == torch.float64 else 1e-4
+    regular = sin_tilt > eps
+    rot = torch.atan2(m[..., 1, 2], m[..., 0, 2])
+    psi = torch.atan2(m[..., 2, 1], -m[..., 2, 0])
+    # Gimbal lock: R = Rz(rot +/- psi) up to Ry(0 or pi); put everything in rot.
+    rot_lock = torch.where(cos_tilt > 0, torch.atan2(m[..., 1, 0], m[..., 0, 0]),
+                           torch.atan2(-m[..., 1, 0], -m[..., 0, 0]))
+    rot = torch.where(regular, rot, rot_lock)
+    psi = torch.where(regular, psi, torch.zeros_like(psi))
+    return torch.stack([rot, tilt, psi], dim=-1)
+
+
+def rotation_6d_to_matrix(six_d: torch.Tensor) -> torch.Tensor:
+    """Map the 6D representation (two 3-vectors) to a rotation by Gram-Schmidt.
+
+    Parameters
+    ----------
+    six_d : (..., 6) tensor ``(a1, a2)``.
+
+    Returns
+    -------
+    (..., 3, 3) rotation whose columns are ``e1 = a1/|a1|``, ``e2`` the normalised part of
+    ``a2`` orthogonal to ``e1``, and ``e3 = e1 x e2`` (determinant +1).
+    """
+    a1, a2 = six_d[..., :3], six_d[..., 3:]
+    e1 = torch.nn.functional.normalize(a1, dim=-1)
+    e2 = torch.nn.functional.normalize(a2 - (e1 * a2).sum(-1, keepdim=True) * e1, dim=-1)
+    e3 = torch.linalg.cross(e1, e2, dim=-1)
+    return torch.stack([e1, e2, e3], dim=-1)
+
+
+def matrix_to_rotation_6d(matrices: torch.Tensor) -> torch.Tensor:
+    """The first two columns of (..., 3, 3) matrices, shape (..., 6)."""
+    return torch.cat([matrices[..., :, 0], matrices[..., :, 1]], dim=-1)
+
+
+def quaternion_to_matrix(quaternions: torch.Tensor) -> torch.Tensor:
+    """Unit quaternions (w, x, y, z), shape (..., 4), to rotations (..., 3, 3)."""
+    q = torch.nn.functional.normalize(quaternions, dim=-1)
+    w, x, y, z = q.unbind(-1)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+            2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+            2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).reshape(*q.shape[:-1], 3, 3)
+
+
+def random_rotations(
+    n: int, *, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """``n`` rotations drawn uniformly (Haar measure) on SO(3), shape (n, 3, 3).
+
+    Normalised 4D Gaussian vectors are uniform on the unit quaternion sphere, hence on SO(3).
+    """
+    q = torch.randn(n, 4, generator=generator, dtype=torch.float64, device=device)
+    return quaternion_to_matrix(q).to(dtype)
+
+
+def geodesic_distance(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """Angle (radians) of ``r1^T r2`` for (..., 3, 3) rotations, in [0, pi]."""
+    trace = (r1 * r2).sum(dim=(-2, -1))  # trace(r1^T r2)
+    cos = ((trace - 1) / 2).clamp(-1.0, 1.0)
+    return torch.acos(cos)
+
+
+def frobenius_distance_sq(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm ``||r1 - r2||_F^2`` of (..., 3, 3) matrices."""
+    return ((r1 - r2) ** 2).sum(dim=(-2, -1))
+
+
+def frobenius_sq_to_angle(d: torch.Tensor) -> torch.Tensor:
+    """Angle (radians) of a rotation whose squared Frobenius distance to identity is ``d``."""
+    return 2 * torch.asin(torch.sqrt(torch.clamp(d / 8, 0.0, 1.0)))
+
+
+def in_plane_180(rotations: torch.Tensor) -> torch.Tensor:
+    """Poses of the images rotated by 180 degrees in plane: ``R @ Rz(pi)`` (negate columns 0, 1)."""
+    flip = torch.tensor([-1.0, -1.0, 1.0], dtype=rotations.dtype, device=rotations.device)
+    return rotations * flip
+
+
+def so3_grid(n_target: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """A deterministic near-uniform set of about ``n_target`` rotations, shape (M, 3, 3).
+
+    Built from a Fibonacci sphere of viewing directions times a regular in-plane angle grid,
+    with the number of directions and of in-plane angles matched so that their angular spacings
+    agree (``4 pi / n_dirs ~ (2 pi / n_psi)^2``).
+    """
+    # spacing s: n_dirs ~ 4 pi / s^2, n_psi ~ 2 pi / s, n_dirs * n_psi ~ 8 pi^2 / s^3
+    spacing = (8 * math.pi**2 / max(n_target, 1)) ** (1 / 3)
+    n_psi = max(1, round(2 * math.pi / spacing))
+    n_dirs = max(1, round(n_target / n_psi))
+    i = torch.arange(n_dirs, dtype=torch.float64, device=device) + 0.5
+    tilt = torch.acos(1 - 2 * i / n_dirs)
+    rot = (math.pi * (1 + 5**0.5) * i) % (2 * math.pi)
+    psi = torch.arange(n_psi, dtype=torch.float64, device=device) * (2 * math.pi / n_psi)
+    angles = torch.stack(
+        [rot[:, None].expand(-1, n_psi), tilt[:, None].expand(-1, n_psi), psi[None].expand(n_dirs, -1)],
+        dim=-1,
+    ).reshape(-1, 3)
+    return euler_zyz_to_matrix(angles).to(dtype)
+
+
+def procrustes_rotation(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The rotation ``A`` minimising ``sum_i ||A @ source_i - target_i||_F^2`` (orthogonal Procrustes).
+
+    Parameters
+    ----------
+    source, target : (M, 3, 3) matrices.
+
+    Returns
+    -------
+    (3, 3) rotation (determinant +1).
+    """
+    m = (target @ source.transpose(-1, -2)).sum(0)
+    u, _, vh = torch.linalg.svd(m)
+    d = torch.sign(torch.linalg.det(u @ vh))
+    fix = torch.diag(torch.stack([torch.ones_like(d), torch.ones_like(d), d]))
+    return u @ fix @ vh
