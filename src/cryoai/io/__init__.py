@@ -3,3 +3,75 @@
 This is the only layer that knows file conventions (degrees, RELION origin signs, 1-based
 stack indices, optics groups).
 """
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryoai.errors import InputError
+
+from ._util import require_file
+from .cryosparc import read_cs
+from .images import ImageSource, resolve_stacks, validate_images
+from .mrc import (
+    StackWriter,
+    check_finite,
+    open_stack,
+    read_header,
+    read_stack_images,
+    read_volume,
+    write_stack,
+    write_volume,
+)
+from .particles import CTF_FIELDS, ParticleTable
+from .star import read_star, write_star
+
+__all__ = [
+    "CTF_FIELDS",
+    "ImageSource",
+    "ParticleTable",
+    "StackWriter",
+    "check_finite",
+    "load_particles",
+    "open_stack",
+    "read_cs",
+    "read_header",
+    "read_stack_images",
+    "read_star",
+    "read_volume",
+    "resolve_stacks",
+    "validate_images",
+    "write_stack",
+    "write_star",
+    "write_volume",
+]
+
+_READERS = {".star": read_star, ".cs": read_cs}
+
+
+def load_particles(path: str | os.PathLike, datadir: str | os.PathLike | None = None
+                   ) -> ParticleTable:
+    """Read a particle file, choosing the reader by suffix (``.star`` or ``.cs``).
+
+    Parameters
+    ----------
+    path : particle metadata file.
+    datadir : optional directory to look for image stacks in (see :func:`read_star`).
+
+    Returns
+    -------
+    :class:`ParticleTable` (images are not read; use :class:`ImageSource`).
+
+    Raises
+    ------
+    InputError
+        Missing file, unknown suffix, or any problem the reader finds.
+    """
+    p = require_file(path, "particle file")
+    reader = _READERS.get(Path(p).suffix.lower())
+    if reader is None:
+        raise InputError(f"{p}: unknown particle file type '{p.suffix}' (expected .star or .cs)")
+    if datadir is not None and not Path(datadir).is_dir():
+        raise InputError(f"{datadir}: data directory not found")
+    return reader(p, datadir=datadir)

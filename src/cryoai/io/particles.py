@@ -89,8 +89,8 @@ class ParticleTable:
 
     def with_poses(self, rotations: np.ndarray, shifts_a: np.ndarray | None) -> ParticleTable:
         """A copy with poses replaced: rotations (N, 3, 3), shifts_a (N, 2) or None."""
-        return replace(self, rotations=np.asarray(rotations, dtype=np.float64),
-                       shifts_a=None if shifts_a is None else np.asarray(shifts_a, dtype=np.float64))
+        shifts = None if shifts_a is None else np.asarray(shifts_a, dtype=np.float64)
+        return replace(self, rotations=np.asarray(rotations, dtype=np.float64), shifts_a=shifts)
 
     def ctf_arrays(self, indices=None) -> dict[str, np.ndarray]:
         """The CTF parameters (names of :data:`CTF_FIELDS`) for ``indices`` (all if None)."""

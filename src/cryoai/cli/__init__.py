@@ -1,0 +1,1 @@
+"""Command-line interface: ``cryoai <command>``; one module per command (add_args / main)."""

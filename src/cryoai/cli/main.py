@@ -1,0 +1,60 @@
+"""The ``cryoai`` command: an explicit list of subcommands, each a module with add_args/main."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ..errors import CryoaiError
+
+COMMANDS = {
+    "simulate": "cryoai.cli.simulate",
+    "info": "cryoai.cli.info",
+    "downsample": "cryoai.cli.downsample",
+    "fsc": "cryoai.cli.fsc",
+    "train": "cryoai.cli.train",
+    "predict-poses": "cryoai.cli.predict_poses",
+    "evaluate": "cryoai.cli.evaluate",
+    "demo": "cryoai.cli.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryoai",
+        description="Amortized ab initio reconstruction of cryo-EM maps and poses (cryoAI).",
+    )
+    parser.add_argument("--version", action="version", version=f"cryoai {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_args(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``cryoai``; returns the exit status (0 on success, 2 on a reported error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_main", None):
+        parser.print_help()
+        return 1
+    try:
+        result = args._main(args)
+    except CryoaiError as exc:
+        print(f"cryoai {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cryoai {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Predict the pose of every particle with a trained cryoAI checkpoint (batched, none dropped).
+
+Writes a RELION 3.1 STAR with every input column kept and rlnAngleRot/Tilt/Psi (degrees) and
+rlnOriginXAngst/YAngst from the encoder.
+
+Example: cryoai predict-poses run/checkpoint.pt particles.star --out poses.star
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import InputError
+from .common import pick_device, progress_bar
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint.pt written by cryoai train")
+    parser.add_argument("particles", help=".star or .cs particle file (same box and pixel size)")
+    parser.add_argument("--out", required=True, help="output STAR file")
+    parser.add_argument("--datadir", default=None, help="folder to look for image stacks in")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--force", action="store_true", help="overwrite --out")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def load_model(checkpoint_path, device):
+    """The CryoAI model, config and checkpoint payload of a checkpoint file."""
+    from ..models.cryoai import build_model
+    from ..training.checkpoint import load_checkpoint
+    from ..training.config import TrainConfig
+
+    ckpt = load_checkpoint(checkpoint_path, map_location=device)
+    cfg = TrainConfig.from_dict(ckpt["config"], source=str(checkpoint_path))
+    model = build_model(cfg, int(ckpt["box_px"]), float(ckpt["pixel_size_a"]),
+                        with_encoder=not ckpt.get("fixed_poses", False))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), cfg, ckpt
+
+
+def main(args) -> int:
+    from pathlib import Path
+
+    from ..data.dataset import ParticleDataset
+    from ..errors import OutputError
+    from ..io import load_particles
+    from ..io.star import write_star
+    from ..physics.masks import circular_mask
+    from ..training.poses import predict_poses
+    from ..training.trainer import make_loader
+
+    if Path(args.out).exists() and not args.force:
+        raise OutputError(f"{args.out}: exists; use --force to overwrite")
+    device = pick_device(args.device)
+    model, cfg, ckpt = load_model(args.checkpoint, device)
+    if model.encoder is None:
+        raise InputError(f"{args.checkpoint}: trained with fixed poses, it has no encoder")
+    table = load_particles(args.particles, datadir=args.datadir)
+    if table.box_px != model.box_px:
+        raise InputError(f"{args.particles}: box {table.box_px} differs from the model's {model.box_px}")
+    dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=float(ckpt["scale"]))
+    dataset.source.validate()
+    mask = None
+    if cfg.mask_radius_frac > 0:
+        mask = circular_mask(model.box_px, cfg.mask_radius_frac * model.box_px, soft_edge_px=3, device=device)
+    loader = make_loader(dataset, args.batch_size, shuffle=False, seed=0, num_workers=args.num_workers)
+    bar = progress_bar(len(table), "predict", disable=args.quiet)
+    rot, shifts, _ = predict_poses(model, loader, mask, device, use_symmetric=cfg.loss == "symmetric",
+                                   learn_shifts=cfg.learn_shifts, progress=bar.update)
+    bar.close()
+    write_star(args.out, table.with_poses(rot, shifts))
+    print(f"wrote poses of {len(table)} particles to {args.out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Datasets and transforms: lazy particle stacks, normalisation, masks."""

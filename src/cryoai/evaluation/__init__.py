@@ -1,0 +1,1 @@
+"""Evaluation: pose registration, errors, volume alignment, FSC, metrics and plots."""

@@ -1,0 +1,1 @@
+"""Models: the encoder (images -> poses), decoders (Fourier volume) and the cryoAI module."""

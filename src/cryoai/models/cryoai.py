@@ -1,0 +1,99 @@
+"""The cryoAI model: encoder (image -> pose) and physics decoder (pose -> image spectrum).
+
+Predictions live on a Hermitian half of the centred 2D spectrum, inside a radius (the rest
+follows by symmetry). Image spectra are scaled by 1/N so that, by Parseval, the squared error
+summed over the full spectrum equals the real-space squared error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..physics.ctf import compute_ctf
+from ..physics.fft import fft2_c
+from ..physics.grids import grid_2d, half_plane_mask
+from ..physics.projection import slice_coords
+from ..physics.shifts import phase_shift
+from .decoders import FourierNet, VoxelDecoder
+from .encoder import PoseEncoder
+
+
+class CryoAI(nn.Module):
+    """Encoder + decoder + image formation.
+
+    Parameters
+    ----------
+    box_px : N.
+    pixel_size_a : Angstrom per pixel of the images the model works on.
+    decoder : a module mapping (..., 3) frequency pixels to complex values.
+    encoder : a :class:`PoseEncoder` or None (reconstruction with known poses).
+    """
+
+    def __init__(self, box_px: int, pixel_size_a: float, decoder: nn.Module,
+                 encoder: PoseEncoder | None = None):
+        super().__init__()
+        self.box_px = box_px
+        self.pixel_size_a = float(pixel_size_a)
+        self.decoder = decoder
+        self.encoder = encoder
+        mask = half_plane_mask(box_px)
+        g = grid_2d(box_px)
+        self.register_buffer("half_mask", mask, persistent=False)
+        self.register_buffer("coords_2d", g[mask], persistent=False)  # (M, 2) frequency px
+        self.register_buffer("radius", g[mask].norm(dim=-1), persistent=False)  # (M,)
+        # Weight 2 for coefficients whose Hermitian partner is left out, 1 for DC.
+        w = torch.full((int(mask.sum()),), 2.0)
+        w[(g[mask] == 0).all(-1)] = 1.0
+        self.register_buffer("hermitian_weight", w, persistent=False)
+
+    @property
+    def freqs_a(self) -> torch.Tensor:
+        """Frequencies of the kept coefficients, cycles per Angstrom (M, 2)."""
+        return self.coords_2d / (self.box_px * self.pixel_size_a)
+
+    def image_spectra(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N, N) real images -> (B, M) complex kept coefficients of ``fft2_c(img) / N``."""
+        return fft2_c(images)[:, self.half_mask] / self.box_px
+
+    def ctf(self, batch: dict) -> torch.Tensor:
+        """CTF of each image at the kept coefficients, (B, M)."""
+        return compute_ctf(self.freqs_a, batch["defocus_u_a"], batch["defocus_v_a"],
+                           batch["defocus_angle_rad"], batch["voltage_kv"], batch["cs_mm"],
+                           batch["amplitude_contrast"], batch["phase_shift_rad"], batch["bfactor_a2"])
+
+    def render(self, rotations: torch.Tensor, shifts_a: torch.Tensor | None, ctf: torch.Tensor | None,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted spectra (B, M') of images with poses, CTF and shifts.
+
+        Parameters
+        ----------
+        rotations : (B, 3, 3).
+        shifts_a : (B, 2) Angstrom, or None.
+        ctf : (B, M) or None.
+        keep : optional boolean (M,) selecting coefficients (e.g. a frequency band).
+        """
+        coords = self.coords_2d if keep is None else self.coords_2d[keep]
+        pts = slice_coords(rotations, coords)
+        values = self.decoder(pts)
+        if ctf is not None:
+            values = values * (ctf if keep is None else ctf[:, keep])
+        if shifts_a is not None:
+            freqs = self.freqs_a if keep is None else self.freqs_a[keep]
+            values = values * phase_shift(freqs, shifts_a)
+        return values
+
+
+def build_model(cfg, box_px: int, pixel_size_a: float, *, with_encoder: bool = True,
+                init_volume: torch.Tensor | None = None) -> CryoAI:
+    """A CryoAI model from a :class:`cryoai.training.config.TrainConfig`."""
+    if cfg.decoder == "fouriernet":
+        decoder: nn.Module = FourierNet(box_px, width=cfg.fouriernet_width)
+    else:
+        decoder = VoxelDecoder(box_px, init_volume=init_volume)
+    encoder = None
+    if with_encoder:
+        max_shift = cfg.max_shift_a if cfg.max_shift_a is not None else 0.15 * box_px * pixel_size_a
+        encoder = PoseEncoder(box_px, width=cfg.encoder_width, n_heads=cfg.encoder_heads,
+                              max_shift_a=max_shift)
+    return CryoAI(box_px, pixel_size_a, decoder, encoder)

@@ -1,0 +1,148 @@
+"""Decoders: representations of a volume's centred Fourier transform V(k).
+
+Both decoders take points ``k = (kx, ky, kz)`` in frequency pixels (cycles per box; Nyquist at
+``N/2``) and return complex values. Hermitian symmetry ``V(-k) = conj(V(k))`` holds by
+construction: a point in the lower half-space is evaluated at ``-k`` and conjugated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..physics.fft import fft3_c, ifft3_c
+from ..physics.projection import sample_volume
+
+
+def _lower_half(coords: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of points in the lower half-space: z < 0, or z == 0 and (y < 0, or y == 0 and x < 0)."""
+    x, y, z = coords.unbind(-1)
+    return (z < 0) | ((z == 0) & ((y < 0) | ((y == 0) & (x < 0))))
+
+
+def hermitian_eval(fn, coords: torch.Tensor) -> torch.Tensor:
+    """Evaluate ``fn`` (points -> complex) so that the result is Hermitian in ``coords``."""
+    lower = _lower_half(coords)
+    sign = torch.where(lower, -1.0, 1.0).to(coords.dtype)[..., None]
+    values = fn(coords * sign)
+    return torch.where(lower, values.conj(), values)
+
+
+class SineLayer(nn.Module):
+    """``sin(omega_0 * (W x + b))`` with SIREN initialisation (Sitzmann et al. 2020)."""
+
+    def __init__(self, in_features: int, out_features: int, omega_0: float, is_first: bool):
+        super().__init__()
+        self.omega_0 = omega_0
+        self.linear = nn.Linear(in_features, out_features)
+        with torch.no_grad():
+            bound = 1 / in_features if is_first else math.sqrt(6 / in_features) / omega_0
+            self.linear.weight.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.omega_0 * self.linear(x))
+
+
+class Siren(nn.Module):
+    """A SIREN: ``n_layers`` sine layers of ``width`` then a linear layer to ``out_features``."""
+
+    def __init__(self, in_features: int, width: int, n_layers: int, out_features: int,
+                 omega_0: float = 30.0, hidden_omega_0: float = 30.0):
+        super().__init__()
+        layers = [SineLayer(in_features, width, omega_0, True)]
+        layers += [SineLayer(width, width, hidden_omega_0, False) for _ in range(n_layers - 1)]
+        self.net = nn.Sequential(*layers)
+        self.out = nn.Linear(width, out_features)
+        with torch.no_grad():
+            bound = math.sqrt(6 / width) / hidden_omega_0
+            self.out.weight.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.net(x))
+
+
+class FourierNet(nn.Module):
+    """The paper's FourierNet: ``V(k) = exp(envelope(k)) * modulant(k)`` as a complex number.
+
+    Two SIRENs on coordinates scaled so that Nyquist is 1: a "modulant" (2 outputs: real and
+    imaginary parts) and an "envelope" (2 outputs, exponentiated element-wise), multiplied
+    element-wise.
+
+    Parameters
+    ----------
+    box_px : N.
+    width : hidden width of both SIRENs (the paper: 256).
+    modulant_layers, envelope_layers : number of sine layers (the paper: 4 and 3).
+    modulant_omega_0, envelope_omega_0 : first-layer frequencies (the paper: 40 and 30).
+    """
+
+    def __init__(self, box_px: int, *, width: int = 256, modulant_layers: int = 4,
+                 envelope_layers: int = 3, modulant_omega_0: float = 40.0,
+                 envelope_omega_0: float = 30.0):
+        super().__init__()
+        self.box_px = box_px
+        self.modulant = Siren(3, width, modulant_layers, 2, omega_0=modulant_omega_0)
+        self.envelope = Siren(3, width, envelope_layers, 2, omega_0=envelope_omega_0)
+
+    def _raw(self, coords: torch.Tensor) -> torch.Tensor:
+        x = coords / (self.box_px / 2)
+        out = torch.exp(self.envelope(x)) * self.modulant(x)
+        return torch.complex(out[..., 0], out[..., 1])
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        """(..., 3) frequency pixels -> (...) complex Fourier values."""
+        return hermitian_eval(self._raw, coords)
+
+
+class VoxelDecoder(nn.Module):
+    """An explicit complex Fourier grid (N, N, N), sampled by trilinear interpolation.
+
+    Stored as a real tensor (2, N, N, N) (real and imaginary parts) and initialised from the
+    Fourier transform of a given real volume (or zeros).
+    """
+
+    def __init__(self, box_px: int, init_volume: torch.Tensor | None = None):
+        super().__init__()
+        self.box_px = box_px
+        grid = torch.zeros(2, box_px, box_px, box_px)
+        if init_volume is not None:
+            f = fft3_c(init_volume.to(torch.float32))
+            grid = torch.stack([f.real, f.imag])
+        self.grid = nn.Parameter(grid)
+
+    def fourier_volume(self) -> torch.Tensor:
+        return torch.complex(self.grid[0], self.grid[1])
+
+    def _raw(self, coords: torch.Tensor) -> torch.Tensor:
+        return sample_volume(self.fourier_volume(), coords)
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        return hermitian_eval(self._raw, coords)
+
+
+@torch.no_grad()
+def decoder_to_volume(decoder: nn.Module, box_px: int, *, chunk: int = 65536) -> torch.Tensor:
+    """The real-space volume (N, N, N) [z, y, x] that a decoder represents.
+
+    Evaluates the decoder on the full centred Fourier grid inside the Nyquist sphere (zero
+    outside) and inverts it; the imaginary part of the inverse is discarded.
+    """
+    from ..physics.grids import grid_3d
+
+    device = next(decoder.parameters()).device
+    if isinstance(decoder, VoxelDecoder):
+        f = decoder.fourier_volume().detach()
+        # Symmetrise exactly (the grid itself is free; sampling enforces symmetry at use).
+        flipped = torch.roll(torch.flip(f, dims=(0, 1, 2)), shifts=(1, 1, 1), dims=(0, 1, 2))
+        f = 0.5 * (f + flipped.conj())
+    else:
+        g = grid_3d(box_px, device=device).reshape(-1, 3)
+        inside = g.norm(dim=-1) <= box_px // 2
+        values = torch.zeros(g.shape[0], dtype=torch.complex64, device=device)
+        pts = g[inside]
+        out = [decoder(pts[i:i + chunk]) for i in range(0, len(pts), chunk)]
+        values[inside] = torch.cat(out).to(values.dtype)
+        f = values.reshape(box_px, box_px, box_px)
+    return ifft3_c(f).real

@@ -1,0 +1,119 @@
+"""The pose encoder: Gaussian low-pass filter bank -> VGG-like CNN -> rotation and shift heads."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..physics.rotations import rotation_6d_to_matrix
+
+#: VGG16-like layout of the paper's release: ("conv", channels) / ("max"|"avg", None).
+VGG_LAYOUT = (
+    ("conv", 64), ("conv", 64), ("max", None),
+    ("conv", 128), ("conv", 128), ("max", None),
+    ("conv", 256), ("conv", 256), ("conv", 256), ("max", None),
+    ("conv", 256), ("conv", 256), ("avg", None),
+    ("conv", 256), ("conv", 256), ("avg", None),
+    ("max", None),
+)
+
+
+class GaussianFilterBank(nn.Module):
+    """Fixed bank of Gaussian low-pass filters stacked as channels, each standardised per image.
+
+    Parameters
+    ----------
+    variances_px2 : variances of the Gaussian kernels in px^2 (the paper: 0.01 .. 100).
+    kernel_size : odd kernel size (the paper: 11).
+    """
+
+    def __init__(self, variances_px2=(0.01, 0.1, 1.0, 10.0, 100.0), kernel_size: int = 11):
+        super().__init__()
+        r = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
+        kernels = []
+        for var in variances_px2:
+            g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * var))
+            kernels.append(g / g.sum())
+        self.register_buffer("weight", torch.stack(kernels)[:, None].float())
+        self.padding = kernel_size // 2
+
+    @property
+    def n_channels(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N, N) -> (B, C, N, N), each channel with zero mean and unit variance per image."""
+        x = nn.functional.conv2d(images[:, None], self.weight.to(images.dtype), padding=self.padding)
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        std = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+        return (x - mean) / std
+
+
+class PoseEncoder(nn.Module):
+    """Images (B, N, N) -> rotations (B, H, 3, 3) and shifts (B, H, 2) in Angstrom.
+
+    Parameters
+    ----------
+    box_px : image size N.
+    width : channel multiplier of the VGG layout (1.0 = the paper's 64..256 channels).
+    n_heads : number of rotation hypotheses per image (1 = cryoAI; >1 = multi-head,
+        winner-takes-all as in CryoSPIN).
+    max_shift_a : bound of the predicted shifts (tanh-scaled), Angstrom.
+    head_hidden : widths of the MLP heads (the paper: 512, 256).
+    filter_variances_px2 : variances of the input filter bank.
+    """
+
+    def __init__(self, box_px: int, *, width: float = 1.0, n_heads: int = 1, max_shift_a: float = 20.0,
+                 head_hidden=(512, 256), filter_variances_px2=(0.01, 0.1, 1.0, 10.0, 100.0),
+                 layout=VGG_LAYOUT):
+        super().__init__()
+        self.box_px = box_px
+        self.n_heads = n_heads
+        self.max_shift_a = max_shift_a
+        self.filters = GaussianFilterBank(filter_variances_px2)
+        layers: list[nn.Module] = []
+        ch = self.filters.n_channels
+        size = box_px
+        for kind, out in layout:
+            if kind == "conv":
+                c = max(4, int(round(out * width)))
+                layers += [nn.Conv2d(ch, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+                ch = c
+            elif size >= 2:
+                layers.append(nn.MaxPool2d(2) if kind == "max" else nn.AvgPool2d(2))
+                size //= 2
+        self.features = nn.Sequential(*layers)
+        n_features = ch * size * size
+        self.n_features = n_features
+
+        def mlp(out_dim: int) -> nn.Sequential:
+            mods: list[nn.Module] = []
+            d = n_features
+            for h in head_hidden:
+                mods += [nn.Linear(d, h), nn.ReLU(inplace=True)]
+                d = h
+            mods.append(nn.Linear(d, out_dim))
+            return nn.Sequential(*mods)
+
+        self.rotation_head = mlp(6 * n_heads)
+        self.shift_head = mlp(2)
+        nn.init.zeros_(self.shift_head[-1].weight)
+        nn.init.zeros_(self.shift_head[-1].bias)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """CNN features (B, n_features) of images (B, N, N)."""
+        return self.features(self.filters(images)).flatten(1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.embed(images)
+        six = self.rotation_head(feats).reshape(-1, self.n_heads, 6)
+        rotations = rotation_6d_to_matrix(six)
+        shifts = self.max_shift_a * torch.tanh(self.shift_head(feats) / max(self.max_shift_a, 1e-6))
+        return rotations, shifts[:, None].expand(-1, self.n_heads, 2)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+__all__ = ["GaussianFilterBank", "PoseEncoder", "VGG_LAYOUT", "count_parameters"]

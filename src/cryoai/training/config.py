@@ -1,0 +1,136 @@
+"""Training configuration: one dataclass, YAML in and out, every field a command-line flag."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from ..errors import InputError
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``cryoai train``. Units are in the names; None means "automatic"."""
+
+    # --- data and preprocessing
+    invert_contrast: bool = False  # flip the sign of the images (particles dark -> bright)
+    mask_radius_frac: float = 0.45  # circular mask radius for the encoder input, fraction of the box (0: none)
+    normalize_samples: int = 1000  # images used to estimate the global intensity scale
+    # --- model
+    decoder: str = "voxel"  # "voxel" (explicit Fourier grid) or "fouriernet" (the paper)
+    fouriernet_width: int = 256
+    encoder_width: float = 0.25  # multiplier of the VGG channel widths (1.0 = the paper)
+    encoder_heads: int = 1  # rotation hypotheses per image (winner takes all)
+    max_shift_a: float | None = None  # bound of predicted shifts; None: 0.15 * box * pixel size
+    learn_shifts: bool = True
+    # --- loss
+    loss: str = "symmetric"  # "symmetric" or "l2"
+    max_radius_frac: float = 1.0  # highest frequency used, fraction of Nyquist
+    # --- optimisation
+    batch_size: int = 32
+    lr_encoder: float = 1e-4
+    lr_decoder: float = 1e-4  # FourierNet; the voxel decoder uses lr_voxel
+    lr_voxel: float = 1e-2
+    amsgrad: bool = True
+    grad_clip: float = 1.0
+    max_epochs: float = 100.0
+    max_minutes: float | None = None
+    seed: int = 0
+    num_workers: int = 0
+    # --- outputs
+    log_every: int = 20  # steps between scalar logs
+    volume_every_minutes: float = 2.0  # write volume.mrc this often
+    checkpoint_every_minutes: float = 5.0
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if self.decoder not in ("voxel", "fouriernet"):
+            raise InputError(f"decoder must be 'voxel' or 'fouriernet' (got {self.decoder!r})")
+        if self.loss not in ("symmetric", "l2"):
+            raise InputError(f"loss must be 'symmetric' or 'l2' (got {self.loss!r})")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be positive (got {self.batch_size})")
+        if not 0 < self.max_radius_frac <= 1:
+            raise InputError(f"max_radius_frac must be in (0, 1] (got {self.max_radius_frac})")
+        if self.encoder_heads < 1:
+            raise InputError(f"encoder_heads must be at least 1 (got {self.encoder_heads})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        return cls(**values)
+
+
+#: Named configurations. "paper" is the faithful cryoAI of the ECCV 2022 paper.
+PRESETS: dict[str, dict] = {
+    "paper": dict(decoder="fouriernet", fouriernet_width=256, encoder_width=1.0, encoder_heads=1,
+                  loss="symmetric", batch_size=64, lr_encoder=1e-4, lr_decoder=1e-4, amsgrad=True,
+                  grad_clip=1.0, max_radius_frac=1.0),
+    "fast": dict(decoder="voxel", encoder_width=0.25),
+}
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such config file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: a config must be a mapping of option: value")
+    return values
+
+
+def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (default None = keep the preset/YAML/default value)."""
+    group = parser.add_argument_group("training options (override --config and --preset)")
+    for f in fields(TrainConfig):
+        default = f.default
+        if isinstance(default, bool):
+            group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", default=None,
+                               action=argparse.BooleanOptionalAction, help=f"(default {default})")
+        else:
+            typ = type(default) if default is not None else float
+            if f.name in ("max_shift_a", "max_minutes"):
+                typ = float
+            group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", type=typ, default=None,
+                               metavar=typ.__name__.upper(), help=f"(default {default})")
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults <- preset <- YAML file <- flags."""
+    values: dict = {}
+    preset = getattr(args, "preset", None)
+    if preset:
+        if preset not in PRESETS:
+            raise InputError(f"--preset {preset}: unknown (choose from {', '.join(PRESETS)})")
+        values.update(PRESETS[preset])
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    for f in fields(TrainConfig):
+        v = getattr(args, f"cfg_{f.name}", None)
+        if v is not None:
+            values[f.name] = v
+    cfg = TrainConfig.from_dict(values, source=getattr(args, "config", None) or "config")
+    cfg.validate()
+    return cfg

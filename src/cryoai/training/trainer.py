@@ -1,0 +1,295 @@
+"""The training loop of ``cryoai train``: ab initio (encoder + decoder) or with fixed poses."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+from .. import __version__
+from ..data.dataset import ParticleDataset, collate_batch, estimate_scale
+from ..errors import CryoaiError, InputError
+from ..io.images import ImageSource
+from ..io.mrc import write_volume
+from ..io.particles import ParticleTable
+from ..io.star import write_star
+from ..models.cryoai import CryoAI, build_model
+from ..models.decoders import decoder_to_volume
+from ..physics.masks import circular_mask
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, save_yaml
+from .losses import squared_error, symmetric_loss_terms
+from .poses import encoder_input, predict_poses
+
+
+class TrainingDiverged(CryoaiError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    images_seen: int = 0
+    minutes: float = 0.0
+
+
+def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    """A DataLoader that reads whole batches at once (``__getitems__``)."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(dataset, generator=g)
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=None,
+                      sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
+                      collate_fn=collate_batch, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
+
+
+class Trainer:
+    """Train a CryoAI model on a particle table and write the run's outputs to ``outdir``.
+
+    Parameters
+    ----------
+    table : the particles.
+    cfg : the training options.
+    outdir : the run directory (config.yaml, checkpoint.pt, volume.mrc, poses.star, logs).
+    device : torch device.
+    fixed_poses : a table with the poses to hold fixed (reconstruction with known poses), or None.
+    resume : continue from ``outdir/checkpoint.pt``.
+    """
+
+    def __init__(self, table: ParticleTable, cfg: TrainConfig, outdir: str | Path, *,
+                 device: torch.device, fixed_poses: ParticleTable | None = None,
+                 resume: bool = False, quiet: bool = False, argv: list[str] | None = None):
+        self.table = table
+        self.cfg = cfg
+        self.outdir = Path(outdir)
+        self.device = device
+        self.quiet = quiet
+        self.argv = argv or sys.argv
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % (2**32))
+        self.box = table.box_px
+        self.pixel_size_a = float(np.median(table.pixel_size_a))
+        self.source = ImageSource(table)
+        self.source.validate()
+
+        self.fixed = fixed_poses is not None
+        if self.fixed:
+            if len(fixed_poses) != len(table) or not fixed_poses.has_poses:
+                raise InputError(f"{fixed_poses.source_path}: --poses must hold poses for the same "
+                                 f"{len(table)} particles (it has {len(fixed_poses)}"
+                                 f"{'' if fixed_poses.has_poses else ', without poses'})")
+            self.fixed_rot = torch.as_tensor(fixed_poses.rotations, dtype=torch.float32)
+            sh = fixed_poses.shifts_a if fixed_poses.has_shifts else np.zeros((len(table), 2))
+            self.fixed_shift = torch.as_tensor(sh, dtype=torch.float32)
+
+        ckpt = None
+        if resume:
+            ckpt_path = self.outdir / "checkpoint.pt"
+            ckpt = load_checkpoint(ckpt_path, map_location=device)
+            self.scale = float(ckpt["scale"])
+        else:
+            self.scale = estimate_scale(table, cfg.normalize_samples, cfg.seed, source=self.source)
+        self.dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=self.scale,
+                                       source=self.source)
+        self.model: CryoAI = build_model(cfg, self.box, self.pixel_size_a, with_encoder=not self.fixed).to(device)
+        self.mask = None
+        if cfg.mask_radius_frac > 0:
+            self.mask = circular_mask(self.box, cfg.mask_radius_frac * self.box, soft_edge_px=3,
+                                      device=device)
+        groups = []
+        dec_lr = cfg.lr_voxel if cfg.decoder == "voxel" else cfg.lr_decoder
+        groups.append({"params": list(self.model.decoder.parameters()), "lr": dec_lr, "name": "decoder"})
+        if self.model.encoder is not None:
+            groups.append({"params": list(self.model.encoder.parameters()), "lr": cfg.lr_encoder,
+                           "name": "encoder"})
+        self.optimizer = torch.optim.Adam(groups, amsgrad=cfg.amsgrad)
+        self.state = TrainState()
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.state = TrainState(**ckpt["state"])
+        self.history: list[dict] = []
+        self.writer = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.outdir / "tensorboard"))
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self.writer = None
+
+    # ----------------------------------------------------------------- steps
+    def _radius_keep(self) -> torch.Tensor | None:
+        if self.cfg.max_radius_frac >= 1.0:
+            return None
+        return self.model.radius <= self.cfg.max_radius_frac * (self.box // 2 - 1)
+
+    def loss_on_batch(self, batch: dict) -> torch.Tensor:
+        """The training loss (mean over the batch) of one batch already on the device."""
+        model = self.model
+        keep = self._radius_keep()
+        target = model.image_spectra(batch["images"])
+        ctf = model.ctf(batch)
+        weight = model.hermitian_weight
+        if keep is not None:
+            target, ctf, weight = target[:, keep], ctf[:, keep], weight[keep]
+        norm = float(self.box) ** 2
+        if self.fixed:
+            idx = batch["index"].cpu()
+            rot = self.fixed_rot[idx].to(self.device)
+            shifts = self.fixed_shift[idx].to(self.device)
+            pred = model.render(rot, shifts, None, keep)
+            pred = pred * ctf
+            return squared_error(target, pred, weight).mean() / norm
+        rot, shifts = model.encoder(encoder_input(batch["images"], self.mask))
+        if not self.cfg.learn_shifts:
+            shifts = torch.zeros_like(shifts)
+        b, h = rot.shape[:2]
+        pred = model.render(rot.reshape(b * h, 3, 3), shifts.reshape(b * h, 2), None, keep)
+        pred = pred * ctf.repeat_interleave(h, dim=0)
+        tgt = target.repeat_interleave(h, dim=0)
+        if self.cfg.loss == "symmetric":
+            terms = symmetric_loss_terms(tgt, pred, weight).reshape(b, 2 * h)
+        else:
+            terms = squared_error(tgt, pred, weight).reshape(b, h)
+        return terms.min(dim=-1).values.mean() / norm
+
+    def train_step(self, batch: dict) -> float:
+        self.model.train()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        loss = self.loss_on_batch(batch)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {self.state.step}; the last good checkpoint "
+                f"and map are kept in {self.outdir}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        return float(loss)
+
+    # --------------------------------------------------------------- outputs
+    def volume(self) -> np.ndarray:
+        self.model.eval()
+        return decoder_to_volume(self.model.decoder, self.box).cpu().numpy().astype(np.float32)
+
+    def write_volume(self) -> Path:
+        path = self.outdir / "volume.mrc"
+        vol = self.volume()
+        write_volume(path, vol, self.pixel_size_a)
+        if self.writer is not None:
+            proj = vol.sum(0)
+            proj = (proj - proj.min()) / max(float(np.ptp(proj)), 1e-12)
+            self.writer.add_image("volume/projection_z", proj[None], self.state.step)
+        return path
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.outdir / "checkpoint.pt", {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": self.state.__dict__.copy(),
+            "config": self.cfg.to_dict(),
+            "box_px": self.box,
+            "pixel_size_a": self.pixel_size_a,
+            "scale": self.scale,
+            "fixed_poses": self.fixed,
+            "argv": list(map(str, self.argv)),
+        })
+
+    def predict(self, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        loader = make_loader(self.dataset, batch_size, shuffle=False, seed=0,
+                             num_workers=self.cfg.num_workers)
+        return predict_poses(self.model, loader, self.mask, self.device,
+                             use_symmetric=self.cfg.loss == "symmetric", learn_shifts=self.cfg.learn_shifts)
+
+    def write_poses(self) -> Path:
+        rot, shifts, _ = self.predict()
+        path = self.outdir / "poses.star"
+        write_star(path, self.table.with_poses(rot, shifts))
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def run(self, *, on_volume=None) -> dict:
+        """Train until ``max_epochs`` or ``max_minutes``; write volume, checkpoint and poses.
+
+        ``on_volume(trainer)`` is called after each periodic volume write (e.g. to compute an FSC).
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        save_yaml(cfg, self.outdir / "config.yaml")
+        n = len(self.dataset)
+        steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+        total_steps = int(math.ceil(cfg.max_epochs * steps_per_epoch))
+        t0 = time.perf_counter() - self.state.minutes * 60
+        last_vol = last_ckpt = time.perf_counter()
+        bar = tqdm(total=total_steps, initial=self.state.step, desc="train", unit="step",
+                   disable=self.quiet, dynamic_ncols=True)
+        stop = False
+        running = []
+        log_path = self.outdir / "train_log.jsonl"
+        while not stop and self.state.step < total_steps:
+            loader = make_loader(self.dataset, cfg.batch_size, shuffle=True,
+                                 seed=cfg.seed + self.state.epoch, num_workers=cfg.num_workers)
+            skip = self.state.step - self.state.epoch * steps_per_epoch
+            for i, batch in enumerate(loader):
+                if i < skip:
+                    continue
+                loss = self.train_step(batch)
+                running.append(loss)
+                self.state.step += 1
+                self.state.images_seen += len(batch["index"])
+                self.state.minutes = (time.perf_counter() - t0) / 60
+                bar.update(1)
+                if self.state.step % cfg.log_every == 0:
+                    mean_loss = float(np.mean(running))
+                    running = []
+                    rec = {"step": self.state.step, "epoch": self.state.epoch, "loss": mean_loss,
+                           "minutes": self.state.minutes, "images": self.state.images_seen}
+                    self.history.append(rec)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    bar.set_postfix(loss=f"{mean_loss:.4g}")
+                    if self.writer is not None:
+                        self.writer.add_scalar("loss/train", mean_loss, self.state.step)
+                now = time.perf_counter()
+                if now - last_vol > cfg.volume_every_minutes * 60:
+                    self.write_volume()
+                    if on_volume is not None:
+                        on_volume(self)
+                    last_vol = now
+                if now - last_ckpt > cfg.checkpoint_every_minutes * 60:
+                    self.checkpoint()
+                    last_ckpt = now
+                if (cfg.max_minutes is not None and self.state.minutes >= cfg.max_minutes) or \
+                        self.state.step >= total_steps:
+                    stop = True
+                    break
+            else:
+                self.state.epoch += 1
+        bar.close()
+        self.checkpoint()
+        vol_path = self.write_volume()
+        if on_volume is not None:
+            on_volume(self)
+        if self.writer is not None:
+            self.writer.flush()
+        outputs = {"volume": str(vol_path), "checkpoint": str(self.outdir / "checkpoint.pt"),
+                   "steps": self.state.step, "minutes": self.state.minutes,
+                   "images_seen": self.state.images_seen, "version": __version__}
+        if not self.fixed:
+            outputs["poses"] = str(self.write_poses())
+        return outputs

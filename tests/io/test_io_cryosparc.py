@@ -1,0 +1,180 @@
+"""cryoSPARC .cs files: agreement with the same particles' STAR file, pose convention, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from cryoai.io import ImageSource, load_particles, read_cs, read_star, write_star
+from cryoai.io.cryosparc import matrix_to_pose, pose_to_matrix
+
+
+def relion_euler_angles2matrix(rot_deg, tilt_deg, psi_deg) -> np.ndarray:
+    """RELION's ``Euler_angles2matrix`` (pyem ``euler2rot``), written out."""
+    a, b, g = np.deg2rad([rot_deg, tilt_deg, psi_deg])
+    ca, cb, cg, sa, sb, sg = np.cos(a), np.cos(b), np.cos(g), np.sin(a), np.sin(b), np.sin(g)
+    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
+    return np.array([
+        [cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb],
+        [-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb],
+        [sc, ss, cb],
+    ])
+
+
+def pyem_expmap(e: np.ndarray) -> np.ndarray:
+    """pyem ``geom.expmap`` (used by csparc2star): the transposed Rodrigues matrix."""
+    theta = np.linalg.norm(e)
+    w = e / theta
+    k = np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]])
+    return (np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * k @ k).T
+
+
+def cryodrgn_r_from_relion(a, b, y) -> np.ndarray:
+    """cryoDRGN ``utils.R_from_relion`` (its pose for RELION angles), written out."""
+    a, b, y = np.deg2rad([a, b, y])
+    ca, sa, cb, sb, cy, sy = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(y), np.sin(y)
+    ra = np.array([[ca, -sa, 0], [sa, ca, 0], [0, 0, 1]])
+    rb = np.array([[cb, 0, -sb], [0, 1, 0], [sb, 0, cb]])
+    ry = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1]])
+    r = ry @ rb @ ra
+    r[0, 1] *= -1
+    r[1, 0] *= -1
+    r[1, 2] *= -1
+    r[2, 1] *= -1
+    return r
+
+
+def test_pose_convention_matches_pyem_and_cryodrgn():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        pose = rng.normal(size=3)
+        r = pose_to_matrix(pose[None])[0]
+        # pyem csparc2star: RELION angles = rot2euler(expmap(pose)), i.e. RELION's matrix
+        # Euler_angles2matrix(angles) == pyem_expmap(pose); cryoai's pose is its transpose.
+        np.testing.assert_allclose(r, pyem_expmap(pose).T, atol=1e-12)
+        angles = Rotation.from_matrix(r).as_euler("ZYZ", degrees=True)
+        np.testing.assert_allclose(relion_euler_angles2matrix(*angles), pyem_expmap(pose),
+                                   atol=1e-12)
+        # cryoDRGN parse_pose_csparc: its pose is expmap(pose).T (plain Rodrigues, transposed),
+        # the same as its R_from_relion(angles) for the RELION angles of the particle.
+        rodrigues = Rotation.from_rotvec(pose).as_matrix()
+        np.testing.assert_allclose(cryodrgn_r_from_relion(*angles), rodrigues.T, atol=1e-12)
+    poses = rng.normal(size=(10, 3))
+    np.testing.assert_allclose(pose_to_matrix(matrix_to_pose(pose_to_matrix(poses))),
+                               pose_to_matrix(poses), atol=1e-12)
+
+
+def test_empiar10076_star_and_cs_agree(particles_dir):
+    d = particles_dir / "cryodrgn_empiar10076_7"
+    cs = load_particles(d / "empiar_10076_7.cs")
+    star = load_particles(d / "empiar_10076_7.star")
+    assert len(cs) == len(star) == 7 and cs.box_px == star.box_px == 320
+    for name, rtol in [("defocus_u_a", 1e-6), ("defocus_v_a", 1e-6), ("defocus_angle_rad", 1e-6),
+                       ("voltage_kv", 0), ("cs_mm", 1e-6), ("amplitude_contrast", 1e-6),
+                       ("phase_shift_rad", 0), ("bfactor_a2", 0), ("pixel_size_a", 1e-5)]:
+        np.testing.assert_allclose(getattr(cs, name), getattr(star, name), rtol=rtol, atol=1e-12,
+                                   err_msg=name)
+    np.testing.assert_array_equal(cs.stack_indices, star.stack_indices)
+    np.testing.assert_array_equal(cs.stack_paths, star.stack_paths)
+    assert not cs.has_poses and cs.shifts_a is None
+    np.testing.assert_array_equal(ImageSource(cs).read([6, 1]), ImageSource(star).read([6, 1]))
+
+
+def _cs_with_poses(particles_dir: Path, tmp_path: Path, angles_deg, origin_px) -> Path:
+    """The real .cs plus alignments3D fields, poses built the way pyem reads them back."""
+    real = np.load(particles_dir / "cryodrgn_empiar10076_7" / "empiar_10076_7.cs")
+    fields = [*real.dtype.descr, ("alignments3D/pose", "<f4", (3,)),
+              ("alignments3D/shift", "<f4", (2,))]
+    out = np.zeros(len(real), dtype=fields)
+    for name in real.dtype.names:
+        out[name] = real[name]
+    # RELION matrix A = Euler_angles2matrix(angles) = pyem_expmap(pose) = from_rotvec(pose).T
+    out["alignments3D/pose"] = [Rotation.from_matrix(relion_euler_angles2matrix(*a).T).as_rotvec()
+                                for a in angles_deg]
+    out["alignments3D/shift"] = origin_px
+    path = tmp_path / "with_poses.cs"
+    with open(path, "wb") as f:
+        np.save(f, out)
+    (tmp_path / "empiar_10076_7.mrc").symlink_to(
+        particles_dir / "cryodrgn_empiar10076_7" / "empiar_10076_7.mrc")
+    return path
+
+
+def test_cs_poses_match_relion_angles(particles_dir, tmp_path):
+    rng = np.random.default_rng(8)
+    angles = np.column_stack([rng.uniform(-180, 180, 7), rng.uniform(0, 180, 7),
+                              rng.uniform(-180, 180, 7)])
+    origin_px = rng.normal(size=(7, 2))
+    t = read_cs(_cs_with_poses(particles_dir, tmp_path, angles, origin_px))
+    expected = Rotation.from_euler("ZYZ", angles, degrees=True).as_matrix()
+    np.testing.assert_allclose(t.rotations, expected, atol=1e-6)
+    np.testing.assert_allclose(t.shifts_a, -origin_px.astype(np.float32) * t.pixel_size_a[:, None],
+                               rtol=1e-6)
+    # written as STAR, the angles and origins are RELION's
+    out = tmp_path / "from_cs.star"
+    write_star(out, t)
+    back = read_star(out)
+    np.testing.assert_allclose(back.rotations, expected, atol=1e-6)
+    np.testing.assert_allclose(back.shifts_a, t.shifts_a, atol=1e-9)
+    np.testing.assert_allclose(back.defocus_angle_rad, t.defocus_angle_rad, atol=1e-9)
+    np.testing.assert_array_equal(back.stack_paths, t.stack_paths)
+
+
+def test_cs_without_blob_fields(tmp_path, expect_input_error):
+    arr = np.zeros(3, dtype=[("uid", "<u8"), ("ctf/df1_A", "<f4")])
+    path = tmp_path / "passthrough.cs"
+    with open(path, "wb") as f:
+        np.save(f, arr)
+    with expect_input_error(path, "no blob/path"):
+        read_cs(path)
+
+
+def test_cs_with_pickled_objects_refused(tmp_path, expect_input_error):
+    arr = np.array([{"blob/path": "x"}, None], dtype=object)
+    path = tmp_path / "evil.cs"
+    with open(path, "wb") as f:
+        np.save(f, arr, allow_pickle=True)
+    with expect_input_error(path, "pickled"):
+        load_particles(path)
+    structured = np.zeros(2, dtype=[("blob/path", object), ("blob/idx", "<u4")])
+    path2 = tmp_path / "evil2.cs"
+    with open(path2, "wb") as f:
+        np.save(f, structured, allow_pickle=True)
+    with expect_input_error(path2, "pickled"):
+        read_cs(path2)
+
+
+def test_cs_not_numpy(tmp_path, expect_input_error):
+    path = tmp_path / "text.cs"
+    path.write_text("not numpy\n")
+    with expect_input_error(path, "not a cryoSPARC .cs file"):
+        read_cs(path)
+
+
+def test_cs_missing_ctf(particles_dir, tmp_path, expect_input_error):
+    real = np.load(particles_dir / "cryodrgn_empiar10076_7" / "empiar_10076_7.cs")
+    keep = [n for n in real.dtype.names if n != "ctf/df2_A"]
+    path = tmp_path / "no_df2.cs"
+    with open(path, "wb") as f:
+        np.save(f, real[keep])
+    with expect_input_error(path, "missing CTF fields ctf/df2_A"):
+        read_cs(path)
+
+
+def test_load_particles_dispatch_errors(tmp_path, expect_input_error):
+    missing = tmp_path / "absent.star"
+    with expect_input_error(missing, "not found"):
+        load_particles(missing)
+    other = tmp_path / "particles.txt"
+    other.write_text("x")
+    with expect_input_error(other, "unknown particle file type '.txt'"):
+        load_particles(other)
+
+
+@pytest.mark.parametrize("suffix", [".star", ".cs"])
+def test_load_particles_dispatch(particles_dir, suffix):
+    path = particles_dir / "cryodrgn_empiar10076_7" / f"empiar_10076_7{suffix}"
+    assert len(load_particles(path)) == 7
