@@ -117,6 +117,16 @@ def test_rotations(device, dtype):
                   "euler_zyz_to_matrix")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_rotations_cpu_generator_any_device(device):
+    """A CPU generator drives sampling for any output device, with the same rotations."""
+    ref = random_rotations(8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = random_rotations(8, generator=torch.Generator().manual_seed(3), device=device,
+                           dtype=torch.float32)
+    _check(out, device, torch.float32, "random_rotations (CPU generator)")
+    _close_to_cpu(out, ref, 1e-6, "random_rotations (CPU generator)")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_ctf_and_shifts(device, dtype):

@@ -185,6 +185,25 @@ def test_fourier_crop_3d_band_limited_equals_analytic_samples(n_out):
                                err_msg="cropped band-limited volume != analytic samples")
 
 
+def test_fourier_crop_zeroes_the_new_nyquist():
+    """The coarse Nyquist row/column (planes in 3D) has no partner and is left empty."""
+    img = torch.from_numpy(_randn((2, 32, 32), 12))
+    spec = fft2_c(fourier_crop_2d(img, 16))
+    scale = spec.abs().max()
+    for edge in (spec[..., 0, :], spec[..., :, 0]):
+        assert edge.abs().max() < 1e-12 * scale, "2D crop left energy at the new Nyquist"
+    # Everything else is the input spectrum, cropped and rescaled.
+    ref = fft2_c(img)[..., 8:24, 8:24] * (16 / 32) ** 2
+    torch.testing.assert_close(spec[..., 1:, 1:], ref[..., 1:, 1:], rtol=0, atol=1e-12 * scale)
+    vol = torch.from_numpy(_randn((24, 24, 24), 13))
+    spec3 = fft3_c(fourier_crop_3d(vol, 12))
+    scale3 = spec3.abs().max()
+    for plane in (spec3[0], spec3[:, 0], spec3[:, :, 0]):
+        assert plane.abs().max() < 1e-12 * scale3, "3D crop left energy at the new Nyquist"
+    ref3 = fft3_c(vol)[6:18, 6:18, 6:18] * (12 / 24) ** 3
+    torch.testing.assert_close(spec3[1:, 1:, 1:], ref3[1:, 1:, 1:], rtol=0, atol=1e-12 * scale3)
+
+
 def test_fourier_crop_identity_when_sizes_match():
     x2 = torch.from_numpy(_randn((2, 16, 16), 10))
     x3 = torch.from_numpy(_randn((16, 16, 16), 11))

@@ -16,21 +16,25 @@ def pick_device(name: str | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise InputError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+        raise InputError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)"
+                         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
-def prepare_outdir(outdir: str | Path, *, marker: str, force: bool = False, resume: bool = False) -> Path:
+def prepare_outdir(outdir: str | Path, *, marker: str, force: bool = False, resume: bool = False,
+                   resumable: bool = True) -> Path:
     """Create ``outdir``; refuse to reuse one that holds ``marker`` (a previous run's file)
-    unless ``force`` or ``resume``."""
+    unless ``force`` or ``resume``. ``resumable``: whether the command has ``--resume`` (named
+    in the message)."""
     path = Path(outdir)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a directory")
     if (path / marker).exists() and not (force or resume):
-        raise OutputError(f"{path}: holds a previous run ({marker}); use --force to overwrite"
-                          f" or --resume to continue it")
+        hint = " or --resume to continue it" if resumable else ""
+        raise OutputError(f"{path}: holds a previous run ({marker}); use --force to "
+                          f"overwrite{hint}")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

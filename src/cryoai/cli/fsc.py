@@ -11,7 +11,7 @@ import json
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, OutputError
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -26,15 +26,24 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    from pathlib import Path
+
     from ..evaluation.plots import plot_fsc
     from ..io.mrc import read_volume
     from ..physics.fsc import fsc, resolution_px
     from ..physics.masks import spherical_mask
 
+    for option, out in (("--plot", args.plot), ("--json", args.json)):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise OutputError(f"{option} {out}: the folder {Path(out).parent} does not exist")
     a, pix_a = read_volume(args.map_a)
     b, _ = read_volume(args.map_b)
     if a.shape != b.shape:
         raise InputError(f"{args.map_b}: box {b.shape} differs from {args.map_a} {a.shape}")
+    if a.shape[-1] % 2:
+        raise InputError(f"{args.map_a}: box size {a.shape[-1]} is odd; cryoai needs even boxes")
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        raise InputError(f"--pixel-size must be positive (got {args.pixel_size})")
     pixel_size_a = args.pixel_size or pix_a or 1.0
     va, vb = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     if args.mask_radius:
@@ -52,9 +61,10 @@ def main(args) -> int:
         plot_fsc(curve.numpy(), n, pixel_size_a, args.plot)
         print(f"plot: {args.plot}")
     if args.json:
+        freq = (np.arange(len(curve)) / (n * pixel_size_a)).tolist()
         with open(args.json, "w") as f:
             json.dump({"fsc": curve.tolist(), "pixel_size_a": pixel_size_a,
                        "resolution_px": {str(k): v for k, v in res.items()},
                        "resolution_a": {str(k): v * pixel_size_a for k, v in res.items()},
-                       "frequency_per_a": (np.arange(len(curve)) / (n * pixel_size_a)).tolist()}, f, indent=1)
+                       "frequency_per_a": freq}, f, indent=1)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .. import __version__
@@ -47,13 +48,32 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         result = args._main(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the flush at interpreter exit
     except CryoaiError as exc:
         print(f"cryoai {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cryoai {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``cryoai info x.star | head``): stop quietly, as a tool killed
+        # by SIGPIPE would.
+        _silence_stdout()
+        return 128 + 13
     return int(result or 0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the final flush at exit does not raise again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (e.g. captured in tests): nothing will be flushed to a pipe
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

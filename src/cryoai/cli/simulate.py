@@ -23,12 +23,15 @@ from .common import pick_device, prepare_outdir, progress_bar
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--map", help="input map (.mrc); default: the embedded 70S ribosome (64 px, 5 A)")
-    src.add_argument("--model", help="atomic model (.pdb/.cif) turned into a potential map with gemmi")
+    src.add_argument("--map",
+                     help="input map (.mrc); default: the embedded 70S ribosome (64 px, 5 A)")
+    src.add_argument("--model",
+                     help="atomic model (.pdb/.cif) turned into a potential map with gemmi")
     parser.add_argument("--pixel-size", type=float, default=None,
                         help="pixel size in A (required with --model; overrides the map header)")
     parser.add_argument("--box", type=int, default=None,
-                        help="box in px (with --model; with --map, Fourier-crop the map to this box)")
+                        help="box in px (with --model; with --map, Fourier-crop the map to "
+                             "this box)")
     parser.add_argument("--n", type=int, default=1000, help="number of particles (default 1000)")
     parser.add_argument("--snr-db", type=float, default=-10.0, help="SNR in dB (default -10)")
     parser.add_argument("--no-noise", action="store_true", help="write noise-free images")
@@ -62,7 +65,8 @@ def load_input_volume(args) -> tuple[np.ndarray, float]:
     if args.model:
         if args.pixel_size is None or args.box is None:
             raise InputError("--model needs --pixel-size and --box")
-        return atomic_model_to_map(args.model, pixel_size_a=args.pixel_size, box_px=args.box), args.pixel_size
+        volume = atomic_model_to_map(args.model, pixel_size_a=args.pixel_size, box_px=args.box)
+        return volume, args.pixel_size
     path = args.map or embedded_map_path()
     volume, voxel_size_a = read_volume(path)
     if args.pixel_size is not None:
@@ -81,18 +85,48 @@ def load_input_volume(args) -> tuple[np.ndarray, float]:
 
         if args.box > n or args.box % 2:
             raise InputError(f"--box {args.box}: must be even and at most the map's box ({n})")
-        volume = fourier_crop_3d(torch.as_tensor(volume, dtype=torch.float64), args.box).float().numpy()
+        cropped = fourier_crop_3d(torch.as_tensor(volume, dtype=torch.float64), args.box)
+        volume = cropped.float().numpy()
         voxel_size_a = voxel_size_a * n / args.box
     return volume, voxel_size_a
+
+
+def check_args(args) -> None:
+    """Refuse option values the simulator cannot use (InputError, one line)."""
+    for name, value in (("--n", args.n), ("--chunk-size", args.chunk_size),
+                        ("--stack-size", args.stack_size)):
+        if value < 1:
+            raise InputError(f"{name} must be at least 1 (got {value})")
+    finite = {"--snr-db": args.snr_db, "--shift-sigma-a": args.shift_sigma_a,
+              "--defocus-a": args.defocus_a, "--defocus-log-sigma": args.defocus_log_sigma,
+              "--astigmatism-a": args.astigmatism_a, "--voltage-kv": args.voltage_kv,
+              "--cs-mm": args.cs_mm, "--amplitude-contrast": args.amplitude_contrast,
+              "--bfactor": args.bfactor}
+    for name, value in finite.items():
+        if not np.isfinite(value):
+            raise InputError(f"{name} must be a finite number (got {value})")
+    for name in ("--shift-sigma-a", "--defocus-log-sigma", "--astigmatism-a", "--cs-mm"):
+        if finite[name] < 0:
+            raise InputError(f"{name} must not be negative (got {finite[name]})")
+    for name in ("--defocus-a", "--voltage-kv"):
+        if finite[name] <= 0:
+            raise InputError(f"{name} must be positive (got {finite[name]})")
+    if not 0 <= args.amplitude_contrast < 1:
+        raise InputError(f"--amplitude-contrast must be in [0, 1) (got {args.amplitude_contrast})")
+    if args.pixel_size is not None and not (np.isfinite(args.pixel_size) and args.pixel_size > 0):
+        raise InputError(f"--pixel-size must be a positive number (got {args.pixel_size})")
 
 
 def main(args) -> int:
     from ..simulate import SimulationConfig, simulate_dataset
 
-    if args.n < 1:
-        raise InputError(f"--n must be at least 1 (got {args.n})")
+    check_args(args)
     volume, pixel_size_a = load_input_volume(args)
-    outdir = prepare_outdir(args.outdir, marker="particles.star", force=args.force)
+    if not args.no_noise and float(np.ptp(volume)) == 0.0:
+        raise InputError(f"{args.map or args.model or 'map'}: the map is constant, so its "
+                         "projections have no signal to set an SNR against (use --no-noise)")
+    outdir = prepare_outdir(args.outdir, marker="particles.star", force=args.force,
+                            resumable=False)
     cfg = SimulationConfig(
         n_particles=args.n, seed=args.seed, snr_db=None if args.no_noise else args.snr_db,
         shift_sigma_a=args.shift_sigma_a, defocus_median_a=args.defocus_a,
@@ -102,13 +136,15 @@ def main(args) -> int:
     )
     bar = progress_bar(args.n, "simulate", disable=args.quiet)
     try:
-        report = simulate_dataset(volume, pixel_size_a, outdir, cfg, device=pick_device(args.device),
-                                  progress=bar.update)
+        report = simulate_dataset(volume, pixel_size_a, outdir, cfg,
+                                  device=pick_device(args.device), progress=bar.update)
     finally:
         bar.close()
     report.update({"box_px": int(volume.shape[-1]), "pixel_size_a": pixel_size_a,
-                   "config": cfg.__dict__, "source": args.model or args.map or "embedded 70S ribosome"})
+                   "config": cfg.__dict__,
+                   "source": args.model or args.map or "embedded 70S ribosome"})
     (Path(outdir) / "simulation.json").write_text(json.dumps(report, indent=2, default=str))
     snr = "no noise" if cfg.snr_db is None else f"SNR {report['snr_db_measured']:.2f} dB measured"
-    print(f"wrote {args.n} particles ({volume.shape[-1]} px, {pixel_size_a:.3f} A, {snr}) to {report['star_path']}")
+    print(f"wrote {args.n} particles ({volume.shape[-1]} px, {pixel_size_a:.3f} A, {snr}) "
+          f"to {report['star_path']}")
     return 0

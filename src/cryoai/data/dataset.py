@@ -32,18 +32,14 @@ class ParticleDataset(Dataset):
         self.source = source or ImageSource(table)
         self.sign = -1.0 if invert_contrast else 1.0
         self.scale = float(scale)
-        self._ctf = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in table.ctf_arrays().items()}
-        self._pixel = torch.as_tensor(table.pixel_size_a, dtype=torch.float32)
+        self._ctf = {k: torch.tensor(np.array(v), dtype=torch.float32) for k, v in table.ctf_arrays().items()}
+        self._pixel = torch.tensor(np.array(table.pixel_size_a), dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.table)
 
     def read_images(self, indices: np.ndarray) -> torch.Tensor:
-        images = self.source.read(np.asarray(indices))
-        if not np.isfinite(images).all():
-            bad = np.asarray(indices)[~np.isfinite(images).all(axis=(1, 2))]
-            path = self.table.stack_paths[bad[0]]
-            raise InputError(f"{path}: image {int(self.table.stack_indices[bad[0]]) + 1} has NaN or infinite pixels")
+        images = self.source.read(np.asarray(indices))  # raises InputError on NaN/inf pixels
         return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)) * (self.sign / self.scale)
 
     def __getitems__(self, indices) -> dict:
@@ -54,7 +50,9 @@ class ParticleDataset(Dataset):
             batch[k] = self._ctf[k][t]
         return batch
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index) -> dict:
+        if isinstance(index, (list, tuple, np.ndarray, torch.Tensor)):
+            return self.__getitems__(index)  # a whole batch (DataLoader with a batch sampler)
         batch = self.__getitems__([index])
         return {k: v[0] for k, v in batch.items()}
 

@@ -85,15 +85,42 @@ class CryoAI(nn.Module):
 
 
 def build_model(cfg, box_px: int, pixel_size_a: float, *, with_encoder: bool = True,
-                init_volume: torch.Tensor | None = None) -> CryoAI:
-    """A CryoAI model from a :class:`cryoai.training.config.TrainConfig`."""
+                init_volume: torch.Tensor | None = None,
+                amplitude_profile: torch.Tensor | None = None) -> CryoAI:
+    """A CryoAI model from a :class:`cryoai.training.config.TrainConfig`.
+
+    ``amplitude_profile`` (N//2 + 1,) preconditions the voxel decoder (see VoxelDecoder).
+    """
     if cfg.decoder == "fouriernet":
         decoder: nn.Module = FourierNet(box_px, width=cfg.fouriernet_width)
     else:
-        decoder = VoxelDecoder(box_px, init_volume=init_volume)
+        decoder = VoxelDecoder(box_px, init_volume=init_volume, amplitude_profile=amplitude_profile)
     encoder = None
     if with_encoder:
         max_shift = cfg.max_shift_a if cfg.max_shift_a is not None else 0.15 * box_px * pixel_size_a
         encoder = PoseEncoder(box_px, width=cfg.encoder_width, n_heads=cfg.encoder_heads,
                               max_shift_a=max_shift)
     return CryoAI(box_px, pixel_size_a, decoder, encoder)
+
+
+@torch.no_grad()
+def estimate_amplitude_profile(model: CryoAI, batch: dict) -> torch.Tensor:
+    """Expected volume amplitude per integer frequency shell, from a batch of images.
+
+    ``sqrt(mean |Y|^2 / mean C^2)`` per shell of the kept coefficients (the CTF-corrected
+    radial amplitude of the data); shells beyond the data are given the last value.
+    Returns (N//2 + 1,).
+    """
+    y = model.image_spectra(batch["images"])
+    c = model.ctf(batch)
+    shells = torch.round(model.radius).long()
+    n_shells = model.box_px // 2 + 1
+    power = torch.zeros(n_shells, dtype=torch.float64, device=y.device)
+    ctf2 = torch.zeros_like(power)
+    power.index_add_(0, shells, (y.abs() ** 2).double().mean(0))
+    ctf2.index_add_(0, shells, (c**2).double().mean(0))
+    prof = torch.sqrt(power / ctf2.clamp_min(1e-3))
+    filled = prof > 0
+    last = int(torch.nonzero(filled)[-1])
+    prof[last + 1:] = prof[last]
+    return prof.float()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..physics.fft import fft3_c, ifft3_c
+from ..physics.grids import radius_grid_3d
 from ..physics.projection import sample_volume
 
 
@@ -99,21 +100,33 @@ class FourierNet(nn.Module):
 class VoxelDecoder(nn.Module):
     """An explicit complex Fourier grid (N, N, N), sampled by trilinear interpolation.
 
-    Stored as a real tensor (2, N, N, N) (real and imaginary parts) and initialised from the
-    Fourier transform of a given real volume (or zeros).
+    Stored as a real tensor (2, N, N, N) (real and imaginary parts) times a fixed radial
+    amplitude profile ``a(|k|)`` (a preconditioner: Fourier amplitudes of a molecule fall by
+    orders of magnitude from DC to Nyquist, so a plain grid would need very different step
+    sizes per frequency). Initialised from the Fourier transform of a given real volume, or zeros.
+
+    Parameters
+    ----------
+    box_px : N.
+    init_volume : optional (N, N, N) real volume.
+    amplitude_profile : optional (N//2 + 1,) expected amplitude per integer shell (default 1).
     """
 
-    def __init__(self, box_px: int, init_volume: torch.Tensor | None = None):
+    def __init__(self, box_px: int, init_volume: torch.Tensor | None = None,
+                 amplitude_profile: torch.Tensor | None = None):
         super().__init__()
         self.box_px = box_px
+        shells = torch.round(radius_grid_3d(box_px)).long().clamp(max=box_px // 2)
+        profile = torch.ones(box_px // 2 + 1) if amplitude_profile is None else amplitude_profile.float()
+        self.register_buffer("scale", profile[shells].clamp_min(1e-12))
         grid = torch.zeros(2, box_px, box_px, box_px)
         if init_volume is not None:
-            f = fft3_c(init_volume.to(torch.float32))
+            f = fft3_c(init_volume.to(torch.float32)) / self.scale
             grid = torch.stack([f.real, f.imag])
         self.grid = nn.Parameter(grid)
 
     def fourier_volume(self) -> torch.Tensor:
-        return torch.complex(self.grid[0], self.grid[1])
+        return torch.complex(self.grid[0] * self.scale, self.grid[1] * self.scale)
 
     def _raw(self, coords: torch.Tensor) -> torch.Tensor:
         return sample_volume(self.fourier_volume(), coords)

@@ -98,8 +98,11 @@ def random_rotations(
 
     Normalised 4D Gaussian vectors are uniform on the unit quaternion sphere, hence on SO(3).
     """
-    q = torch.randn(n, 4, generator=generator, dtype=torch.float64, device=device)
-    return quaternion_to_matrix(q).to(dtype)
+    # Draw on the generator's own device (torch refuses a CPU generator with device="cuda"),
+    # then move: a CPU generator gives the same rotations whatever the output device.
+    draw_device = generator.device if generator is not None else device
+    q = torch.randn(n, 4, generator=generator, dtype=torch.float64, device=draw_device)
+    return quaternion_to_matrix(q).to(device=device, dtype=dtype)
 
 
 def geodesic_distance(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:

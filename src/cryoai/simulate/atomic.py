@@ -41,10 +41,18 @@ def atomic_model_to_map(path: str | Path, *, pixel_size_a: float, box_px: int,
     try:
         structure = gemmi.read_structure(str(path))
     except (RuntimeError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable PDB/mmCIF file ({str(exc).splitlines()[0]})") from None
+        first = (str(exc).splitlines() or [""])[0]
+        raise InputError(f"{path}: not a readable PDB/mmCIF file ({first})") from None
     if len(structure) == 0:
         raise InputError(f"{path}: the file holds no model")
-    structure.remove_ligands_and_waters()
+    try:
+        # Files without chain IDs or SEQRES (e.g. MDAnalysis' adk) need entities assigned
+        # before ligands and waters can be told apart.
+        structure.setup_entities()
+        structure.remove_ligands_and_waters()
+    except RuntimeError as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise InputError(f"{path}: cannot sort polymer from ligands and waters ({first})") from None
     model = structure[0]
     positions = np.array([a.pos.tolist() for chain in model for res in chain for a in res])
     if len(positions) == 0:
@@ -54,7 +62,8 @@ def atomic_model_to_map(path: str | Path, *, pixel_size_a: float, box_px: int,
     if 2 * extent_a > box_px * pixel_size_a:
         raise InputError(
             f"{path}: the molecule spans {2 * extent_a:.0f} A, more than the box "
-            f"({box_px} px x {pixel_size_a} A = {box_px * pixel_size_a:.0f} A); raise --box or --pixel-size"
+            f"({box_px} px x {pixel_size_a} A = {box_px * pixel_size_a:.0f} A); "
+            "raise --box or --pixel-size"
         )
     target = (box_px // 2) * pixel_size_a
     model.transform_pos_and_adp(gemmi.Transform(gemmi.Mat33(), gemmi.Vec3(*(target - centre))))

@@ -46,31 +46,65 @@ class SimulationConfig:
     snr_pilot_size: int = 512  # noise-free images used to measure the signal variance
 
 
-def _chunk_generator(seed: int, chunk_index: int) -> torch.Generator:
-    # An independent stream per chunk: results do not depend on how chunks are scheduled.
-    return torch.Generator().manual_seed((seed * 1_000_003 + chunk_index * 7919 + 17) % (2**63 - 1))
+# Random streams. Every random number is tied to a particle index (never to a chunk), so the
+# files do not depend on --chunk-size or --stack-size: parameters are drawn in fixed blocks of
+# _PARAM_BLOCK particles, each from its own generator, and each image's noise from a generator
+# seeded by a number drawn with that particle's parameters.
+_PARAM_BLOCK = 1024
+_STREAM_PARAMS, _STREAM_PILOT = 0, 1
 
 
-def sample_parameters(cfg: SimulationConfig, start: int, count: int, chunk_index: int) -> dict:
-    """Draw the poses and CTF parameters of particles ``start .. start+count``.
+def _generator(seed: int, stream: int, block: int) -> torch.Generator:
+    # SeedSequence hashes (seed, stream, block): distinct seeds and streams do not overlap.
+    state = np.random.SeedSequence([int(seed) % 2**64, stream, block]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
 
-    Returns a dict of float64 numpy arrays: rotations (count, 3, 3), shifts_a (count, 2),
-    defocus_u_a, defocus_v_a, defocus_angle_rad (count,).
-    """
-    g = _chunk_generator(cfg.seed, chunk_index)
-    rotations = random_rotations(count, generator=g, dtype=torch.float64)
-    shifts = torch.randn(count, 2, generator=g, dtype=torch.float64) * cfg.shift_sigma_a
-    log_def = torch.randn(count, generator=g, dtype=torch.float64) * cfg.defocus_log_sigma
+
+def _sample_block(cfg: SimulationConfig, stream: int, block: int) -> dict:
+    g = _generator(cfg.seed, stream, block)
+    p = _PARAM_BLOCK
+    rotations = random_rotations(p, generator=g, dtype=torch.float64)
+    shifts = torch.randn(p, 2, generator=g, dtype=torch.float64) * cfg.shift_sigma_a
+    log_def = torch.randn(p, generator=g, dtype=torch.float64) * cfg.defocus_log_sigma
     mean_def = cfg.defocus_median_a * torch.exp(log_def)
-    astig = torch.randn(count, generator=g, dtype=torch.float64).abs() * cfg.astigmatism_sigma_a
-    angle = torch.rand(count, generator=g, dtype=torch.float64) * math.pi
+    astig = torch.randn(p, generator=g, dtype=torch.float64).abs() * cfg.astigmatism_sigma_a
+    angle = torch.rand(p, generator=g, dtype=torch.float64) * math.pi
+    noise_seeds = torch.randint(0, 2**62, (p,), generator=g, dtype=torch.int64)
     return {
         "rotations": rotations.numpy(),
         "shifts_a": shifts.numpy(),
         "defocus_u_a": (mean_def + astig / 2).numpy(),
         "defocus_v_a": (mean_def - astig / 2).numpy(),
         "defocus_angle_rad": angle.numpy(),
+        "noise_seeds": noise_seeds.numpy(),
     }
+
+
+def sample_parameters(cfg: SimulationConfig, start: int, count: int, *,
+                      stream: int = _STREAM_PARAMS) -> dict:
+    """Draw the poses and CTF parameters of particles ``start .. start+count``.
+
+    The values of particle ``i`` depend only on ``cfg``, ``stream`` and ``i``.
+
+    Returns a dict of numpy arrays: rotations (count, 3, 3), shifts_a (count, 2),
+    defocus_u_a, defocus_v_a, defocus_angle_rad (count,) float64, and noise_seeds (count,)
+    int64 (the seed of each image's noise).
+    """
+    parts = []
+    for block in range(start // _PARAM_BLOCK, (start + count - 1) // _PARAM_BLOCK + 1):
+        values = _sample_block(cfg, stream, block)
+        lo = max(start, block * _PARAM_BLOCK) - block * _PARAM_BLOCK
+        hi = min(start + count, (block + 1) * _PARAM_BLOCK) - block * _PARAM_BLOCK
+        parts.append({k: v[lo:hi] for k, v in values.items()})
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+
+def _noise(params: dict, n: int) -> torch.Tensor:
+    """Unit white Gaussian noise (count, n, n) float32, each image from its own seed."""
+    out = torch.empty(len(params["noise_seeds"]), n, n, dtype=torch.float32)
+    for i, s in enumerate(params["noise_seeds"].tolist()):
+        out[i] = torch.randn(n, n, generator=torch.Generator().manual_seed(s), dtype=torch.float32)
+    return out
 
 
 class _Renderer:
@@ -141,8 +175,8 @@ def simulate_dataset(
     noise_sigma = 0.0
     signal_variance = float("nan")
     if cfg.snr_db is not None:
-        pilot_cfg = SimulationConfig(**{**cfg.__dict__, "seed": cfg.seed + 999_983})
-        pilot = sample_parameters(pilot_cfg, 0, min(cfg.snr_pilot_size, max(cfg.n_particles, 64)), 0)
+        pilot = sample_parameters(cfg, 0, min(cfg.snr_pilot_size, max(cfg.n_particles, 64)),
+                                  stream=_STREAM_PILOT)
         pilot_images = renderer.render(pilot)
         signal_variance = float(pilot_images.double().var(dim=(-2, -1)).mean())
         noise_sigma = math.sqrt(signal_variance / 10 ** (cfg.snr_db / 10))
@@ -159,7 +193,6 @@ def simulate_dataset(
     n_stacks = max(1, math.ceil(n_total / cfg.stack_size))
     digits = max(3, len(str(n_stacks - 1)))
     done = 0
-    chunk_index = 0
     for stack_id in range(n_stacks):
         s_start = stack_id * cfg.stack_size
         s_count = min(cfg.stack_size, n_total - s_start)
@@ -168,13 +201,11 @@ def simulate_dataset(
             for c_start in range(0, s_count, cfg.chunk_size):
                 count = min(cfg.chunk_size, s_count - c_start)
                 start = s_start + c_start
-                params = sample_parameters(cfg, start, count, chunk_index)
+                params = sample_parameters(cfg, start, count)
                 clean = renderer.render(params)
                 images = clean
                 if cfg.snr_db is not None:
-                    g = _chunk_generator(cfg.seed + 1, chunk_index)
-                    noise = torch.randn(clean.shape, generator=g, dtype=torch.float32) * noise_sigma
-                    noise = noise.to(clean.device)
+                    noise = (_noise(params, n) * noise_sigma).to(clean.device)
                     images = clean + noise
                     sum_noise_var += float(noise.double().var(dim=(-2, -1)).sum())
                 sum_signal_var += float(clean.double().var(dim=(-2, -1)).sum())
@@ -187,7 +218,6 @@ def simulate_dataset(
                 stack_paths[sl] = str(stack_path)
                 stack_indices[sl] = np.arange(c_start, c_start + count)
                 done += count
-                chunk_index += 1
                 if progress is not None:
                     progress(count)
 
@@ -213,7 +243,8 @@ def simulate_dataset(
     star_path = outdir / "particles.star"
     write_star(star_path, table)
     write_volume(outdir / "ground_truth.mrc", np.asarray(volume, dtype=np.float32), pixel_size_a)
-    measured = (10 * math.log10(sum_signal_var / sum_noise_var)) if sum_noise_var > 0 else float("inf")
+    measured = (10 * math.log10(sum_signal_var / sum_noise_var) if sum_noise_var > 0
+                else float("inf"))
     return {
         "star_path": str(star_path),
         "n_particles": n_total,

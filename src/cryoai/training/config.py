@@ -34,7 +34,7 @@ class TrainConfig:
     batch_size: int = 32
     lr_encoder: float = 1e-4
     lr_decoder: float = 1e-4  # FourierNet; the voxel decoder uses lr_voxel
-    lr_voxel: float = 1e-2
+    lr_voxel: float = 0.05
     amsgrad: bool = True
     grad_clip: float = 1.0
     max_epochs: float = 100.0

@@ -20,7 +20,7 @@ from ..io.images import ImageSource
 from ..io.mrc import write_volume
 from ..io.particles import ParticleTable
 from ..io.star import write_star
-from ..models.cryoai import CryoAI, build_model
+from ..models.cryoai import CryoAI, build_model, estimate_amplitude_profile
 from ..models.decoders import decoder_to_volume
 from ..physics.masks import circular_mask
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -103,7 +103,13 @@ class Trainer:
             self.scale = estimate_scale(table, cfg.normalize_samples, cfg.seed, source=self.source)
         self.dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=self.scale,
                                        source=self.source)
-        self.model: CryoAI = build_model(cfg, self.box, self.pixel_size_a, with_encoder=not self.fixed).to(device)
+        profile = None
+        if cfg.decoder == "voxel":
+            probe = CryoAI(self.box, self.pixel_size_a, torch.nn.Identity())
+            n_probe = min(len(table), 256)
+            profile = estimate_amplitude_profile(probe, self.dataset.__getitems__(np.arange(n_probe)))
+        self.model: CryoAI = build_model(cfg, self.box, self.pixel_size_a, with_encoder=not self.fixed,
+                                         amplitude_profile=profile).to(device)
         self.mask = None
         if cfg.mask_radius_frac > 0:
             self.mask = circular_mask(self.box, cfg.mask_radius_frac * self.box, soft_edge_px=3,
@@ -179,7 +185,7 @@ class Trainer:
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     # --------------------------------------------------------------- outputs
     def volume(self) -> np.ndarray:

@@ -1,0 +1,29 @@
+"""Fixtures shared by the top-level tests (simulator, command line, agreement with ASPIRE).
+
+``tests/io`` and ``tests/physics`` have their own conftest files; a fixture defined there takes
+precedence inside that folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def shared_data_dir() -> Path:
+    """``$CRYOAI_SHARED_DATA``, or ``<repo>/../shared/data``."""
+    env = os.environ.get("CRYOAI_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real data folder; the test is skipped (with the path tried) when it is absent."""
+    d = shared_data_dir()
+    if not d.is_dir():
+        pytest.skip(f"shared data not found at {d} (set CRYOAI_SHARED_DATA to its folder)")
+    return d
