@@ -18,7 +18,7 @@ import torch
 from scipy import stats
 
 from cryoai.cli.main import main
-from cryoai.io import ImageSource, load_particles, read_volume
+from cryoai.io import ImageSource, load_particles, open_stack, read_volume
 from cryoai.physics.projection import project_real_space
 
 BOX = 32
@@ -41,6 +41,14 @@ def read_set(star: Path):
 
 def stacks(outdir: Path) -> list[Path]:
     return sorted(outdir.glob("particles_*.mrcs"))
+
+
+def mrc_content(path: Path) -> bytes:
+    """An MRC file's bytes without its text labels (header bytes 220-1023), where mrcfile
+    stamps the creation time: every header field and value must be reproducible."""
+    raw = path.read_bytes()
+    assert raw[1024:] and int.from_bytes(raw[92:96], "little") == 0  # no extended header
+    return raw[:220] + raw[1024:]
 
 
 # -- numpy reference of image formation (CONVENTIONS.md) ---------------------------------------
@@ -75,7 +83,8 @@ def ctf_numpy(n: int, pixel_size_a: float, du, dv, angle_rad, voltage_kv, cs_mm,
     volts = voltage_kv * 1e3
     lam = 12.2639 / np.sqrt(volts + 0.97845e-6 * volts**2)
     defocus = 0.5 * (du + dv) + 0.5 * (du - dv) * np.cos(2 * (theta - angle_rad))
-    chi = np.pi * lam * defocus * s2 - 0.5 * np.pi * (cs_mm * 1e7) * lam**3 * s2**2 + phase_shift_rad
+    cs_a = cs_mm * 1e7
+    chi = np.pi * lam * defocus * s2 - 0.5 * np.pi * cs_a * lam**3 * s2**2 + phase_shift_rad
     return -(np.sqrt(1 - w * w) * np.sin(chi) + w * np.cos(chi)) * np.exp(-bfactor_a2 * s2 / 4)
 
 
@@ -91,7 +100,8 @@ def reference_images(table, volume: np.ndarray) -> np.ndarray:
     fine = torch.from_numpy(fourier_upsample_3d(volume.astype(np.float64), 2))
     proj = project_real_space(fine, torch.from_numpy(table.rotations)).numpy()
     m = proj.shape[-1]
-    spec = fft_c(proj, (-2, -1))[:, m // 2 - n // 2:m // 2 + n // 2, m // 2 - n // 2:m // 2 + n // 2]
+    crop = slice(m // 2 - n // 2, m // 2 + n // 2)
+    spec = fft_c(proj, (-2, -1))[:, crop, crop]
     k = (np.arange(n) - n // 2) / (n * pixel)
     kx, ky = np.meshgrid(k, k, indexing="xy")
     out = np.empty((len(table), n, n))
@@ -131,9 +141,12 @@ def noisy_and_clean(tmp_path_factory):
 
 def test_noise_free_images_match_independent_forward_model(tmp_path):
     out = tmp_path / "sim"
+    # Strong defocus and astigmatism so that the CTF oscillates within a 32 px, 10 A box: a
+    # wrong astigmatism angle (sign, +90 deg, ignored) or voltage drops the minimum correlation
+    # to 0.97-0.99; the right model gives 0.9988 (measured).
     star = simulate(out, "--n", "12", "--no-noise", "--seed", "3", "--shift-sigma-a", "15",
-                    "--astigmatism-a", "2000", "--bfactor", "400", "--voltage-kv", "200",
-                    "--cs-mm", "2.0", "--amplitude-contrast", "0.07")
+                    "--defocus-a", "30000", "--astigmatism-a", "6000", "--bfactor", "1000",
+                    "--voltage-kv", "200", "--cs-mm", "2.0", "--amplitude-contrast", "0.07")
     table, images = read_set(star)
     volume, voxel = read_volume(out / "ground_truth.mrc")
     assert volume.shape == (BOX,) * 3
@@ -141,7 +154,7 @@ def test_noise_free_images_match_independent_forward_model(tmp_path):
     assert np.ptp(table.shifts_a) > 10  # the shifts are exercised
     ref = reference_images(table, volume)
     corr = [correlation(ref[i], images[i]) for i in range(len(table))]
-    assert min(corr) > 0.99, np.round(corr, 4)
+    assert min(corr) > 0.995, np.round(corr, 4)
     # Each image matches its own parameters, not a neighbour's.
     wrong = [correlation(ref[i], images[(i + 1) % len(table)]) for i in range(len(table))]
     assert max(wrong) < 0.8, np.round(wrong, 3)
@@ -166,9 +179,9 @@ def test_measured_snr_matches_request(noisy_and_clean, snr_db):
     report = json.loads((noisy_dir / "simulation.json").read_text())
     assert np.sqrt(noise_var) == pytest.approx(report["noise_sigma"], rel=0.02)
     assert abs(noise.mean()) < 0.01 * np.sqrt(noise_var)
-    spec = np.abs(fft_c(noise[:50], (-2, -1))) ** 2
-    radial = spec.mean(axis=0)
-    assert radial[BOX // 2 - 4:BOX // 2 + 4].mean() == pytest.approx(radial.mean(), rel=0.2)
+    power = (np.abs(fft_c(noise[:100], (-2, -1))) ** 2).mean(axis=0)
+    radius = np.hypot(*np.meshgrid(np.arange(BOX) - BOX // 2, np.arange(BOX) - BOX // 2))
+    assert power[radius < 6].mean() == pytest.approx(power[radius > 10].mean(), rel=0.15)
     assert abs(stats.kurtosis(noise.ravel()[:200_000])) < 0.1
 
 
@@ -178,15 +191,19 @@ def test_same_seed_is_reproducible_and_another_seed_differs(tmp_path):
     b = simulate(tmp_path / "b", *args, "--seed", "7").parent
     c = simulate(tmp_path / "c", *args, "--seed", "8").parent
     for x, y in zip(stacks(a), stacks(b), strict=True):
-        assert x.name == y.name and x.read_bytes() == y.read_bytes()
-    assert (a / "ground_truth.mrc").read_bytes() == (b / "ground_truth.mrc").read_bytes()
+        assert x.name == y.name and mrc_content(x) == mrc_content(y)
+    assert mrc_content(a / "ground_truth.mrc") == mrc_content(b / "ground_truth.mrc")
+    def star_text(d: Path) -> list[str]:  # without the comment that holds the creation time
+        return [x for x in (d / "particles.star").read_text().splitlines() if not x.startswith("#")]
+
+    assert star_text(a) == star_text(b)
     ta, tb, tc = (load_particles(d / "particles.star") for d in (a, b, c))
     for name in ("rotations", "shifts_a", "defocus_u_a", "defocus_v_a", "defocus_angle_rad",
                  "voltage_kv", "cs_mm", "amplitude_contrast", "pixel_size_a", "stack_indices"):
         np.testing.assert_array_equal(getattr(ta, name), getattr(tb, name), err_msg=name)
     assert not np.allclose(ta.rotations, tc.rotations)
     assert not np.allclose(ta.defocus_u_a, tc.defocus_u_a)
-    assert stacks(a)[0].read_bytes() != stacks(c)[0].read_bytes()
+    assert mrc_content(stacks(a)[0]) != mrc_content(stacks(c)[0])
 
 
 def test_chunk_and_stack_size_do_not_change_results(tmp_path):
@@ -194,26 +211,20 @@ def test_chunk_and_stack_size_do_not_change_results(tmp_path):
     small = simulate(tmp_path / "chunk7", *args, "--chunk-size", "7")
     big = simulate(tmp_path / "chunk512", *args, "--chunk-size", "512")
     split = simulate(tmp_path / "stack8", *args, "--stack-size", "8", "--chunk-size", "5")
-    assert stacks(small.parent)[0].read_bytes() == stacks(big.parent)[0].read_bytes()
+    assert mrc_content(stacks(small.parent)[0]) == mrc_content(stacks(big.parent)[0])
     t_small, i_small = read_set(small)
     t_big, i_big = read_set(big)
     np.testing.assert_array_equal(i_small, i_big)
     np.testing.assert_array_equal(t_small.rotations, t_big.rotations)
 
     # Several stacks, whose references resolve, holding the same particles in the same order.
-    assert [len(load_stack_count(p)) for p in stacks(split.parent)] == [8, 8, 8, 6]
+    assert [open_stack(p).shape[0] for p in stacks(split.parent)] == [8, 8, 8, 6]
     t_split = load_particles(split)
     ImageSource(t_split).validate()
     assert len(set(t_split.stack_paths.tolist())) == 4
     np.testing.assert_array_equal(t_split.stack_indices, np.arange(30) % 8)
     _, i_split = read_set(split)
     np.testing.assert_array_equal(i_split, i_big)
-
-
-def load_stack_count(path: Path) -> np.ndarray:
-    from cryoai.io import open_stack
-
-    return np.asarray(open_stack(path)[:, 0, 0])
 
 
 def test_parameter_distributions(noisy_and_clean):

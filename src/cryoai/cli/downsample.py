@@ -6,6 +6,7 @@ Example: cryoai downsample particles.star --box 64 --out small/particles.star
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ def main(args) -> int:
         raise OutputError(f"--out {out}: {stack_path} would overwrite an input stack")
     source = ImageSource(table)
     source.validate()
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     scale = n_in / args.box
     new_pixel = table.pixel_size_a * scale
@@ -68,6 +70,11 @@ def main(args) -> int:
                 small = fourier_crop_2d(images, args.box).float().numpy()
                 writer.write(start, small)
                 bar.update(len(idx))
+    except BaseException:
+        for d in created:  # leave no empty folders behind (e.g. NaN pixels found while reading)
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     finally:
         bar.close()
     new_table = replace(

@@ -62,6 +62,18 @@ def align_volume(volume: np.ndarray, rotation: np.ndarray, mirror: bool) -> np.n
     return sample_volume(v, pts).reshape(n, n, n).numpy()
 
 
+def register_translation(volume: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Translate ``volume`` onto ``reference`` (maximum of the FFT cross-correlation, integer
+    voxels, periodic). Returns the moved volume and the shift (z, y, x) applied, in voxels."""
+    fa = np.fft.fftn(volume)
+    fb = np.fft.fftn(reference)
+    cc = np.fft.ifftn(fb * np.conj(fa)).real
+    peak = np.array(np.unravel_index(np.argmax(cc), cc.shape))
+    n = np.array(cc.shape)
+    peak = np.where(peak > n // 2, peak - n, peak)
+    return np.roll(volume, tuple(peak), axis=(0, 1, 2)), peak
+
+
 def fsc_report(volume: np.ndarray, truth: np.ndarray, pixel_size_a: float) -> dict:
     """FSC curve and resolutions at 0.5 and 0.143 in px and Angstrom."""
     curve = fsc(torch.as_tensor(volume, dtype=torch.float64), torch.as_tensor(truth, dtype=torch.float64))
@@ -99,6 +111,10 @@ def evaluate(volume: np.ndarray, pixel_size_a: float, *, truth_volume: np.ndarra
         })
         per_particle["rotation_error_deg"] = reg["angle_deg"]
         aligned = align_volume(volume, reg["A"], reg["mirror"])
+    if truth_volume is not None and pred_rotations is not None and true_rotations is not None:
+        # The map is also defined up to a translation: register it (integer voxels).
+        aligned, shift = register_translation(aligned, truth_volume)
+        metrics["alignment_translation_px"] = shift[::-1].tolist()  # (x, y, z)
     if pred_shifts_a is not None and true_shifts_a is not None:
         err = np.linalg.norm(np.asarray(pred_shifts_a) - np.asarray(true_shifts_a), axis=1)
         metrics["shift_error_a_median"] = float(np.median(err))

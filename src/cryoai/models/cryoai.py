@@ -105,7 +105,7 @@ def build_model(cfg, box_px: int, pixel_size_a: float, *, with_encoder: bool = T
 
 @torch.no_grad()
 def estimate_amplitude_profile(model: CryoAI, batch: dict) -> torch.Tensor:
-    """Expected volume amplitude per integer frequency shell, from a batch of images.
+    """Expected decoder amplitude (``|fft3_c(volume)| / N``) per integer frequency shell.
 
     ``sqrt(mean |Y|^2 / mean C^2)`` per shell of the kept coefficients (the CTF-corrected
     radial amplitude of the data); shells beyond the data are given the last value.

@@ -2,7 +2,13 @@
 
 Both decoders take points ``k = (kx, ky, kz)`` in frequency pixels (cycles per box; Nyquist at
 ``N/2``) and return complex values. Hermitian symmetry ``V(-k) = conj(V(k))`` holds by
-construction: a point in the lower half-space is evaluated at ``-k`` and conjugated.
+construction: a point in the lower half-space is evaluated at ``-k`` and conjugated, and the
+value at ``k = 0`` is real.
+
+A decoder represents ``fft3_c(volume) / N``: the same ``1/N`` as
+:meth:`cryoai.models.cryoai.CryoAI.image_spectra`, so that its central slice at a pose is the
+model's prediction of ``image_spectra`` of the projection (``fft2_c(volume.sum(0)) / N`` for
+the identity pose). :func:`decoder_to_volume` undoes the factor.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ def hermitian_eval(fn, coords: torch.Tensor) -> torch.Tensor:
     lower = _lower_half(coords)
     sign = torch.where(lower, -1.0, 1.0).to(coords.dtype)[..., None]
     values = fn(coords * sign)
-    return torch.where(lower, values.conj(), values)
+    values = torch.where(lower, values.conj(), values)
+    # k = 0 is its own partner: V(0) = conj(V(0)) must be real.
+    origin = (coords == 0).all(-1)
+    return torch.where(origin, torch.complex(values.real, torch.zeros_like(values.real)), values)
 
 
 class SineLayer(nn.Module):
@@ -103,7 +112,8 @@ class VoxelDecoder(nn.Module):
     Stored as a real tensor (2, N, N, N) (real and imaginary parts) times a fixed radial
     amplitude profile ``a(|k|)`` (a preconditioner: Fourier amplitudes of a molecule fall by
     orders of magnitude from DC to Nyquist, so a plain grid would need very different step
-    sizes per frequency). Initialised from the Fourier transform of a given real volume, or zeros.
+    sizes per frequency). Initialised from ``fft3_c(volume) / N`` of a given real volume (see the
+    module docstring), or zeros.
 
     Parameters
     ----------
@@ -121,7 +131,7 @@ class VoxelDecoder(nn.Module):
         self.register_buffer("scale", profile[shells].clamp_min(1e-12))
         grid = torch.zeros(2, box_px, box_px, box_px)
         if init_volume is not None:
-            f = fft3_c(init_volume.to(torch.float32)) / self.scale
+            f = fft3_c(init_volume.to(torch.float32)) / (box_px * self.scale)
             grid = torch.stack([f.real, f.imag])
         self.grid = nn.Parameter(grid)
 
@@ -140,7 +150,8 @@ def decoder_to_volume(decoder: nn.Module, box_px: int, *, chunk: int = 65536) ->
     """The real-space volume (N, N, N) [z, y, x] that a decoder represents.
 
     Evaluates the decoder on the full centred Fourier grid inside the Nyquist sphere (zero
-    outside) and inverts it; the imaginary part of the inverse is discarded.
+    outside), multiplies by ``N`` (decoders hold ``fft3_c(volume) / N``) and inverts it; the
+    imaginary part of the inverse is discarded.
     """
     from ..physics.grids import grid_3d
 
@@ -158,4 +169,4 @@ def decoder_to_volume(decoder: nn.Module, box_px: int, *, chunk: int = 65536) ->
         out = [decoder(pts[i:i + chunk]) for i in range(0, len(pts), chunk)]
         values[inside] = torch.cat(out).to(values.dtype)
         f = values.reshape(box_px, box_px, box_px)
-    return ifft3_c(f).real
+    return ifft3_c(f).real * box_px

@@ -27,6 +27,21 @@ class TrainConfig:
     encoder_heads: int = 1  # rotation hypotheses per image (winner takes all)
     max_shift_a: float | None = None  # bound of predicted shifts; None: 0.15 * box * pixel size
     learn_shifts: bool = True
+    # --- ab initio strategy
+    ab_initio: str = "search"  # "search": pose-search warm start (default); "encoder": the paper's pure amortized training
+    search_subset: int = 5000  # particles used by the search (fixed: cost flat in N)
+    search_rotations: int = 4608  # size of the SO(3) grid (about 15 degrees apart)
+    search_iterations: int = 60  # stochastic EM iterations
+    search_batch: int = 300  # images per EM iteration
+    search_ema: float = 0.7  # decay of the running back-projection sums
+    search_radius_start: float = 5.0  # EM band, cycles per box
+    search_radius_end: float = 10.0
+    search_max_shift_px: float | None = None  # default 0.12 * box
+    search_shift_step_px: float = 2.0
+    refine_rounds: int = 8  # local refinement rounds after the EM
+    refine_candidates: int = 48  # local rotations tried per image and round
+    refine_radius_frac: float = 0.7  # final refinement band, fraction of Nyquist
+    decoder_epochs: float = 5.0  # epochs of decoder training after the search
     # --- loss
     loss: str = "symmetric"  # "symmetric" or "l2"
     max_radius_frac: float = 1.0  # highest frequency used, fraction of Nyquist
@@ -56,6 +71,8 @@ class TrainConfig:
             raise InputError(f"batch_size must be positive (got {self.batch_size})")
         if not 0 < self.max_radius_frac <= 1:
             raise InputError(f"max_radius_frac must be in (0, 1] (got {self.max_radius_frac})")
+        if self.ab_initio not in ("search", "encoder"):
+            raise InputError(f"ab_initio must be 'search' or 'encoder' (got {self.ab_initio!r})")
         if self.encoder_heads < 1:
             raise InputError(f"encoder_heads must be at least 1 (got {self.encoder_heads})")
 
@@ -73,7 +90,7 @@ class TrainConfig:
 
 #: Named configurations. "paper" is the faithful cryoAI of the ECCV 2022 paper.
 PRESETS: dict[str, dict] = {
-    "paper": dict(decoder="fouriernet", fouriernet_width=256, encoder_width=1.0, encoder_heads=1,
+    "paper": dict(ab_initio="encoder", decoder="fouriernet", fouriernet_width=256, encoder_width=1.0, encoder_heads=1,
                   loss="symmetric", batch_size=64, lr_encoder=1e-4, lr_decoder=1e-4, amsgrad=True,
                   grad_clip=1.0, max_radius_frac=1.0),
     "fast": dict(decoder="voxel", encoder_width=0.25),
@@ -111,7 +128,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                                action=argparse.BooleanOptionalAction, help=f"(default {default})")
         else:
             typ = type(default) if default is not None else float
-            if f.name in ("max_shift_a", "max_minutes"):
+            if f.name in ("max_shift_a", "max_minutes", "search_max_shift_px"):
                 typ = float
             group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", type=typ, default=None,
                                metavar=typ.__name__.upper(), help=f"(default {default})")

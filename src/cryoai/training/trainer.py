@@ -39,6 +39,7 @@ class TrainState:
     epoch: int = 0
     images_seen: int = 0
     minutes: float = 0.0
+    search_done: bool = False
 
 
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0,
@@ -85,6 +86,9 @@ class Trainer:
         self.source.validate()
 
         self.fixed = fixed_poses is not None
+        # Ab initio by pose search: poses come from the search, then the decoder is trained
+        # with them held fixed (as with --poses).
+        self.search_mode = not self.fixed and cfg.ab_initio == "search"
         if self.fixed:
             if len(fixed_poses) != len(table) or not fixed_poses.has_poses:
                 raise InputError(f"{fixed_poses.source_path}: --poses must hold poses for the same "
@@ -108,7 +112,8 @@ class Trainer:
             probe = CryoAI(self.box, self.pixel_size_a, torch.nn.Identity())
             n_probe = min(len(table), 256)
             profile = estimate_amplitude_profile(probe, self.dataset.__getitems__(np.arange(n_probe)))
-        self.model: CryoAI = build_model(cfg, self.box, self.pixel_size_a, with_encoder=not self.fixed,
+        self.model: CryoAI = build_model(cfg, self.box, self.pixel_size_a,
+                                         with_encoder=not (self.fixed or self.search_mode),
                                          amplitude_profile=profile).to(device)
         self.mask = None
         if cfg.mask_radius_frac > 0:
@@ -126,6 +131,10 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.state = TrainState(**ckpt["state"])
+            if "pose_rotations" in ckpt:
+                self.fixed_rot = ckpt["pose_rotations"].float().cpu()
+                self.fixed_shift = ckpt["pose_shifts_a"].float().cpu()
+                self.fixed = True
         self.history: list[dict] = []
         self.writer = None
         if cfg.tensorboard:
@@ -203,7 +212,11 @@ class Trainer:
         return path
 
     def checkpoint(self) -> None:
+        extra = {}
+        if self.search_mode and self.state.search_done:
+            extra = {"pose_rotations": self.fixed_rot, "pose_shifts_a": self.fixed_shift}
         save_checkpoint(self.outdir / "checkpoint.pt", {
+            **extra,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "state": self.state.__dict__.copy(),
@@ -211,7 +224,7 @@ class Trainer:
             "box_px": self.box,
             "pixel_size_a": self.pixel_size_a,
             "scale": self.scale,
-            "fixed_poses": self.fixed,
+            "fixed_poses": self.fixed or self.search_mode,
             "argv": list(map(str, self.argv)),
         })
 
@@ -222,7 +235,10 @@ class Trainer:
                              use_symmetric=self.cfg.loss == "symmetric", learn_shifts=self.cfg.learn_shifts)
 
     def write_poses(self) -> Path:
-        rot, shifts, _ = self.predict()
+        if self.search_mode:
+            rot, shifts = self.fixed_rot.double().numpy(), self.fixed_shift.double().numpy()
+        else:
+            rot, shifts, _ = self.predict()
         path = self.outdir / "poses.star"
         write_star(path, self.table.with_poses(rot, shifts))
         return path
@@ -238,8 +254,12 @@ class Trainer:
         cfg = self.cfg
         save_yaml(cfg, self.outdir / "config.yaml")
         n = len(self.dataset)
+        if self.search_mode and not self.state.search_done:
+            self.run_search()
+            self.checkpoint()
         steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-        total_steps = int(math.ceil(cfg.max_epochs * steps_per_epoch))
+        epochs = cfg.decoder_epochs if self.search_mode else cfg.max_epochs
+        total_steps = int(math.ceil(epochs * steps_per_epoch))
         t0 = time.perf_counter() - self.state.minutes * 60
         last_vol = last_ckpt = time.perf_counter()
         bar = tqdm(total=total_steps, initial=self.state.step, desc="train", unit="step",
@@ -296,6 +316,55 @@ class Trainer:
         outputs = {"volume": str(vol_path), "checkpoint": str(self.outdir / "checkpoint.pt"),
                    "steps": self.state.step, "minutes": self.state.minutes,
                    "images_seen": self.state.images_seen, "version": __version__}
-        if not self.fixed:
+        if not self.fixed or self.search_mode:
             outputs["poses"] = str(self.write_poses())
         return outputs
+
+    def run_search(self) -> None:
+        """The search stage of ab initio (see :mod:`cryoai.training.abinitio`)."""
+        from tqdm.auto import tqdm
+
+        from .abinitio import PoseSearch
+
+        log = (lambda msg: None) if self.quiet else tqdm.write
+        t0 = time.perf_counter()
+        res = PoseSearch(self.model, self.dataset, self.cfg, self.device, log=log).run()
+        self.fixed_rot = torch.as_tensor(res["rotations"], dtype=torch.float32)
+        self.fixed_shift = torch.as_tensor(res["shifts_a"], dtype=torch.float32)
+        self.fixed = True
+        self.state.search_done = True
+        self.state.minutes += (time.perf_counter() - t0) / 60
+        if self.cfg.decoder == "voxel":
+            self.init_decoder_from_backprojection()
+        with open(self.outdir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps({"stage": "search", "minutes": self.state.minutes,
+                                "search_seconds": res["seconds"]}) + "\n")
+
+    @torch.no_grad()
+    def init_decoder_from_backprojection(self, batch_size: int = 256) -> None:
+        """Set the voxel decoder to the Wiener back-projection of all images at the fixed poses."""
+        from ..physics.backprojection import insert_slices
+        from ..physics.projection import slice_coords
+        from ..physics.shifts import phase_shift
+        from .search import regularised_volume
+
+        model = self.model
+        n = self.box
+        num = torch.zeros(n, n, n, dtype=torch.complex64, device=self.device)
+        den = torch.zeros(n, n, n, device=self.device)
+        loader = make_loader(self.dataset, batch_size, shuffle=False, seed=0)
+        for batch in loader:
+            idx = batch["index"]
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            y = model.image_spectra(batch["images"])
+            c = model.ctf(batch)
+            rot = self.fixed_rot[idx].to(self.device)
+            sh = self.fixed_shift[idx].to(self.device)
+            x = c * y * phase_shift(model.freqs_a, sh).conj()
+            a, b = insert_slices(x, c * c, slice_coords(rot, model.coords_2d), n)
+            num += a
+            den += b
+        mask_r = self.cfg.mask_radius_frac * n if self.cfg.mask_radius_frac > 0 else 0.45 * n
+        fvol = regularised_volume(num, den, radius_px=n // 2 - 1, mask_radius_px=mask_r)
+        dec = model.decoder
+        dec.grid.data.copy_(torch.stack([fvol.real, fvol.imag]) / dec.scale)

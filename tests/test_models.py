@@ -1,0 +1,211 @@
+"""Decoders, encoder and the image-formation model (cryoai.models)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cryoai.assets import embedded_map_path
+from cryoai.io.mrc import read_volume
+from cryoai.models.cryoai import CryoAI
+from cryoai.models.decoders import FourierNet, VoxelDecoder, decoder_to_volume
+from cryoai.models.encoder import GaussianFilterBank, PoseEncoder
+from cryoai.physics.fft import fft2_c, fft3_c, fourier_crop_3d, ifft3_c
+from cryoai.physics.grids import radius_grid_3d
+from cryoai.physics.projection import project_fourier
+from cryoai.physics.rotations import random_rotations, rot_z
+from cryoai.physics.shifts import shift_images
+
+N = 32
+PIXEL_A = 10.0
+
+
+@pytest.fixture(scope="module")
+def volume() -> torch.Tensor:
+    """The embedded ribosome Fourier-cropped to 32^3, float32, [z, y, x]."""
+    vol, _ = read_volume(embedded_map_path())
+    return fourier_crop_3d(torch.as_tensor(vol, dtype=torch.float64), N).float()
+
+
+def _random_points(n: int, gen: torch.Generator, radius: float) -> torch.Tensor:
+    """Random frequency points inside a ball, with some on the z = 0 plane, on the x axis
+    and the origin."""
+    pts = (torch.rand(n, 3, generator=gen) * 2 - 1) * radius / math.sqrt(3)
+    pts[: n // 4, 2] = 0.0  # on the z = 0 plane
+    pts[n // 4: n // 4 + 8, 1:] = 0.0  # on the x axis (y = z = 0)
+    pts[-1] = 0.0  # the origin
+    half = int(radius) // 2
+    grid_pts = torch.randint(-half, half + 1, (16, 3), generator=gen).float()
+    grid_pts[:8, 2] = 0  # integer points on the z = 0 plane
+    return torch.cat([pts, grid_pts])
+
+
+def _assert_hermitian(decoder: nn.Module, pts: torch.Tensor) -> None:
+    with torch.no_grad():
+        plus = decoder(pts)
+        minus = decoder(-pts)
+    assert plus.is_complex()
+    assert plus.abs().max() > 0
+    torch.testing.assert_close(minus, plus.conj(), rtol=0, atol=1e-6 * float(plus.abs().max()))
+    # In particular the value at k = 0 is real.
+    origin = (pts == 0).all(-1)
+    assert origin.any()
+    assert float(plus[origin].imag.abs().max()) == 0.0
+
+
+def test_fouriernet_is_hermitian():
+    torch.manual_seed(0)
+    decoder = FourierNet(N, width=32)
+    gen = torch.Generator().manual_seed(1)
+    _assert_hermitian(decoder, _random_points(200, gen, N / 2 - 1))
+
+
+def test_voxel_decoder_is_hermitian():
+    gen = torch.Generator().manual_seed(2)
+    # A random grid (not the transform of a real volume): symmetry must come from the decoder.
+    decoder = VoxelDecoder(N)
+    with torch.no_grad():
+        decoder.grid.normal_(generator=gen)
+    _assert_hermitian(decoder, _random_points(200, gen, N / 2 - 1))
+
+
+def test_voxel_decoder_round_trip(volume):
+    decoder = VoxelDecoder(N, init_volume=volume)
+    out = decoder_to_volume(decoder, N)
+    scale = float(volume.abs().max())
+    torch.testing.assert_close(out, volume, rtol=0, atol=1e-5 * scale)
+
+
+def test_voxel_decoder_round_trip_with_amplitude_profile(volume):
+    profile = torch.exp(-torch.arange(N // 2 + 1, dtype=torch.float32) / 3.0) * 50.0
+    decoder = VoxelDecoder(N, init_volume=volume, amplitude_profile=profile)
+    # The parameters are preconditioned: the grid holds the transform divided by the profile.
+    assert not torch.allclose(decoder.grid, VoxelDecoder(N, init_volume=volume).grid)
+    out = decoder_to_volume(decoder, N)
+    scale = float(volume.abs().max())
+    torch.testing.assert_close(out, volume, rtol=0, atol=1e-5 * scale)
+
+
+class _Wrapped(nn.Module):
+    """A decoder that is not a VoxelDecoder, so decoder_to_volume takes its generic path."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, coords):
+        return self.inner(coords)
+
+
+def test_decoder_to_volume_generic_path_matches(volume):
+    # A volume band-limited inside the Nyquist sphere: the generic path (sampling the decoder
+    # on the grid inside the sphere) must give it back, with the same scale as the voxel path.
+    f = fft3_c(volume.double())
+    f[radius_grid_3d(N, dtype=torch.float64) > N // 2 - 1] = 0
+    band_limited = ifft3_c(f).real.float()
+    decoder = VoxelDecoder(N, init_volume=band_limited)
+    out = decoder_to_volume(_Wrapped(decoder), N)
+    scale = float(band_limited.abs().max())
+    torch.testing.assert_close(out, band_limited, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("n_heads", [1, 3])
+def test_pose_encoder_outputs(n_heads):
+    torch.manual_seed(0)
+    max_shift = 7.5
+    enc = PoseEncoder(N, width=0.125, n_heads=n_heads, max_shift_a=max_shift)
+    # The shift head starts at zero; make it large so the bound is exercised.
+    with torch.no_grad():
+        enc.shift_head[-1].weight.normal_(0.0, 50.0)
+        enc.shift_head[-1].bias.normal_(0.0, 50.0)
+    images = torch.randn(5, N, N) * 3 + 1
+    with torch.no_grad():
+        rot, shifts = enc(images)
+    assert rot.shape == (5, n_heads, 3, 3)
+    assert shifts.shape == (5, n_heads, 2)
+    eye = torch.eye(3).expand_as(rot)
+    torch.testing.assert_close(rot.transpose(-1, -2) @ rot, eye, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.linalg.det(rot), torch.ones(5, n_heads), rtol=0, atol=1e-5)
+    assert float(shifts.abs().max()) <= max_shift * (1 + 1e-6)
+    assert float(shifts.abs().max()) > 0.5 * max_shift
+    # Different images get different rotations; heads are distinct hypotheses.
+    assert not torch.allclose(rot[0], rot[1], atol=1e-4)
+    if n_heads > 1:
+        assert not torch.allclose(rot[:, 0], rot[:, 1], atol=1e-4)
+
+
+def test_gaussian_filter_bank_standardised():
+    torch.manual_seed(0)
+    bank = GaussianFilterBank()
+    images = torch.randn(4, N, N) * 7 + 3
+    out = bank(images)
+    assert out.shape == (4, bank.n_channels, N, N)
+    mean = out.mean(dim=(-2, -1))
+    std = out.std(dim=(-2, -1))
+    torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-5)
+    torch.testing.assert_close(std, torch.ones_like(std), rtol=0, atol=1e-4)
+    # The channels are low-passed by increasing amounts: less high-frequency energy (the
+    # widest kernel is truncated at 11 px, so it is only compared with the sharpest).
+    rough = (out.diff(dim=-1) ** 2).mean(dim=(0, 2, 3))
+    assert bool((rough[1:4] < rough[:3]).all())
+    assert rough[4] < 0.1 * rough[0]
+
+
+def _render_case(volume, rotations, shifts_px):
+    model = CryoAI(N, PIXEL_A, VoxelDecoder(N, init_volume=volume))
+    with torch.no_grad():
+        pred = model.render(rotations, shifts_px * PIXEL_A, None)
+    proj = project_fourier(volume, rotations, oversample=1)
+    images = shift_images(proj, shifts_px)
+    return model, pred, model.image_spectra(images)
+
+
+def test_render_identity_is_central_slice(volume):
+    eye = torch.eye(3)[None]
+    model, pred, target = _render_case(volume, eye, torch.zeros(1, 2))
+    scale = float(target.abs().max())
+    # The prediction of the noise-free image equals image_spectra of its projection ...
+    torch.testing.assert_close(pred, target, rtol=0, atol=1e-5 * scale)
+    # ... which is the central slice fft2_c(volume.sum(0)) / N at the kept coefficients.
+    central = fft2_c(volume.sum(0))[model.half_mask] / N
+    torch.testing.assert_close(pred[0], central, rtol=0, atol=1e-5 * scale)
+    # And with a CTF, the prediction is multiplied by it.
+    ctf = torch.linspace(-1, 1, pred.shape[-1])[None]
+    with torch.no_grad():
+        pred_ctf = model.render(eye, torch.zeros(1, 2), ctf)
+    torch.testing.assert_close(pred_ctf, pred * ctf, rtol=0, atol=1e-6 * scale)
+
+
+def test_render_rotations_and_shifts_match_projection(volume):
+    gen = torch.Generator().manual_seed(3)
+    rotations = torch.cat([rot_z(torch.tensor([math.pi / 2])), random_rotations(3, generator=gen)])
+    shifts_px = torch.tensor([[0.0, 0.0], [1.5, -2.0], [-3.25, 0.5], [0.0, 4.0]])
+    _, pred, target = _render_case(volume, rotations, shifts_px)
+    scale = float(target.abs().max())
+    torch.testing.assert_close(pred, target, rtol=0, atol=1e-5 * scale)
+    # A wrong shift sign would not match.
+    _, pred_wrong, _ = _render_case(volume, rotations, -shifts_px)
+    assert float((pred_wrong - target).abs().max()) > 1e-2 * scale
+
+
+def test_image_spectra_parseval():
+    """Weighted squared error on the kept half equals the real-space squared error for
+    images band-limited to the kept disk (CryoAI module docstring)."""
+    from cryoai.physics.fft import ifft2_c
+
+    model = CryoAI(N, PIXEL_A, nn.Identity())
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn(3, N, N, generator=gen, dtype=torch.float64)
+    spec = fft2_c(images)
+    g = torch.arange(N) - N // 2
+    r = torch.sqrt(g[:, None] ** 2 + g[None, :] ** 2)
+    spec[:, r > N // 2 - 1] = 0
+    images = ifft2_c(spec).real
+    y = model.image_spectra(images)
+    real_space = (images[0] - images[1]).pow(2).sum()
+    fourier = ((y[0] - y[1]).abs() ** 2 * model.hermitian_weight.double()).sum()
+    np.testing.assert_allclose(float(fourier), float(real_space), rtol=1e-10)
