@@ -147,8 +147,8 @@ class PoseSearch:
         """Best grid rotation and shift of each image against the current map (E step only)."""
         em = self.em
         keep = em._band(radius)
-        from .search import SearchData, score_grid
         from ..physics.projection import sample_volume
+        from .search import SearchData, score_grid
 
         coords = self.model.coords_2d[keep]
         proj = sample_volume(em.fvol, slice_coords(em.grid, coords))
