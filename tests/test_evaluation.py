@@ -30,7 +30,7 @@ def _global_rotation() -> np.ndarray:
     return _rotations(1, 123)[0]
 
 
-def blobs(centres: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+def blobs(centres: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     """A smooth asymmetric volume: Gaussian blobs at ``centres`` (x, y, z), [z, y, x] indexed.
 
     Written analytically so a rotated copy is exact (no interpolation)."""
@@ -93,12 +93,15 @@ def test_align_volume_brings_rotated_volume_back(mirror):
 def test_align_volume_with_sample_volume_rotation():
     """The same with a volume rotated by trilinear resampling (physics.projection)."""
     a = _global_rotation()
-    truth = blobs(CENTRES, sigma=2.5)
+    truth = blobs(CENTRES)
     pts = grid_3d(N, dtype=torch.float64).reshape(-1, 3) @ torch.as_tensor(a)  # A^T x
     moved = sample_volume(torch.as_tensor(truth), pts).reshape(N, N, N).numpy()
+    assert fsc_report(moved, truth, PIXEL_A)["resolution_px_0.5"] > 6.0
     aligned = align_volume(moved, a, False)
+    # Two trilinear resamplings blur the highest shells; up to half Nyquist it is exact.
+    curve = np.array(fsc_report(aligned, truth, PIXEL_A)["fsc"])
+    assert curve[: N // 4 + 1].min() > 0.99
     assert np.corrcoef(aligned.ravel(), truth.ravel())[0, 1] > 0.99
-    assert fsc_report(aligned, truth, PIXEL_A)["resolution_px_0.5"] <= 2.5
 
 
 def test_evaluate_perfect_inputs():
