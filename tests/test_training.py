@@ -40,6 +40,16 @@ ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 FAST = ["--quiet", "--no-tensorboard", "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread is as fast, and far faster when other jobs hold the cores
+    (OpenMP threads spin-waiting on a busy core slow small ops down a hundredfold)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> Path:
@@ -172,15 +182,23 @@ def test_choose_poses_resolves_the_in_plane_flip(volume):
 @pytest.mark.parametrize("decoder,fixed", [("voxel", False), ("fouriernet", False), ("voxel", True)])
 def test_one_step_lowers_the_loss(sim, tmp_path, decoder, fixed):
     table = load_particles(sim / "particles.star")
+    # Adam's first step moves every parameter by about its learning rate whatever the gradient's
+    # size; these rates keep that step a descent step (checked for seeds 0-5).
     cfg = TrainConfig(decoder=decoder, fouriernet_width=32, encoder_width=0.125, batch_size=16,
-                      tensorboard=False, normalize_samples=200, ab_initio="encoder")
+                      lr_decoder=1e-3, lr_encoder=1e-5, tensorboard=False, normalize_samples=200,
+                      ab_initio="encoder")
     trainer = Trainer(table, cfg, tmp_path, device=torch.device("cpu"),
                       fixed_poses=table if fixed else None, quiet=True)
     batch = next(iter(make_loader(trainer.dataset, 16, shuffle=True, seed=0)))
+    start = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     before = trainer.train_step(batch)  # the loss before the step
     after = trainer.train_step(batch)  # the loss after one step
     assert math.isfinite(before) and math.isfinite(after)
     assert after < before
+    moved = {k for k, v in trainer.model.named_parameters() if not torch.equal(v, start[k])}
+    assert any(k.startswith("decoder.") for k in moved)
+    if decoder == "fouriernet":  # (a zero voxel grid gives the encoder no gradient at first)
+        assert any(k.startswith("encoder.") for k in moved)
 
 
 def _fsc05(volume_path: Path, truth_path: Path) -> float:
@@ -204,7 +222,8 @@ def test_fixed_poses_fouriernet_reconstruction(sim, tmp_path):
                       "--outdir", str(out), "--max-epochs", "2", "--decoder", "fouriernet",
                       "--fouriernet-width", "32", "--lr-decoder", "3e-3", *FAST])
     assert rc == 0
-    assert _fsc05(out / "volume.mrc", sim / "ground_truth.mrc") <= 4.0
+    # 2.5 px for seeds 0-3; the bar leaves room for numerical differences between platforms.
+    assert _fsc05(out / "volume.mrc", sim / "ground_truth.mrc") <= 3.0
 
 
 # ------------------------------------------------------------------ train / predict-poses CLI

@@ -86,9 +86,14 @@ def fsc_report(volume: np.ndarray, truth: np.ndarray, pixel_size_a: float) -> di
 
 
 def best_flip_fsc(volume: np.ndarray, truth: np.ndarray, pixel_size_a: float) -> dict:
-    """FSC of a volume against the truth, or of its mirror, whichever is higher at 0.5."""
+    """FSC of a volume against the truth, or of its mirror, whichever is higher at 0.5.
+
+    The mirror is ``V(x, y, -z)`` about the centre voxel ``N//2`` (a flip, then a roll by one;
+    a bare flip would also move the volume by one voxel).
+    """
     a = fsc_report(volume, truth, pixel_size_a)
-    b = fsc_report(volume[::-1].copy(), truth, pixel_size_a)
+    mirrored = np.roll(np.asarray(volume)[::-1], 1, axis=0)
+    b = fsc_report(mirrored, truth, pixel_size_a)
     return a if a["resolution_px_0.5"] <= b["resolution_px_0.5"] else {**b, "mirrored": True}
 
 
