@@ -112,9 +112,13 @@ class PoseSearch:
             r = r0 + (r1 - r0) * min(1.0, it / max(1, int(0.7 * n_it)))
             idx = torch.randperm(n_sub, generator=self.gen)[: cfg.search_batch].to(self.device)
             out = em.iterate(y[idx], c[idx], r, ema=cfg.search_ema)
-            if (it + 1) % 10 == 0 or it == n_it - 1:
+            post = float(out["posterior_max"].mean())
+            converged = r >= r1 and post >= cfg.search_stop_posterior
+            if (it + 1) % 10 == 0 or it == n_it - 1 or converged:
                 self.log(f"search EM {it + 1}/{n_it}: radius {r:.1f} px, mean max posterior "
-                         f"{float(out['posterior_max'].mean()):.2f}, {time.perf_counter() - t0:.0f} s")
+                         f"{post:.2f}, {time.perf_counter() - t0:.0f} s")
+            if converged:
+                break
         # Assign every subset image on the final low-resolution map, then refine locally.
         rot, shifts = self.global_assign(y, c, r1)
         rot, shifts = self.refine(y, c, rot, shifts, start_radius=r1, update_map=True)

@@ -31,8 +31,9 @@ class TrainConfig:
     ab_initio: str = "search"  # "search": pose-search warm start (default); "encoder": the paper's pure amortized training
     search_subset: int = 5000  # particles used by the search (fixed: cost flat in N)
     search_rotations: int = 4608  # size of the SO(3) grid (about 15 degrees apart)
-    search_iterations: int = 60  # stochastic EM iterations
-    search_batch: int = 300  # images per EM iteration
+    search_iterations: int = 100  # stochastic EM iterations (at most; see search_stop_posterior)
+    search_batch: int = 500  # images per EM iteration
+    search_stop_posterior: float = 0.9  # stop the EM once the band is full and the mean max posterior exceeds this
     search_ema: float = 0.7  # decay of the running back-projection sums
     search_radius_start: float = 5.0  # EM band, cycles per box
     search_radius_end: float = 10.0
@@ -41,7 +42,9 @@ class TrainConfig:
     refine_rounds: int = 8  # local refinement rounds after the EM
     refine_candidates: int = 48  # local rotations tried per image and round
     refine_radius_frac: float = 0.7  # final refinement band, fraction of Nyquist
-    decoder_epochs: float = 5.0  # epochs of decoder training after the search
+    decoder_epochs: float = 2.0  # epochs of decoder training after the search
+    wiener_init: bool = True  # voxel decoder with known/searched poses: start from the regularised
+    #                           (half-map FSC) reconstruction and keep its prior in the loss
     # --- loss
     loss: str = "symmetric"  # "symmetric" or "l2"
     max_radius_frac: float = 1.0  # highest frequency used, fraction of Nyquist

@@ -86,6 +86,7 @@ class Trainer:
         self.source.validate()
 
         self.fixed = fixed_poses is not None
+        self.prior_lam: torch.Tensor | None = None
         # Ab initio by pose search: poses come from the search, then the decoder is trained
         # with them held fixed (as with --poses).
         self.search_mode = not self.fixed and cfg.ab_initio == "search"
@@ -128,6 +129,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(groups, amsgrad=cfg.amsgrad)
         self.state = TrainState()
         if ckpt is not None:
+            if "prior_lam" in ckpt:
+                self.prior_lam = ckpt["prior_lam"].to(device)
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.state = TrainState(**ckpt["state"])
@@ -167,7 +170,12 @@ class Trainer:
             shifts = self.fixed_shift[idx].to(self.device)
             pred = model.render(rot, shifts, None, keep)
             pred = pred * ctf
-            return squared_error(target, pred, weight).mean() / norm
+            loss = squared_error(target, pred, weight).mean()
+            if self.prior_lam is not None:
+                # MAP prior (the Wiener regulariser), per particle of the data set.
+                v = model.decoder.fourier_volume()
+                loss = loss + (self.prior_lam * v.abs() ** 2).sum() / len(self.dataset)
+            return loss / norm
         rot, shifts = model.encoder(encoder_input(batch["images"], self.mask))
         if not self.cfg.learn_shifts:
             shifts = torch.zeros_like(shifts)
@@ -215,6 +223,8 @@ class Trainer:
         extra = {}
         if self.search_mode and self.state.search_done:
             extra = {"pose_rotations": self.fixed_rot, "pose_shifts_a": self.fixed_shift}
+        if self.prior_lam is not None:
+            extra["prior_lam"] = self.prior_lam.cpu()
         save_checkpoint(self.outdir / "checkpoint.pt", {
             **extra,
             "model": self.model.state_dict(),
@@ -257,6 +267,8 @@ class Trainer:
         if self.search_mode and not self.state.search_done:
             self.run_search()
             self.checkpoint()
+        elif self.fixed and cfg.decoder == "voxel" and self.state.step == 0 and cfg.wiener_init:
+            self.init_decoder_from_backprojection()
         steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
         epochs = cfg.decoder_epochs if self.search_mode else cfg.max_epochs
         total_steps = int(math.ceil(epochs * steps_per_epoch))
@@ -334,37 +346,31 @@ class Trainer:
         self.fixed = True
         self.state.search_done = True
         self.state.minutes += (time.perf_counter() - t0) / 60
-        if self.cfg.decoder == "voxel":
+        if self.cfg.decoder == "voxel" and self.cfg.wiener_init:
             self.init_decoder_from_backprojection()
         with open(self.outdir / "train_log.jsonl", "a") as f:
             f.write(json.dumps({"stage": "search", "minutes": self.state.minutes,
                                 "search_seconds": res["seconds"]}) + "\n")
 
     @torch.no_grad()
-    def init_decoder_from_backprojection(self, batch_size: int = 256) -> None:
-        """Set the voxel decoder to the Wiener back-projection of all images at the fixed poses."""
-        from ..physics.backprojection import insert_slices
-        from ..physics.projection import slice_coords
-        from ..physics.shifts import phase_shift
-        from .search import regularised_volume
+    def init_decoder_from_backprojection(self) -> None:
+        """Set the voxel decoder to the half-set FSC-regularised (Wiener/MAP) reconstruction at
+        the fixed poses, keep its regulariser as the decoder's prior, and write the half maps."""
+        from ..physics.fsc import resolution_px
+        from .reconstruct import wiener_reconstruction
 
-        model = self.model
+        mask_r = self.cfg.mask_radius_frac * self.box if self.cfg.mask_radius_frac > 0 else 0.45 * self.box
+        rec = wiener_reconstruction(self.model, self.dataset, self.fixed_rot, self.fixed_shift, self.device,
+                                    mask_radius_px=mask_r, seed=self.cfg.seed)
+        dec = self.model.decoder
+        dec.grid.data.copy_(torch.stack([rec["fvol"].real, rec["fvol"].imag]) / dec.scale)
+        self.prior_lam = rec["lam"].float()
         n = self.box
-        num = torch.zeros(n, n, n, dtype=torch.complex64, device=self.device)
-        den = torch.zeros(n, n, n, device=self.device)
-        loader = make_loader(self.dataset, batch_size, shuffle=False, seed=0)
-        for batch in loader:
-            idx = batch["index"]
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            y = model.image_spectra(batch["images"])
-            c = model.ctf(batch)
-            rot = self.fixed_rot[idx].to(self.device)
-            sh = self.fixed_shift[idx].to(self.device)
-            x = c * y * phase_shift(model.freqs_a, sh).conj()
-            a, b = insert_slices(x, c * c, slice_coords(rot, model.coords_2d), n)
-            num += a
-            den += b
-        mask_r = self.cfg.mask_radius_frac * n if self.cfg.mask_radius_frac > 0 else 0.45 * n
-        fvol = regularised_volume(num, den, radius_px=n // 2 - 1, mask_radius_px=mask_r)
-        dec = model.decoder
-        dec.grid.data.copy_(torch.stack([fvol.real, fvol.imag]) / dec.scale)
+        for k in ("half1", "half2"):
+            write_volume(self.outdir / f"volume_{k}.mrc", (rec[k] * n).cpu().numpy().astype(np.float32),
+                         self.pixel_size_a)
+        res = resolution_px(rec["fsc_halves"], 0.143)
+        self.half_map_resolution_px = res
+        with open(self.outdir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps({"stage": "reconstruction", "half_map_fsc_0.143_px": res,
+                                "half_map_fsc_0.143_a": res * self.pixel_size_a}) + "\n")
