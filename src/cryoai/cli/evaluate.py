@@ -73,8 +73,9 @@ def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, 
 def summary_lines(metrics: dict) -> list[str]:
     lines = []
     if "resolution_px_0.5" in metrics:
-        lines.append(f"FSC=0.5:   {metrics['resolution_px_0.5']:.2f} px = {metrics['resolution_a_0.5']:.1f} A")
-        lines.append(f"FSC=0.143: {metrics['resolution_px_0.143']:.2f} px = {metrics['resolution_a_0.143']:.1f} A")
+        for t, label in (("0.5", "FSC=0.5:  "), ("0.143", "FSC=0.143:")):
+            px, a = metrics[f"resolution_px_{t}"], metrics[f"resolution_a_{t}"]
+            lines.append(f"{label} {px:.2f} px = {a:.1f} A")
     if "rotation_error_deg_median" in metrics:
         lines.append(f"rotation error: median {metrics['rotation_error_deg_median']:.2f} deg "
                      f"(squared Frobenius {metrics['rotation_error_frobenius_sq_median']:.4f}), "

@@ -65,7 +65,8 @@ def main(args) -> int:
         on_volume = _fsc_logger(args.ground_truth, trainer)
     outputs = trainer.run(on_volume=on_volume)
     (outdir / "outputs.json").write_text(json.dumps(outputs, indent=2))
-    print(f"trained {outputs['steps']} steps ({outputs['images_seen']} images) in {outputs['minutes']:.1f} min")
+    print(f"trained {outputs['steps']} steps ({outputs['images_seen']} images) "
+          f"in {outputs['minutes']:.1f} min")
     print(f"map:   {outputs['volume']}")
     if "poses" in outputs:
         print(f"poses: {outputs['poses']}")

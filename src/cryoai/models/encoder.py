@@ -77,7 +77,8 @@ class PoseEncoder(nn.Module):
         for kind, out in layout:
             if kind == "conv":
                 c = max(4, int(round(out * width)))
-                layers += [nn.Conv2d(ch, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(ch, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                           nn.ReLU(inplace=True)]
                 ch = c
             elif size >= 2:
                 layers.append(nn.MaxPool2d(2) if kind == "max" else nn.AvgPool2d(2))

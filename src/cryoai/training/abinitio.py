@@ -141,7 +141,8 @@ class PoseSearch:
         d = centre_of_mass(volume)
         shifts_px += (np.einsum("nji,j->ni", rotations, d.double().cpu().numpy()))[:, :2]
         volume = torch.roll(volume, shifts=tuple(-int(round(float(v))) for v in d.flip(0)), dims=(0, 1, 2))
-        self.log(f"search done in {time.perf_counter() - t0:.0f} s (map centred by {d.cpu().numpy().round(2)} px)")
+        self.log(f"search done in {time.perf_counter() - t0:.0f} s "
+                 f"(map centred by {d.cpu().numpy().round(2)} px)")
         return {"rotations": rotations, "shifts_a": shifts_px * self.model.pixel_size_a,
                 "volume": volume.cpu().numpy(), "subset": subset,
                 "seconds": time.perf_counter() - t0}

@@ -18,7 +18,7 @@ class TrainConfig:
 
     # --- data and preprocessing
     invert_contrast: bool = False  # flip the sign of the images (particles dark -> bright)
-    mask_radius_frac: float = 0.45  # circular mask radius for the encoder input, fraction of the box (0: none)
+    mask_radius_frac: float = 0.45  # mask radius (encoder input, maps), fraction of the box (0: none)
     normalize_samples: int = 1000  # images used to estimate the global intensity scale
     # --- model
     decoder: str = "voxel"  # "voxel" (explicit Fourier grid) or "fouriernet" (the paper)
@@ -28,12 +28,13 @@ class TrainConfig:
     max_shift_a: float | None = None  # bound of predicted shifts; None: 0.15 * box * pixel size
     learn_shifts: bool = True
     # --- ab initio strategy
-    ab_initio: str = "search"  # "search": pose-search warm start (default); "encoder": the paper's pure amortized training
+    # "search": pose-search warm start (default); "encoder": the paper's pure amortized training
+    ab_initio: str = "search"
     search_subset: int = 5000  # particles used by the search (fixed: cost flat in N)
     search_rotations: int = 4608  # size of the SO(3) grid (about 15 degrees apart)
     search_iterations: int = 100  # stochastic EM iterations (at most; see search_stop_posterior)
     search_batch: int = 500  # images per EM iteration
-    search_stop_posterior: float = 0.9  # stop the EM once the band is full and the mean max posterior exceeds this
+    search_stop_posterior: float = 0.9  # stop the EM once the band is full and the posterior this peaked
     search_ema: float = 0.7  # decay of the running back-projection sums
     search_radius_start: float = 5.0  # EM band, cycles per box
     search_radius_end: float = 10.0
@@ -93,7 +94,8 @@ class TrainConfig:
 
 #: Named configurations. "paper" is the faithful cryoAI of the ECCV 2022 paper.
 PRESETS: dict[str, dict] = {
-    "paper": dict(ab_initio="encoder", decoder="fouriernet", fouriernet_width=256, encoder_width=1.0, encoder_heads=1,
+    "paper": dict(ab_initio="encoder", decoder="fouriernet", fouriernet_width=256, encoder_width=1.0,
+                  encoder_heads=1,
                   loss="symmetric", batch_size=64, lr_encoder=1e-4, lr_decoder=1e-4, amsgrad=True,
                   grad_clip=1.0, max_radius_frac=1.0),
     "fast": dict(decoder="voxel", encoder_width=0.25),
