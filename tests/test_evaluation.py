@@ -135,7 +135,7 @@ def test_evaluate_perfect_inputs():
     assert m["alignment_mirror"] is False
     assert m["shift_error_a_median"] == 0.0
     assert m["fraction_within_10deg"] == 1.0
-    assert m["alignment_translation_px"] == [0, 0, 0]
+    assert m["alignment_translation_px"] == pytest.approx([0, 0, 0], abs=1e-9)
     json.dumps(m)  # JSON-ready
 
 
