@@ -45,7 +45,7 @@ def run(dataset: Path, outdir: Path, seed: int, extra: list[str], poses: str | N
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", type=Path, help="folder with particles.star and ground_truth.mrc")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0])
     p.add_argument("--outdir", type=Path, default=Path("bench-abinitio"))
     p.add_argument("--reference", action="store_true", help="also train with the true poses")
     p.add_argument("--extra", default="", help="extra train flags, e.g. '--preset paper --max-minutes 20'")

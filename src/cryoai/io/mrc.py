@@ -356,7 +356,19 @@ class StackWriter:
         except BaseException as exc:
             self._ctx.__exit__(type(exc), exc, exc.__traceback__)
             raise
+        self._tmp = tmp
+        self._bytes_since_remap = 0
         self._open = True
+
+    #: Written pages of a memory map count in the process's resident memory until unmapped;
+    #: remapping after this many bytes keeps the writer's footprint bounded for huge stacks.
+    REMAP_BYTES = 256 * 1024**2
+
+    def _remap(self) -> None:
+        self._mrc.flush()
+        self._mrc.close()
+        self._mrc = mrcfile.mmap(self._tmp, mode="r+")
+        self._bytes_since_remap = 0
 
     def write(self, start: int, images: np.ndarray) -> None:
         """Write ``images`` ((k, N, N) or (N, N)) at positions ``start .. start + k - 1``."""
@@ -378,6 +390,9 @@ class StackWriter:
             return
         self._mrc.data[start:start + k] = imgs
         self._written[start:start + k] = True
+        self._bytes_since_remap += imgs.nbytes
+        if self._bytes_since_remap >= self.REMAP_BYTES:
+            self._remap()
         x = imgs.astype(np.float64)
         self._stats[0] = min(self._stats[0], float(x.min()))
         self._stats[1] = max(self._stats[1], float(x.max()))
