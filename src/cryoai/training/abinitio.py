@@ -28,9 +28,9 @@ import torch
 
 from ..physics.backprojection import insert_slices
 from ..physics.fft import ifft3_c
-from ..physics.projection import slice_coords
+from ..physics.projection import sample_volume, slice_coords
 from ..physics.shifts import phase_shift
-from .search import ExpectationMaximisation, regularised_volume
+from .search import ExpectationMaximisation, SearchData, regularised_volume, score_grid
 
 
 @torch.no_grad()
@@ -152,9 +152,6 @@ class PoseSearch:
         """Best grid rotation and shift of each image against the current map (E step only)."""
         em = self.em
         keep = em._band(radius)
-        from ..physics.projection import sample_volume
-        from .search import SearchData, score_grid
-
         coords = self.model.coords_2d[keep]
         proj = sample_volume(em.fvol, slice_coords(em.grid, coords))
         rots, shs = [], []

@@ -21,7 +21,7 @@ from ..physics.fft import fft3_c, ifft3_c
 from ..physics.grids import radius_grid_3d
 from ..physics.masks import spherical_mask
 from ..physics.projection import sample_volume, slice_coords
-from ..physics.rotations import random_rotations, rot_z, rotation_6d_to_matrix
+from ..physics.rotations import random_rotations
 from ..physics.shifts import phase_shift
 
 
@@ -99,10 +99,13 @@ class ExpectationMaximisation:
 
     Parameters
     ----------
-    data_fn : callable(indices) -> (spectra (B, P_full) complex, ctf (B, P_full)) on the model's
-        kept coefficients (the caller's half-plane).
-    coords_px : (P_full, 2) frequency pixels of those coefficients; weight (P_full,).
+    coords_px : (P, 2) frequency pixels of the caller's kept (half-plane) coefficients.
+    weight : (P,) their Hermitian weights.
     box_px : N.
+    n_rotations : size of the SO(3) grid.
+    max_shift_px, shift_step_px : the shift grid (a disk), pixels.
+    mask_radius_px : radius of the real-space mask applied to each map.
+    generator : torch Generator for the random initial poses and local perturbations.
     """
 
     def __init__(self, coords_px: torch.Tensor, weight: torch.Tensor, box_px: int, *,
@@ -194,9 +197,9 @@ class ExpectationMaximisation:
                      shifts_px: torch.Tensor, radius_px: float, *, n_candidates: int = 64,
                      max_angle_rad: float | None = None, shift_step_px: float = 0.5,
                      chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local search: each image's best of ``n_candidates`` rotations near its current one
-        (also 180-degree in-plane flips are not needed: the search is over all of SO(3) before)
-        times 9 shifts around its current shift. Returns new rotations (B, 3, 3), shifts (B, 2) px."""
+        """Local search: each image's best of ``n_candidates`` rotations within ``max_angle_rad``
+        of its current one (the current one included) times a 3x3 grid of shifts around its
+        current shift (``shift_step_px`` apart). Returns rotations (B, 3, 3) and shifts (B, 2) px."""
         keep = self._band(radius_px)
         d_all = self._data(spectra, ctf, keep)
         if max_angle_rad is None:
@@ -227,10 +230,5 @@ class ExpectationMaximisation:
         return torch.cat(out_r), torch.cat(out_s)
 
 
-def flip_in_plane(rotations: torch.Tensor) -> torch.Tensor:
-    """``R @ Rz(pi)`` for (B, 3, 3) rotations."""
-    return rotations @ rot_z(torch.tensor(math.pi, dtype=rotations.dtype, device=rotations.device))
-
-
-__all__ = ["ExpectationMaximisation", "flip_in_plane", "local_rotations", "regularised_volume",
-           "rotation_6d_to_matrix", "score_grid", "shift_grid"]
+__all__ = ["ExpectationMaximisation", "SearchData", "local_rotations", "regularised_volume",
+           "score_grid", "shift_grid"]
