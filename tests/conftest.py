@@ -27,3 +27,15 @@ def shared_data() -> Path:
     if not d.is_dir():
         pytest.skip(f"shared data not found at {d} (set CRYOAI_SHARED_DATA to its folder)")
     return d
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Small tensors: one thread is as fast, and far faster when other jobs hold the cores
+    (OpenMP threads spin-waiting on a busy core slow small ops down a hundredfold)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,19 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from cryoai.cli.main import main as cli
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors: one thread avoids oversubscription on shared 2-core machines.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_small_ab_initio_finds_poses(tmp_path):

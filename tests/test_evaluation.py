@@ -27,14 +27,6 @@ PIXEL_A = 4.0
 J = np.diag([1.0, 1.0, -1.0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is as fast, and far faster when other jobs hold the cores
-    (OpenMP threads spin-waiting on a busy core slow small ops down a hundredfold)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _rotations(n: int, seed: int) -> np.ndarray:

@@ -24,14 +24,6 @@ N = 32
 PIXEL_A = 10.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is as fast, and far faster when other jobs hold the cores
-    (OpenMP threads spin-waiting on a busy core slow small ops down a hundredfold)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

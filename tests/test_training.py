@@ -40,14 +40,6 @@ ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 FAST = ["--quiet", "--no-tensorboard", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is as fast, and far faster when other jobs hold the cores
-    (OpenMP threads spin-waiting on a busy core slow small ops down a hundredfold)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------ fixtures
