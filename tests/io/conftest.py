@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import mrcfile
@@ -11,22 +10,6 @@ import numpy as np
 import pytest
 
 from cryoai.errors import InputError
-
-
-def _shared_data_dir() -> Path:
-    env = os.environ.get("CRYOAI_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The shared real data (``$CRYOAI_SHARED_DATA``, default ``<repo>/../shared/data``)."""
-    d = _shared_data_dir()
-    if not (d / "particles").is_dir():
-        pytest.skip(f"shared data not found at {d} (set CRYOAI_SHARED_DATA)")
-    return d
 
 
 @pytest.fixture(scope="session")
