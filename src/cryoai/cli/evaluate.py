@@ -12,7 +12,6 @@ Example: cryoai evaluate --map run/volume.mrc --poses run/poses.star \
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, datadir=None) -> dict:
     from ..evaluation.metrics import evaluate
     from ..evaluation.plots import plot_fsc, plot_map_slices, plot_rotation_errors
-    from ..io import load_particles
+    from ..io import load_particles, write_json_atomic
     from ..io.mrc import read_volume, write_volume
 
     volume, pixel_size_a = read_volume(map_path)
@@ -60,7 +59,7 @@ def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     metrics = result["metrics"]
-    (outdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json_atomic(outdir / "metrics.json", metrics)
     if "fsc" in metrics:
         plot_fsc(np.array(metrics["fsc"]), volume.shape[-1], pixel_size_a, outdir / "fsc.png")
     if "rotation_error_deg" in result["per_particle"]:

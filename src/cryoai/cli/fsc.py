@@ -6,7 +6,6 @@ Example: cryoai fsc map.mrc ground_truth.mrc --plot fsc.png
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ def main(args) -> int:
     from pathlib import Path
 
     from ..evaluation.plots import plot_fsc
+    from ..io import write_json_atomic
     from ..io.mrc import read_volume
     from ..physics.fsc import fsc, resolution_px
     from ..physics.masks import spherical_mask
@@ -62,9 +62,8 @@ def main(args) -> int:
         print(f"plot: {args.plot}")
     if args.json:
         freq = (np.arange(len(curve)) / (n * pixel_size_a)).tolist()
-        with open(args.json, "w") as f:
-            json.dump({"fsc": curve.tolist(), "pixel_size_a": pixel_size_a,
-                       "resolution_px": {str(k): v for k, v in res.items()},
-                       "resolution_a": {str(k): v * pixel_size_a for k, v in res.items()},
-                       "frequency_per_a": freq}, f, indent=1)
+        write_json_atomic(args.json, {"fsc": curve.tolist(), "pixel_size_a": pixel_size_a,
+                                      "resolution_px": {str(k): v for k, v in res.items()},
+                                      "resolution_a": {str(k): v * pixel_size_a for k, v in res.items()},
+                                      "frequency_per_a": freq}, indent=1)
     return 0

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args._main(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the flush at interpreter exit
     except CryoaiError as exc:
-        print(f"cryoai {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cryoai {args.command}: error: {_one_line_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cryoai {args.command}: interrupted", file=sys.stderr)
@@ -61,6 +61,18 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 128 + 13
     return int(result or 0)
+
+
+def _one_line_message(exc: BaseException) -> str:
+    """The message of ``exc`` on one line. An error raised in a DataLoader worker arrives with
+    the worker's traceback inside its message; only its last line (the original message) is
+    kept."""
+    text = str(exc).strip()
+    if "Traceback" in text:
+        last = text.splitlines()[-1].strip()
+        _, sep, rest = last.partition("Error: ")
+        text = rest if sep else last
+    return " ".join(text.split())
 
 
 def _silence_stdout() -> None:

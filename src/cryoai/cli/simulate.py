@@ -12,7 +12,6 @@ Example: cryoai simulate --map map.mrc --n 10000 --snr-db -10 --outdir sim/
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +117,7 @@ def check_args(args) -> None:
 
 
 def main(args) -> int:
+    from ..io import write_json_atomic
     from ..simulate import SimulationConfig, simulate_dataset
 
     check_args(args)
@@ -143,7 +143,7 @@ def main(args) -> int:
     report.update({"box_px": int(volume.shape[-1]), "pixel_size_a": pixel_size_a,
                    "config": cfg.__dict__,
                    "source": args.model or args.map or "embedded 70S ribosome"})
-    (Path(outdir) / "simulation.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json_atomic(Path(outdir) / "simulation.json", report)
     snr = "no noise" if cfg.snr_db is None else f"SNR {report['snr_db_measured']:.2f} dB measured"
     print(f"wrote {args.n} particles ({volume.shape[-1]} px, {pixel_size_a:.3f} A, {snr}) "
           f"to {report['star_path']}")

@@ -42,9 +42,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     from pathlib import Path
 
-    from ..io import load_particles
+    from ..io import load_particles, write_json_atomic
     from ..training.config import TrainConfig, load_yaml
-    from ..training.trainer import Trainer
+    from ..training.trainer import Trainer, check_inputs
 
     if args.resume:
         saved = Path(args.outdir) / "config.yaml"
@@ -56,15 +56,16 @@ def main(args) -> int:
         cfg = resolve_config(args)
     table = load_particles(args.particles, datadir=args.datadir)
     fixed = load_particles(args.poses, datadir=args.datadir) if args.poses else None
-    outdir = prepare_outdir(args.outdir, marker="config.yaml", force=args.force, resume=args.resume)
     device = pick_device(args.device)
+    # Every input is checked before the output directory is touched.
+    check_inputs(table, cfg, fixed)
+    truth = _read_ground_truth(args.ground_truth, table.box_px) if args.ground_truth else None
+    outdir = prepare_outdir(args.outdir, marker="config.yaml", force=args.force, resume=args.resume)
     trainer = Trainer(table, cfg, outdir, device=device, fixed_poses=fixed, resume=args.resume,
                       quiet=args.quiet, argv=sys.argv)
-    on_volume = None
-    if args.ground_truth:
-        on_volume = _fsc_logger(args.ground_truth, trainer)
+    on_volume = _fsc_logger(truth, trainer) if truth is not None else None
     outputs = trainer.run(on_volume=on_volume)
-    (outdir / "outputs.json").write_text(json.dumps(outputs, indent=2))
+    write_json_atomic(outdir / "outputs.json", outputs)
     print(f"trained {outputs['steps']} steps ({outputs['images_seen']} images) "
           f"in {outputs['minutes']:.1f} min")
     print(f"map:   {outputs['volume']}")
@@ -86,14 +87,19 @@ def _override(base, args):
     return cfg
 
 
-def _fsc_logger(path, trainer):
-    """A callback that logs the FSC of the current map against a reference map."""
-    from ..evaluation.metrics import best_flip_fsc
+def _read_ground_truth(path, box: int):
+    """The reference map of ``--ground-truth``, checked against the particles' box."""
     from ..io.mrc import read_volume
 
     truth, _ = read_volume(path)
-    if truth.shape[-1] != trainer.box:
-        raise InputError(f"{path}: box {truth.shape[-1]} differs from the particles' {trainer.box}")
+    if truth.shape[-1] != box:
+        raise InputError(f"{path}: box {truth.shape[-1]} differs from the particles' {box}")
+    return truth
+
+
+def _fsc_logger(truth, trainer):
+    """A callback that logs the FSC of the current map against a reference map."""
+    from ..evaluation.metrics import best_flip_fsc
 
     def log(tr):
         rep = best_flip_fsc(tr.volume(), truth, tr.pixel_size_a)

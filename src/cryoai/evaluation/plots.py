@@ -7,6 +7,14 @@ from pathlib import Path
 import numpy as np
 
 
+def save_figure(fig, path: str | Path, dpi: int | None = None) -> None:
+    """Save a matplotlib figure as PNG atomically (temporary file, then rename)."""
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+
 def _pyplot():
     import matplotlib
 
@@ -36,7 +44,7 @@ def plot_fsc(curve: np.ndarray, box_px: int, pixel_size_a: float, path: str | Pa
     secax.set_xticklabels([f"{1 / f:.0f}" for f in ticks])
     secax.set_xlabel("resolution (A)")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -50,7 +58,7 @@ def plot_rotation_errors(errors_deg: np.ndarray, path: str | Path) -> None:
     ax.set_ylabel("particles")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -69,5 +77,5 @@ def plot_map_slices(volume: np.ndarray, path: str | Path, title: str = "") -> No
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryoai.errors import InputError
 
-from ._util import require_file
+from ._util import atomic_path, require_file, write_json_atomic, write_text_atomic
 from .cryosparc import read_cs
 from .images import ImageSource, resolve_stacks, validate_images
 from .mrc import (
@@ -32,6 +32,7 @@ __all__ = [
     "ImageSource",
     "ParticleTable",
     "StackWriter",
+    "atomic_path",
     "check_finite",
     "load_particles",
     "open_stack",
@@ -42,8 +43,10 @@ __all__ = [
     "read_volume",
     "resolve_stacks",
     "validate_images",
+    "write_json_atomic",
     "write_stack",
     "write_star",
+    "write_text_atomic",
     "write_volume",
 ]
 

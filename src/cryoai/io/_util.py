@@ -64,6 +64,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    import json
+
+    write_text_atomic(path, json.dumps(obj, indent=indent, default=str))
+
+
 def stack_candidates(raw: str, base_dirs: Sequence[Path], datadir: str | os.PathLike | None
                      ) -> list[Path]:
     """Where an image stack named ``raw`` in a metadata file may be, in the order tried.

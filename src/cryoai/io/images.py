@@ -10,7 +10,7 @@ import pandas as pd
 
 from cryoai.errors import InputError
 
-from .mrc import check_finite, check_stack_box, read_header, read_rows
+from .mrc import check_finite, check_not_blank, check_stack_box, read_header, read_rows
 from .particles import ParticleTable
 
 
@@ -94,15 +94,18 @@ class ImageSource:
     table : the particles; ``read(i)`` returns the image of row ``i``.
     max_open : largest number of stacks kept mapped at once (each holds a file descriptor).
     check_finite : raise :class:`InputError` when a read image holds NaN/inf.
+    check_blank : raise :class:`InputError` when a read image is blank (all pixels equal).
     """
 
-    def __init__(self, table: ParticleTable, *, max_open: int = 128, check_finite: bool = True):
+    def __init__(self, table: ParticleTable, *, max_open: int = 128, check_finite: bool = True,
+                 check_blank: bool = True):
         self.box = int(table.box_px)
         self.source_path = table.source_path
         self._stack_id, self.stacks = _factorize(table)
         self._image_index = np.asarray(table.stack_indices, dtype=np.int64).copy()
         self.max_open = max(1, int(max_open))
         self.check_finite = check_finite
+        self.check_blank = check_blank
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
@@ -156,7 +159,7 @@ class ImageSource:
         IndexError
             A particle index outside the table.
         InputError
-            A missing stack, an image index past the end of its stack, NaN/inf pixels.
+            A missing stack, an image index past the end of its stack, NaN/inf pixels, a blank image.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
@@ -180,6 +183,8 @@ class ImageSource:
             block = read_rows(stack, rows)
             if self.check_finite:
                 check_finite(block, self.stacks[sid], rows)
+            if self.check_blank:
+                check_not_blank(block, self.stacks[sid], rows)
             out[group] = block
         return out
 

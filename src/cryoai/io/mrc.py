@@ -162,6 +162,27 @@ def check_finite(images: np.ndarray, path: str | os.PathLike, indices=None) -> N
     raise InputError(f"{path}: image data contain NaN or infinite values{where}")
 
 
+def check_not_blank(images: np.ndarray, path: str | os.PathLike, indices=None) -> None:
+    """Raise :class:`InputError` if an image of ``images`` is blank (every pixel equal).
+
+    Parameters
+    ----------
+    images : (k, N, N) images as just read from ``path``.
+    path : the file the values came from (named in the message).
+    indices : optional (k,) 0-based indices of the images in the file.
+    """
+    if images.ndim < 3 or images.shape[0] == 0:
+        return
+    flat = images.reshape(images.shape[0], -1)
+    blank = flat.min(axis=1) == flat.max(axis=1)
+    if not blank.any():
+        return
+    first = int(np.argmax(blank))
+    pos = int(indices[first]) if indices is not None else first
+    raise InputError(f"{path}: image {pos + 1} (1-based, as in rlnImageName) is blank (every pixel is "
+                     f"{float(flat[first, 0]):g}); {int(blank.sum())} blank image(s) in this read")
+
+
 def _memmap(info: MrcInfo) -> np.memmap:
     return np.memmap(info.path, dtype=info.dtype, mode="r", offset=info.data_offset,
                      shape=info.shape)

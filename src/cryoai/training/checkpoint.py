@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,16 +12,22 @@ from ..errors import InputError
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:
     """Write ``payload`` (plus the cryoai version) to ``path`` via a temporary file and rename."""
-    path = Path(path)
+    from ..io import atomic_path
+
     payload = {**payload, "cryoai_version": __version__}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files (``.NAME.XXXX.tmp``) that a killed process left in ``folder``
+    while writing an output atomically; returns them."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

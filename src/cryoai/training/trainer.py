@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Sampler
 
 from .. import __version__
 from ..data.dataset import ParticleDataset, collate_batch, estimate_scale
@@ -23,7 +23,7 @@ from ..io.star import write_star
 from ..models.cryoai import CryoAI, build_model, estimate_amplitude_profile
 from ..models.decoders import decoder_to_volume
 from ..physics.masks import circular_mask
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import TrainConfig, save_yaml
 from .losses import squared_error, symmetric_loss_terms
 from .poses import encoder_input, predict_poses
@@ -42,18 +42,126 @@ class TrainState:
     search_done: bool = False
 
 
+class EpochBatches(Sampler):
+    """The mini-batches of one epoch: a permutation of the particles drawn from ``seed``, cut
+    into global batches of ``batch_size``, starting at batch ``start`` (to resume mid-epoch
+    without reading the skipped images). With ``world_size`` > 1 each rank takes every
+    ``world_size``-th particle of each global batch (its shard of that batch).
+
+    Parameters
+    ----------
+    n : number of particles.
+    batch_size : global batch size (all ranks together).
+    seed : seed of the permutation (None: the particles in order).
+    start : index of the first batch to yield.
+    rank, world_size : this process's rank and the number of processes.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int | None, start: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(self.n / self.batch_size) - self.start)
+
+    def __iter__(self):
+        if self.seed is None:
+            order = torch.arange(self.n)
+        else:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+        for b in range(self.start, math.ceil(self.n / self.batch_size)):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield batch[self.rank::self.world_size].tolist()
+
+
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    """A DataLoader that reads whole batches at once (``__getitems__``)."""
-    if shuffle:
-        g = torch.Generator().manual_seed(seed)
-        sampler = RandomSampler(dataset, generator=g)
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=None,
-                      sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
-                      collate_fn=collate_batch, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+                start: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A DataLoader over :class:`EpochBatches` that reads whole batches at once
+    (``__getitems__``), with ``num_workers`` background processes reading ahead."""
+    sampler = EpochBatches(len(dataset), batch_size, seed=seed if shuffle else None, start=start,
+                           rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=collate_batch,
+                      num_workers=num_workers, persistent_workers=False,
+                      prefetch_factor=4 if num_workers > 0 else None)
+
+
+class _StopOnSigint:
+    """While active, the first SIGINT (Ctrl-C) only sets ``requested`` so that the training
+    loop stops at the end of the step in flight; a second one interrupts at once. Does
+    nothing outside the main thread."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopOnSigint:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the records of ``path`` (JSON lines) logged after ``step`` (work lost by a crash
+    and about to be redone by ``--resume``)."""
+    if not path.exists():
+        return
+    from ..io import write_text_atomic
+
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the crash
+        if rec.get("step", 0) <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(k + "\n" for k in kept))
+
+
+def check_fixed_poses(table: ParticleTable, fixed_poses: ParticleTable) -> None:
+    """Raise :class:`InputError` unless ``fixed_poses`` holds poses for every particle of ``table``."""
+    if len(fixed_poses) != len(table) or not fixed_poses.has_poses:
+        raise InputError(f"{fixed_poses.source_path}: --poses must hold poses for the same "
+                         f"{len(table)} particles (it has {len(fixed_poses)}"
+                         f"{'' if fixed_poses.has_poses else ', without poses'})")
+
+
+def check_inputs(table: ParticleTable, cfg: TrainConfig, fixed_poses: ParticleTable | None = None,
+                 source: ImageSource | None = None) -> None:
+    """Everything that can be checked before a run starts, so that a bad input fails before
+    anything is written: the stacks (exist, MRC, mode, box, length), a sample of the images
+    (NaN, infinite or blank images) and the fixed poses.
+
+    Raises
+    ------
+    InputError
+        One line naming the file and the problem.
+    """
+    source = source or ImageSource(table)
+    source.validate()
+    rng = np.random.default_rng(cfg.seed)
+    n = min(len(table), max(cfg.normalize_samples, 1))
+    sample = rng.choice(len(table), size=n, replace=False)
+    sample = np.unique(np.concatenate([sample, [0, len(table) - 1]]))
+    for chunk in np.array_split(sample, max(1, len(sample) // 512)):
+        source.read(chunk)
+    if fixed_poses is not None:
+        check_fixed_poses(table, fixed_poses)
 
 
 class Trainer:
@@ -91,15 +199,13 @@ class Trainer:
         # with them held fixed (as with --poses).
         self.search_mode = not self.fixed and cfg.ab_initio == "search"
         if self.fixed:
-            if len(fixed_poses) != len(table) or not fixed_poses.has_poses:
-                raise InputError(f"{fixed_poses.source_path}: --poses must hold poses for the same "
-                                 f"{len(table)} particles (it has {len(fixed_poses)}"
-                                 f"{'' if fixed_poses.has_poses else ', without poses'})")
+            check_fixed_poses(table, fixed_poses)
             self.fixed_rot = torch.as_tensor(fixed_poses.rotations, dtype=torch.float32)
             sh = fixed_poses.shifts_a if fixed_poses.has_shifts else np.zeros((len(table), 2))
             self.fixed_shift = torch.as_tensor(sh, dtype=torch.float32)
 
         ckpt = None
+        remove_stale_temporaries(self.outdir)
         if resume:
             ckpt_path = self.outdir / "checkpoint.pt"
             ckpt = load_checkpoint(ckpt_path, map_location=device)
@@ -134,11 +240,14 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.state = TrainState(**ckpt["state"])
+            for log_name in ("train_log.jsonl", "fsc_log.jsonl"):
+                _truncate_log(self.outdir / log_name, self.state.step)
             if "pose_rotations" in ckpt:
                 self.fixed_rot = ckpt["pose_rotations"].float().cpu()
                 self.fixed_shift = ckpt["pose_shifts_a"].float().cpu()
                 self.fixed = True
         self.history: list[dict] = []
+        self.last_checkpoint_step = self.state.step
         self.writer = None
         if cfg.tensorboard:
             try:
@@ -195,12 +304,14 @@ class Trainer:
         loss = self.loss_on_batch(batch)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {self.state.step}; the last good checkpoint "
-                f"and map are kept in {self.outdir}")
+                f"the loss became {loss.item()} at step {self.state.step}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            if not torch.isfinite(norm):
+                raise TrainingDiverged(
+                    f"the gradient became {norm.item()} at step {self.state.step}")
         self.optimizer.step()
         return float(loss.detach())
 
@@ -237,6 +348,7 @@ class Trainer:
             "fixed_poses": self.fixed or self.search_mode,
             "argv": list(map(str, self.argv)),
         })
+        self.last_checkpoint_step = self.state.step
 
     def predict(self, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         loader = make_loader(self.dataset, batch_size, shuffle=False, seed=0,
@@ -273,19 +385,55 @@ class Trainer:
         epochs = cfg.decoder_epochs if self.search_mode else cfg.max_epochs
         total_steps = int(math.ceil(epochs * steps_per_epoch))
         t0 = time.perf_counter() - self.state.minutes * 60
-        last_vol = last_ckpt = time.perf_counter()
         bar = tqdm(total=total_steps, initial=self.state.step, desc="train", unit="step",
                    disable=self.quiet, dynamic_ncols=True)
+        with _StopOnSigint() as stop_flag:
+            try:
+                self._loop(total_steps, steps_per_epoch, t0, bar, on_volume, stop_flag)
+            except TrainingDiverged as exc:
+                # Raised before the optimiser step: the parameters are still the last good ones.
+                bar.close()
+                self.checkpoint()
+                self.write_volume()
+                raise TrainingDiverged(
+                    f"{exc}; the last good state (step {self.state.step}) is saved in "
+                    f"{self.outdir / 'checkpoint.pt'} and volume.mrc (lower the learning rate, then "
+                    "--resume)") from None
+        bar.close()
+        if stop_flag.requested:
+            # Interrupted (SIGINT): the step in flight was finished; save and stop.
+            self.checkpoint()
+            self.write_volume()
+            if not self.quiet:
+                tqdm.write(f"interrupted at step {self.state.step}: checkpoint and map written to "
+                           f"{self.outdir}; continue with --resume")
+            raise KeyboardInterrupt
+        self.checkpoint()
+        vol_path = self.write_volume()
+        if on_volume is not None:
+            on_volume(self)
+        if self.writer is not None:
+            self.writer.flush()
+        outputs = {"volume": str(vol_path), "checkpoint": str(self.outdir / "checkpoint.pt"),
+                   "steps": self.state.step, "minutes": self.state.minutes,
+                   "images_seen": self.state.images_seen, "version": __version__}
+        if not self.fixed or self.search_mode:
+            outputs["poses"] = str(self.write_poses())
+        return outputs
+
+    def _loop(self, total_steps: int, steps_per_epoch: int, t0: float, bar, on_volume,
+              stop_flag: _StopOnSigint) -> None:
+        cfg = self.cfg
+        last_vol = last_ckpt = time.perf_counter()
         stop = False
         running = []
         log_path = self.outdir / "train_log.jsonl"
         while not stop and self.state.step < total_steps:
+            start = self.state.step - self.state.epoch * steps_per_epoch
             loader = make_loader(self.dataset, cfg.batch_size, shuffle=True,
-                                 seed=cfg.seed + self.state.epoch, num_workers=cfg.num_workers)
-            skip = self.state.step - self.state.epoch * steps_per_epoch
-            for i, batch in enumerate(loader):
-                if i < skip:
-                    continue
+                                 seed=cfg.seed + self.state.epoch, num_workers=cfg.num_workers,
+                                 start=start)
+            for batch in loader:
                 loss = self.train_step(batch)
                 running.append(loss)
                 self.state.step += 1
@@ -313,24 +461,11 @@ class Trainer:
                     self.checkpoint()
                     last_ckpt = now
                 if (cfg.max_minutes is not None and self.state.minutes >= cfg.max_minutes) or \
-                        self.state.step >= total_steps:
+                        self.state.step >= total_steps or stop_flag.requested:
                     stop = True
                     break
             else:
                 self.state.epoch += 1
-        bar.close()
-        self.checkpoint()
-        vol_path = self.write_volume()
-        if on_volume is not None:
-            on_volume(self)
-        if self.writer is not None:
-            self.writer.flush()
-        outputs = {"volume": str(vol_path), "checkpoint": str(self.outdir / "checkpoint.pt"),
-                   "steps": self.state.step, "minutes": self.state.minutes,
-                   "images_seen": self.state.images_seen, "version": __version__}
-        if not self.fixed or self.search_mode:
-            outputs["poses"] = str(self.write_poses())
-        return outputs
 
     def run_search(self) -> None:
         """The search stage of ab initio (see :mod:`cryoai.training.abinitio`)."""
