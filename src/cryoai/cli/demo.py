@@ -33,28 +33,34 @@ def main(args) -> int:
     quiet = ["--quiet"] if args.quiet else []
     device = ["--device", args.device] if args.device else []
     noise = ["--no-noise"] if args.snr_db is None else ["--snr-db", str(args.snr_db)]
-    print(f"[1/3] simulating {args.n} particles from the embedded 70S ribosome map -> {sim}")
+    print(f"[1/4] simulating {args.n} particles from the embedded 70S ribosome map -> {sim}")
     rc = cli.main(["simulate", "--n", str(args.n), "--box", str(args.box), *noise,
                    "--shift-sigma-a", str(args.shift_sigma_a), "--seed", str(args.seed),
                    "--outdir", str(sim), *common, *quiet, *device])
     if rc:
         return rc
-    print(f"[2/3] ab initio reconstruction for up to {args.minutes:g} min -> {run}")
+    print(f"[2/4] ab initio reconstruction for up to {args.minutes:g} min -> {run}")
     rc = cli.main(["train", str(sim / "particles.star"), "--outdir", str(run),
                    "--max-minutes", str(args.minutes), "--seed", str(args.seed),
                    "--ground-truth", str(sim / "ground_truth.mrc"), *common, *quiet, *device])
     if rc:
         return rc
-    print(f"[3/3] evaluating against the ground truth -> {ev}")
+    print(f"[3/4] evaluating against the ground truth -> {ev}")
     rc = cli.main(["evaluate", "--map", str(run / "volume.mrc"), "--poses", str(run / "poses.star"),
                    "--gt-map", str(sim / "ground_truth.mrc"), "--gt-poses", str(sim / "particles.star"),
                    "--outdir", str(ev)])
+    if rc:
+        return rc
+    print(f"[4/4] writing the run report -> {run / 'report'}")
+    rc = cli.main(["report", str(run), "--gt-map", str(sim / "ground_truth.mrc"),
+                   "--gt-poses", str(sim / "particles.star")])
     if rc:
         return rc
     metrics = json.loads((ev / "metrics.json").read_text())
     print("\nresult:")
     print(f"  map:            {run / 'volume.mrc'}  (aligned: {ev / 'aligned_volume.mrc'})")
     print(f"  poses:          {run / 'poses.star'}")
+    print(f"  report:         {run / 'report' / 'report.html'} (open it in a browser)")
     print(f"  FSC plot:       {ev / 'fsc.png'}")
     print(f"  map slices:     {ev / 'map_slices.png'}")
     print(f"  rotation error: {ev / 'rotation_errors.png'} "

@@ -63,7 +63,7 @@ def main(args) -> int:
     outdir = prepare_outdir(args.outdir, marker="config.yaml", force=args.force, resume=args.resume)
     trainer = Trainer(table, cfg, outdir, device=device, fixed_poses=fixed, resume=args.resume,
                       quiet=args.quiet, argv=sys.argv)
-    on_volume = _fsc_logger(truth, trainer) if truth is not None else None
+    on_volume = _fsc_logger(truth, trainer, aligned=fixed is not None) if truth is not None else None
     outputs = trainer.run(on_volume=on_volume)
     write_json_atomic(outdir / "outputs.json", outputs)
     print(f"trained {outputs['steps']} steps ({outputs['images_seen']} images) "
@@ -97,14 +97,18 @@ def _read_ground_truth(path, box: int):
     return truth
 
 
-def _fsc_logger(truth, trainer):
-    """A callback that logs the FSC of the current map against a reference map."""
+def _fsc_logger(truth, trainer, aligned: bool):
+    """A callback that logs the FSC of the current map against a reference map. ``aligned``:
+    whether the map is in the reference's frame (poses given with --poses); ab initio maps are
+    in an arbitrary frame, so their logged FSC is only a rough guide (use cryoai evaluate with
+    the true poses for the final figure)."""
     from ..evaluation.metrics import best_flip_fsc
 
     def log(tr):
         rep = best_flip_fsc(tr.volume(), truth, tr.pixel_size_a)
         rec = {"step": tr.state.step, "minutes": tr.state.minutes,
-               "fsc_0.5_px": rep["resolution_px_0.5"], "fsc_0.143_px": rep["resolution_px_0.143"]}
+               "fsc_0.5_px": rep["resolution_px_0.5"], "fsc_0.143_px": rep["resolution_px_0.143"],
+               "aligned_to_reference": aligned}
         with open(tr.outdir / "fsc_log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if tr.writer is not None:

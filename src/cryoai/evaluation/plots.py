@@ -79,3 +79,100 @@ def plot_map_slices(volume: np.ndarray, path: str | Path, title: str = "") -> No
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def plot_training_curves(loss_steps: np.ndarray, losses: np.ndarray, path: str | Path,
+                         resolution_minutes: np.ndarray | None = None,
+                         resolution_px: np.ndarray | None = None, pixel_size_a: float | None = None) -> None:
+    """The training loss against the step and, when logged, the FSC=0.5 resolution against the
+    ground truth over the run's minutes."""
+    plt = _pyplot()
+    two = resolution_px is not None and len(resolution_px) > 0
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(9 if two else 5, 3.5), dpi=110, squeeze=False)
+    ax = axes[0, 0]
+    if len(losses):
+        ax.plot(loss_steps, losses, lw=1.5)
+        if np.all(np.asarray(losses) > 0):
+            ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    if two:
+        ax = axes[0, 1]
+        res = np.asarray(resolution_px, dtype=float)
+        ax.plot(resolution_minutes, res if pixel_size_a is None else res * pixel_size_a, "o-", lw=1.5)
+        ax.set_xlabel("minutes")
+        ax.set_ylabel("FSC=0.5 resolution (" + ("px" if pixel_size_a is None else "A") + ")")
+        ax.set_title("resolution against the reference")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_fsc_curves(curves: dict[str, np.ndarray], box_px: int, pixel_size_a: float,
+                    path: str | Path) -> None:
+    """Several FSC curves (label -> (N//2+1,) values) on one plot, with the 0.5 and 0.143 lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
+    for label, curve in curves.items():
+        freq = np.arange(len(curve)) / (box_px * pixel_size_a)
+        ax.plot(freq, curve, lw=2, label=label)
+    for t, style in ((0.5, "--"), (0.143, ":")):
+        ax.axhline(t, color="grey", ls=style, lw=1)
+    ax.set_xlabel("spatial frequency (1/A)")
+    ax.set_ylabel("FSC")
+    ax.set_ylim(-0.1, 1.05)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def viewing_directions(rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Azimuth and elevation (radians) of the projection direction ``R @ e_z`` of each pose.
+
+    For RELION angles this azimuth is rlnAngleRot and the elevation is 90 deg - rlnAngleTilt.
+    """
+    d = np.asarray(rotations)[:, :, 2]
+    azimuth = np.arctan2(d[:, 1], d[:, 0])
+    elevation = np.arcsin(np.clip(d[:, 2], -1.0, 1.0))
+    return azimuth, elevation
+
+
+def plot_viewing_directions(rotations: np.ndarray, path: str | Path,
+                            title: str = "viewing directions") -> None:
+    """A sky map (Mollweide) of the particles' viewing directions, as a 2D histogram of counts
+    per equal-area cell."""
+    plt = _pyplot()
+    az, el = viewing_directions(rotations)
+    # Equal-area cells, uniform in azimuth and in sin(elevation), about 5 particles per cell
+    # for a uniform distribution (at most 72 x 36 cells).
+    n_el = int(np.clip(np.sqrt(len(az) / 10.0), 4, 36))
+    n_az = 2 * n_el
+    az_edges = np.linspace(-np.pi, np.pi, n_az + 1)
+    el_edges = np.arcsin(np.linspace(-1, 1, n_el + 1))
+    counts, _, _ = np.histogram2d(az, el, bins=[az_edges, el_edges])
+    fig = plt.figure(figsize=(7, 3.8), dpi=110)
+    ax = fig.add_subplot(111, projection="mollweide")
+    mesh = ax.pcolormesh(az_edges, el_edges, counts.T, cmap="viridis", shading="flat")
+    ax.grid(True, alpha=0.3)
+    ax.set_xticklabels([])
+    fig.colorbar(mesh, ax=ax, orientation="horizontal", fraction=0.05, pad=0.06, label="particles per cell")
+    ax.set_title(f"{title} ({len(az)} particles)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_shift_errors(errors_a: np.ndarray, path: str | Path) -> None:
+    """Histogram of per-particle shift errors (Angstrom)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
+    ax.hist(errors_a, bins=60)
+    ax.axvline(np.median(errors_a), color="k", ls="--", label=f"median {np.median(errors_a):.2f} A")
+    ax.set_xlabel("shift error (A)")
+    ax.set_ylabel("particles")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

@@ -1,0 +1,229 @@
+"""A self-contained HTML page about a training run: curves, FSC, map, poses, errors, config.
+
+:func:`build_report` reads what ``cryoai train`` wrote in a run directory (``train_log.jsonl``,
+``fsc_log.jsonl``, ``volume.mrc``, ``volume_half1/2.mrc``, ``poses.star``, ``config.yaml``,
+``outputs.json``), optionally compares with a ground truth, writes the plots as PNG files and
+an HTML page that embeds them (base64), so the page can be mailed or archived on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import InputError
+from ..io import load_particles, read_volume, write_json_atomic, write_text_atomic
+from ..physics.fsc import fsc, resolution_px
+from ..physics.masks import spherical_mask
+from . import plots
+from .metrics import evaluate
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return out
+
+
+def _masked_half_map_fsc(run: Path, mask_frac: float) -> np.ndarray | None:
+    h1, h2 = run / "volume_half1.mrc", run / "volume_half2.mrc"
+    if not (h1.exists() and h2.exists()):
+        return None
+    a, _ = read_volume(h1)
+    b, _ = read_volume(h2)
+    if a.shape != b.shape:
+        raise InputError(f"{h2}: box {b.shape} differs from {h1} {a.shape}")
+    n = a.shape[-1]
+    mask = spherical_mask(n, mask_frac * n, soft_edge_px=3, dtype=torch.float64)
+    ta = torch.as_tensor(a, dtype=torch.float64) * mask
+    tb = torch.as_tensor(b, dtype=torch.float64) * mask
+    return fsc(ta, tb).numpy()
+
+
+def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_map: str | None = None,
+                 gt_poses: str | None = None, datadir: str | None = None) -> Path:
+    """Write ``report.html`` and its PNG files for the run in ``run_dir``.
+
+    Parameters
+    ----------
+    run_dir : a ``cryoai train`` output directory (needs ``volume.mrc``).
+    outdir : where the page and the PNGs go (default ``run_dir/report``).
+    gt_map : optional ground-truth map (.mrc): FSC against it, map aligned to it.
+    gt_poses : optional ground-truth poses (.star/.cs): rotation and shift error histograms.
+    datadir : where to look for image stacks named in the STAR files (not read, only resolved).
+
+    Returns
+    -------
+    Path of the HTML page.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise InputError(f"{run}: run directory not found")
+    vol_path = run / "volume.mrc"
+    if not vol_path.exists():
+        raise InputError(f"{run}: no volume.mrc (not a cryoai train run directory?)")
+    out = Path(outdir) if outdir is not None else run / "report"
+    volume, pixel_size_a = read_volume(vol_path)
+    box = volume.shape[-1]
+    config_text = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
+    try:
+        import yaml
+
+        config = yaml.safe_load(config_text) or {}
+    except Exception:  # noqa: BLE001 - a damaged config only loses its table, not the report
+        config = {}
+    outputs = json.loads((run / "outputs.json").read_text()) if (run / "outputs.json").exists() else {}
+    log = _read_jsonl(run / "train_log.jsonl")
+    # Only FSCs of maps in the reference's frame (known poses) mean something over time.
+    fsc_log = [r for r in _read_jsonl(run / "fsc_log.jsonl") if r.get("aligned_to_reference")]
+
+    poses_path = run / "poses.star"
+    pred = load_particles(poses_path, datadir=datadir) if poses_path.exists() else None
+    if pred is not None and not pred.has_poses:
+        pred = None
+    truth = None
+    if gt_map:
+        truth, _ = read_volume(gt_map)
+        if truth.shape != volume.shape:
+            raise InputError(f"{gt_map}: box {truth.shape} differs from {vol_path} {volume.shape}")
+    true_table = load_particles(gt_poses, datadir=datadir) if gt_poses else None
+    if true_table is not None:
+        if not true_table.has_poses:
+            raise InputError(f"{gt_poses}: no poses (rlnAngleRot/Tilt/Psi) in the file")
+        if pred is None:
+            raise InputError(f"{run}: no poses.star to compare with {gt_poses}")
+        if len(true_table) != len(pred):
+            raise InputError(f"{gt_poses}: {len(true_table)} particles, but {poses_path} has {len(pred)}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, str, str]] = []  # (title, file name, caption)
+    metrics: dict = {}
+
+    # Curves.
+    loss_recs = [r for r in log if "loss" in r and "step" in r]
+    if loss_recs or fsc_log:
+        plots.plot_training_curves(np.array([r["step"] for r in loss_recs]),
+                                   np.array([r["loss"] for r in loss_recs]), out / "curves.png",
+                                   np.array([r["minutes"] for r in fsc_log]),
+                                   np.array([r["fsc_0.5_px"] for r in fsc_log]) if fsc_log else None,
+                                   pixel_size_a)
+        figures.append(("Training curves", "curves.png",
+                        "Loss per logged step; FSC=0.5 resolution against --ground-truth over time "
+                        "when it was given to cryoai train."))
+
+    # Evaluation against the truth, then FSC curves.
+    curves: dict[str, np.ndarray] = {}
+    shown = volume
+    per_particle: dict = {}
+    if truth is not None or true_table is not None:
+        res = evaluate(volume, pixel_size_a, truth_volume=truth,
+                       pred_rotations=pred.rotations if true_table is not None else None,
+                       true_rotations=true_table.rotations if true_table is not None else None,
+                       pred_shifts_a=pred.shifts_a if true_table is not None and pred.has_shifts else None,
+                       true_shifts_a=(true_table.shifts_a if true_table is not None and true_table.has_shifts
+                                      else None))
+        metrics.update({k: v for k, v in res["metrics"].items() if k != "fsc"})
+        per_particle = res["per_particle"]
+        shown = res["aligned_volume"]
+        if "fsc" in res["metrics"]:
+            curves["map vs ground truth"] = np.asarray(res["metrics"]["fsc"])
+    mask_frac = float(config.get("mask_radius_frac") or 0.45) if isinstance(config, dict) else 0.45
+    half = _masked_half_map_fsc(run, mask_frac)
+    if half is not None:
+        curves["half map 1 vs 2 (masked)"] = half
+        metrics["half_map_fsc_0.143_px"] = resolution_px(torch.as_tensor(half), 0.143)
+        metrics["half_map_fsc_0.143_a"] = metrics["half_map_fsc_0.143_px"] * pixel_size_a
+    if curves:
+        plots.plot_fsc_curves(curves, box, pixel_size_a, out / "fsc.png")
+        figures.append(("Fourier shell correlation", "fsc.png",
+                        "Against the ground truth (after alignment) and/or between the two half maps; "
+                        "dashed 0.5, dotted 0.143."))
+
+    plots.plot_map_slices(shown, out / "map.png",
+                          title="map aligned to the ground truth" if shown is not volume else "map")
+    figures.append(("Map", "map.png", "Central slices (top) and projections (bottom) along z, y, x."))
+
+    if pred is not None:
+        plots.plot_viewing_directions(pred.rotations, out / "viewing_directions.png")
+        figures.append(("Viewing directions", "viewing_directions.png",
+                        "Sky map (Mollweide, equal-area cells) of the predicted projection directions."))
+    if "rotation_error_deg" in per_particle:
+        plots.plot_rotation_errors(per_particle["rotation_error_deg"], out / "rotation_errors.png")
+        figures.append(("Rotation errors", "rotation_errors.png",
+                        "After the global alignment of the predicted rotations to the true ones."))
+    if "shift_error_a" in per_particle:
+        plots.plot_shift_errors(per_particle["shift_error_a"], out / "shift_errors.png")
+        figures.append(("Shift errors", "shift_errors.png", "Distance between predicted and true shifts."))
+
+    for r in log:
+        if r.get("stage") == "search":
+            metrics["search_minutes"] = r.get("minutes")
+    metrics.update({k: outputs[k] for k in ("steps", "minutes", "images_seen") if k in outputs})
+    write_json_atomic(out / "report.json", metrics)
+    page = _html(run, figures, metrics, config_text, out, box, pixel_size_a)
+    path = out / "report.html"
+    write_text_atomic(path, page)
+    return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return html.escape(json.dumps(v if len(str(v)) < 120 else "[...]"))
+    return html.escape(str(v))
+
+
+def _html(run: Path, figures, metrics: dict, config_text: str, out: Path, box: int,
+          pixel_size_a: float) -> str:
+    def img(name: str) -> str:
+        data = base64.b64encode((out / name).read_bytes()).decode("ascii")
+        return f'<img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
+
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in metrics.items())
+    sections = "".join(
+        f'<section><h2>{html.escape(title)}</h2>{img(name)}<p class="cap">{html.escape(cap)} '
+        f'(<a href="{html.escape(name)}">{html.escape(name)}</a>)</p></section>'
+        for title, name, cap in figures)
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>cryoai report: {html.escape(run.name)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 980px; margin: 2em auto; color: #222; }}
+h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.15em; border-bottom: 1px solid #ccc; }}
+img {{ max-width: 100%; }} .cap {{ color: #555; font-size: 0.9em; }}
+table {{ border-collapse: collapse; }}
+th, td {{ text-align: left; padding: 2px 10px; border-bottom: 1px solid #eee; }}
+pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }}
+</style></head>
+<body>
+<h1>cryoai report: {html.escape(str(run))}</h1>
+<p>Box {box} px, pixel size {pixel_size_a:.3f} A. Written {when} by cryoai {html.escape(__version__)}.</p>
+<section><h2>Summary</h2><table id="metrics">{rows}</table></section>
+{sections}
+<section><h2>Configuration</h2>
+<pre id="config">{html.escape(config_text) or "(no config.yaml)"}</pre></section>
+<script>
+window.addEventListener("load", function () {{
+  var imgs = Array.prototype.slice.call(document.images);
+  document.body.setAttribute("data-images-ok", String(imgs.length > 0 && imgs.every(function (i) {{
+    return i.complete && i.naturalWidth > 0; }})));
+  document.body.setAttribute("data-image-count", String(imgs.length));
+}});
+</script>
+</body></html>
+"""
