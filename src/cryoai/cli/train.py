@@ -44,6 +44,7 @@ def main(args) -> int:
 
     from ..io import load_particles, write_json_atomic
     from ..training.config import TrainConfig, load_yaml
+    from ..training.distributed import init_distributed, shutdown
     from ..training.trainer import Trainer, check_inputs
 
     if args.resume:
@@ -56,22 +57,52 @@ def main(args) -> int:
         cfg = resolve_config(args)
     table = load_particles(args.particles, datadir=args.datadir)
     fixed = load_particles(args.poses, datadir=args.datadir) if args.poses else None
-    device = pick_device(args.device)
-    # Every input is checked before the output directory is touched.
-    check_inputs(table, cfg, fixed)
-    truth = _read_ground_truth(args.ground_truth, table.box_px) if args.ground_truth else None
-    outdir = prepare_outdir(args.outdir, marker="config.yaml", force=args.force, resume=args.resume)
-    trainer = Trainer(table, cfg, outdir, device=device, fixed_poses=fixed, resume=args.resume,
-                      quiet=args.quiet, argv=sys.argv)
-    on_volume = _fsc_logger(truth, trainer, aligned=fixed is not None) if truth is not None else None
-    outputs = trainer.run(on_volume=on_volume)
+    # Under torchrun: join the process group; each rank trains on its shard of every batch.
+    dist_info, device = init_distributed(pick_device(args.device))
+    try:
+        # Every input is checked before the output directory is touched.
+        check_inputs(table, cfg, fixed)
+        truth = _read_ground_truth(args.ground_truth, table.box_px) if args.ground_truth else None
+        outdir = _prepare_outdir_once(args, dist_info, device)
+        trainer = Trainer(table, cfg, outdir, device=device, fixed_poses=fixed, resume=args.resume,
+                          quiet=args.quiet, argv=sys.argv, dist_info=dist_info)
+        on_volume = _fsc_logger(truth, trainer, aligned=fixed is not None) if truth is not None else None
+        outputs = trainer.run(on_volume=on_volume)
+    finally:
+        shutdown()
+    if not dist_info.is_main:
+        return 0
+    outputs["world_size"] = dist_info.world_size
     write_json_atomic(outdir / "outputs.json", outputs)
     print(f"trained {outputs['steps']} steps ({outputs['images_seen']} images) "
-          f"in {outputs['minutes']:.1f} min")
+          f"in {outputs['minutes']:.1f} min" + (f" on {dist_info.world_size} processes"
+                                                 if dist_info.enabled else ""))
     print(f"map:   {outputs['volume']}")
     if "poses" in outputs:
         print(f"poses: {outputs['poses']}")
     return 0
+
+
+def _prepare_outdir_once(args, dist_info, device):
+    """Rank 0 checks and creates the output directory; the other ranks wait for its verdict
+    (each checking on its own would race with rank 0's first writes)."""
+    from pathlib import Path
+
+    from ..errors import CryoaiError, OutputError
+    from ..training.distributed import all_true
+
+    error = None
+    if dist_info.is_main:
+        try:
+            prepare_outdir(args.outdir, marker="config.yaml", force=args.force, resume=args.resume)
+        except CryoaiError as exc:
+            error = exc
+    ok = all_true(error is None, dist_info, device)
+    if error is not None:
+        raise error
+    if not ok:
+        raise OutputError(f"{args.outdir}: rank 0 could not prepare the output directory")
+    return Path(args.outdir)
 
 
 def _override(base, args):

@@ -25,6 +25,7 @@ from ..models.decoders import decoder_to_volume
 from ..physics.masks import circular_mask
 from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import TrainConfig, save_yaml
+from .distributed import DistInfo, all_true, any_true, broadcast_, weighted_mean
 from .losses import squared_error, symmetric_loss_terms
 from .poses import encoder_input, predict_poses
 
@@ -84,6 +85,19 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_worke
     return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=collate_batch,
                       num_workers=num_workers, persistent_workers=False,
                       prefetch_factor=4 if num_workers > 0 else None)
+
+
+class _LossModule(torch.nn.Module):
+    """The training loss as a module, so that DistributedDataParallel can wrap it: its forward
+    is :meth:`Trainer.loss_on_batch` and its parameters are the model's."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.model = trainer.model
+        self._loss = trainer.loss_on_batch
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self._loss(batch)
 
 
 class _StopOnSigint:
@@ -179,7 +193,11 @@ class Trainer:
 
     def __init__(self, table: ParticleTable, cfg: TrainConfig, outdir: str | Path, *,
                  device: torch.device, fixed_poses: ParticleTable | None = None,
-                 resume: bool = False, quiet: bool = False, argv: list[str] | None = None):
+                 resume: bool = False, quiet: bool = False, argv: list[str] | None = None,
+                 dist_info: DistInfo | None = None):
+        self.dist = dist_info or DistInfo()
+        self.is_main = self.dist.is_main
+        quiet = quiet or not self.is_main
         self.table = table
         self.cfg = cfg
         self.outdir = Path(outdir)
@@ -205,7 +223,8 @@ class Trainer:
             self.fixed_shift = torch.as_tensor(sh, dtype=torch.float32)
 
         ckpt = None
-        remove_stale_temporaries(self.outdir)
+        if self.is_main:
+            remove_stale_temporaries(self.outdir)
         if resume:
             ckpt_path = self.outdir / "checkpoint.pt"
             ckpt = load_checkpoint(ckpt_path, map_location=device)
@@ -240,16 +259,30 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.state = TrainState(**ckpt["state"])
-            for log_name in ("train_log.jsonl", "fsc_log.jsonl"):
-                _truncate_log(self.outdir / log_name, self.state.step)
+            if self.is_main:
+                for log_name in ("train_log.jsonl", "fsc_log.jsonl"):
+                    _truncate_log(self.outdir / log_name, self.state.step)
             if "pose_rotations" in ckpt:
                 self.fixed_rot = ckpt["pose_rotations"].float().cpu()
                 self.fixed_shift = ckpt["pose_shifts_a"].float().cpu()
                 self.fixed = True
         self.history: list[dict] = []
         self.last_checkpoint_step = self.state.step
+        self.last_grad_norm = float("nan")
+        self.ddp = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if device.type == "cuda":
+                # Batch statistics over the global batch (SyncBatchNorm needs CUDA; on CPU each
+                # rank normalises over its own shard, as plain DDP does).
+                torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            unused = self.model.encoder is not None and not cfg.learn_shifts  # the shift head
+            self.ddp = DistributedDataParallel(
+                _LossModule(self), device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=unused)
         self.writer = None
-        if cfg.tensorboard:
+        if cfg.tensorboard and self.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -299,19 +332,38 @@ class Trainer:
         return terms.min(dim=-1).values.mean() / norm
 
     def train_step(self, batch: dict) -> float:
+        """One optimiser step on ``batch`` (this rank's shard of the global batch); returns the
+        batch's mean loss (this rank's). Raises :class:`TrainingDiverged` (on every rank) before
+        touching the parameters if the loss or the gradient is not finite."""
         self.model.train()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        loss = self.loss_on_batch(batch)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {self.state.step}")
+        local_b = len(batch["index"])
+        self.last_global_batch = local_b
+        if self.ddp is None:
+            loss = self.loss_on_batch(batch)
+            scaled = loss
+        else:
+            loss = self.ddp(batch)
+            # DDP averages the ranks' gradients; weighting each rank's mean by its share of the
+            # global batch makes that average the gradient of the global batch mean.
+            sums = torch.tensor([float(local_b), float(torch.isfinite(loss.detach()))],
+                                dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(sums)
+            global_b = float(sums[0])
+            self.last_global_batch = int(global_b)
+            scaled = loss * (local_b * self.dist.world_size / global_b)
+        if not all_true(bool(torch.isfinite(loss.detach())), self.dist, self.device):
+            raise TrainingDiverged(f"the loss became {loss.item()} at step {self.state.step}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            if not torch.isfinite(norm):
-                raise TrainingDiverged(
-                    f"the gradient became {norm.item()} at step {self.state.step}")
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        self.last_grad_norm = float(norm)
+        if not math.isfinite(self.last_grad_norm):
+            raise TrainingDiverged(f"the gradient became {self.last_grad_norm} at step {self.state.step}")
         self.optimizer.step()
         return float(loss.detach())
 
@@ -322,6 +374,8 @@ class Trainer:
 
     def write_volume(self) -> Path:
         path = self.outdir / "volume.mrc"
+        if not self.is_main:
+            return path
         vol = self.volume()
         write_volume(path, vol, self.pixel_size_a)
         if self.writer is not None:
@@ -331,6 +385,8 @@ class Trainer:
         return path
 
     def checkpoint(self) -> None:
+        if not self.is_main:
+            return
         extra = {}
         if self.search_mode and self.state.search_done:
             extra = {"pose_rotations": self.fixed_rot, "pose_shifts_a": self.fixed_shift}
@@ -357,6 +413,9 @@ class Trainer:
                              use_symmetric=self.cfg.loss == "symmetric", learn_shifts=self.cfg.learn_shifts)
 
     def write_poses(self) -> Path:
+        path = self.outdir / "poses.star"
+        if not self.is_main:
+            return path
         if self.search_mode:
             rot, shifts = self.fixed_rot.double().numpy(), self.fixed_shift.double().numpy()
         else:
@@ -374,13 +433,15 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        save_yaml(cfg, self.outdir / "config.yaml")
+        if self.is_main:
+            save_yaml(cfg, self.outdir / "config.yaml")
         n = len(self.dataset)
         if self.search_mode and not self.state.search_done:
             self.run_search()
             self.checkpoint()
         elif self.fixed and cfg.decoder == "voxel" and self.state.step == 0 and cfg.wiener_init:
             self.init_decoder_from_backprojection()
+        self._sync_from_rank0()
         steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
         epochs = cfg.decoder_epochs if self.search_mode else cfg.max_epochs
         total_steps = int(math.ceil(epochs * steps_per_epoch))
@@ -410,7 +471,7 @@ class Trainer:
             raise KeyboardInterrupt
         self.checkpoint()
         vol_path = self.write_volume()
-        if on_volume is not None:
+        if on_volume is not None and self.is_main:
             on_volume(self)
         if self.writer is not None:
             self.writer.flush()
@@ -432,27 +493,31 @@ class Trainer:
             start = self.state.step - self.state.epoch * steps_per_epoch
             loader = make_loader(self.dataset, cfg.batch_size, shuffle=True,
                                  seed=cfg.seed + self.state.epoch, num_workers=cfg.num_workers,
-                                 start=start)
+                                 start=start, rank=self.dist.rank, world_size=self.dist.world_size)
             for batch in loader:
                 loss = self.train_step(batch)
-                running.append(loss)
+                running.append((loss, len(batch["index"])))
                 self.state.step += 1
-                self.state.images_seen += len(batch["index"])
+                self.state.images_seen += self.last_global_batch
                 self.state.minutes = (time.perf_counter() - t0) / 60
                 bar.update(1)
                 if self.state.step % cfg.log_every == 0:
-                    mean_loss = float(np.mean(running))
+                    weight = float(sum(b for _, b in running))
+                    mean_loss = float(sum(v * b for v, b in running)) / max(weight, 1.0)
+                    mean_loss = weighted_mean(mean_loss, weight, self.dist, self.device)
                     running = []
                     rec = {"step": self.state.step, "epoch": self.state.epoch, "loss": mean_loss,
-                           "minutes": self.state.minutes, "images": self.state.images_seen}
+                           "grad_norm": self.last_grad_norm, "minutes": self.state.minutes,
+                           "images": self.state.images_seen}
                     self.history.append(rec)
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    if self.is_main:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
                     bar.set_postfix(loss=f"{mean_loss:.4g}")
                     if self.writer is not None:
                         self.writer.add_scalar("loss/train", mean_loss, self.state.step)
                 now = time.perf_counter()
-                if now - last_vol > cfg.volume_every_minutes * 60:
+                if now - last_vol > cfg.volume_every_minutes * 60 and self.is_main:
                     self.write_volume()
                     if on_volume is not None:
                         on_volume(self)
@@ -460,12 +525,26 @@ class Trainer:
                 if now - last_ckpt > cfg.checkpoint_every_minutes * 60:
                     self.checkpoint()
                     last_ckpt = now
-                if (cfg.max_minutes is not None and self.state.minutes >= cfg.max_minutes) or \
-                        self.state.step >= total_steps or stop_flag.requested:
+                want_stop = (cfg.max_minutes is not None and self.state.minutes >= cfg.max_minutes) or \
+                    stop_flag.requested
+                # Every rank must stop at the same step.
+                want_stop = any_true(want_stop, self.dist, self.device)
+                if want_stop or self.state.step >= total_steps:
                     stop = True
                     break
             else:
                 self.state.epoch += 1
+
+    @torch.no_grad()
+    def _sync_from_rank0(self) -> None:
+        """Make every rank hold rank 0's parameters and prior (after an initialisation that each
+        rank computed on its own)."""
+        if not self.dist.enabled:
+            return
+        for p in self.model.parameters():
+            broadcast_(p.data, self.dist)
+        if self.prior_lam is not None:
+            broadcast_(self.prior_lam, self.dist)
 
     def run_search(self) -> None:
         """The search stage of ab initio (see :mod:`cryoai.training.abinitio`)."""
@@ -481,11 +560,15 @@ class Trainer:
         self.fixed = True
         self.state.search_done = True
         self.state.minutes += (time.perf_counter() - t0) / 60
+        if self.dist.enabled:
+            broadcast_(self.fixed_rot, self.dist)
+            broadcast_(self.fixed_shift, self.dist)
         if self.cfg.decoder == "voxel" and self.cfg.wiener_init:
             self.init_decoder_from_backprojection()
-        with open(self.outdir / "train_log.jsonl", "a") as f:
-            f.write(json.dumps({"stage": "search", "minutes": self.state.minutes,
-                                "search_seconds": res["seconds"]}) + "\n")
+        if self.is_main:
+            with open(self.outdir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"stage": "search", "minutes": self.state.minutes,
+                                    "search_seconds": res["seconds"]}) + "\n")
 
     @torch.no_grad()
     def init_decoder_from_backprojection(self) -> None:
@@ -501,11 +584,13 @@ class Trainer:
         dec.grid.data.copy_(torch.stack([rec["fvol"].real, rec["fvol"].imag]) / dec.scale)
         self.prior_lam = rec["lam"].float()
         n = self.box
+        res = resolution_px(rec["fsc_halves"], 0.143)
+        self.half_map_resolution_px = res
+        if not self.is_main:
+            return
         for k in ("half1", "half2"):
             write_volume(self.outdir / f"volume_{k}.mrc", (rec[k] * n).cpu().numpy().astype(np.float32),
                          self.pixel_size_a)
-        res = resolution_px(rec["fsc_halves"], 0.143)
-        self.half_map_resolution_px = res
         with open(self.outdir / "train_log.jsonl", "a") as f:
             f.write(json.dumps({"stage": "reconstruction", "half_map_fsc_0.143_px": res,
                                 "half_map_fsc_0.143_a": res * self.pixel_size_a}) + "\n")

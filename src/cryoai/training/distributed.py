@@ -1,0 +1,119 @@
+"""Data-parallel training over several processes with torch.distributed.
+
+``cryoai train`` started by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
+and the rendezvous address) runs one process per rank: gloo on CPU, NCCL on CUDA (each rank
+on GPU ``LOCAL_RANK``). Every rank builds the same model from the same seed, reads its own
+shard of each global mini-batch (see :class:`cryoai.training.trainer.EpochBatches`), and
+DistributedDataParallel averages the gradients; rank 0 alone writes outputs and checkpoints.
+Decisions that must be the same on every rank (stop for time or SIGINT, a diverged loss) are
+all-reduced.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """Whether the environment of a torchrun (or SLURM + torchrun) worker is present."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init_distributed(device: torch.device | None = None) -> tuple[DistInfo, torch.device | None]:
+    """Join the process group that torchrun set up (no-op for a single process).
+
+    Parameters
+    ----------
+    device : the requested device; for CUDA each rank takes GPU ``LOCAL_RANK``.
+
+    Returns
+    -------
+    (DistInfo, device for this rank).
+    """
+    if not launched_by_torchrun():
+        return DistInfo(), device
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is not None and device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world, local), device
+
+
+def shutdown() -> None:
+    """Leave the process group (if joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+def any_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """Whether ``flag`` holds on at least one rank."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0.5)
+
+
+def weighted_mean(value: float, weight: float, info: DistInfo, device: torch.device) -> float:
+    """The mean of ``value`` over all ranks, weighted by ``weight`` (e.g. the batch shard size)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value * weight, weight], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else value
+
+
+def broadcast_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with rank 0's (returns it). CPU tensors go through the
+    GPU when the backend is NCCL."""
+    if not info.enabled:
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        tmp = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.broadcast(tmp, src=0)
+        tensor.copy_(tmp.to(tensor.device))
+    else:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
