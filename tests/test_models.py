@@ -140,6 +140,39 @@ def test_pose_encoder_outputs(n_heads):
         assert not torch.allclose(rot[:, 0], rot[:, 1], atol=1e-4)
 
 
+def test_pose_encoder_bf16_and_cropped_input():
+    """bf16 autocast gives proper rotations close to the fp32 ones of the same weights; a
+    Fourier-cropped input keeps the output shapes and sees the cropped image."""
+    torch.manual_seed(1)
+    enc = PoseEncoder(N, width=0.125).eval()
+    enc16 = PoseEncoder(N, width=0.125, bf16=True).eval()
+    enc16.load_state_dict(enc.state_dict())
+    images = torch.randn(6, N, N)
+    with torch.no_grad():
+        r32, _ = enc(images)
+        r16, _ = enc16(images)
+    assert r16.dtype == torch.float32
+    eye = torch.eye(3).expand_as(r16)
+    torch.testing.assert_close(r16.transpose(-1, -2) @ r16, eye, rtol=0, atol=1e-5)
+    trace = (r16.transpose(-1, -2) @ r32).diagonal(dim1=-2, dim2=-1).sum(-1)
+    angle = torch.rad2deg(torch.arccos(((trace - 1) / 2).clamp(-1, 1)))
+    assert float(angle.max()) < 5.0, angle
+    small = PoseEncoder(N, width=0.125, input_px=N // 2)
+    assert small.input_px == N // 2
+    with torch.no_grad():
+        rot, shifts = small(images)
+    assert rot.shape == (6, 1, 3, 3) and shifts.shape == (6, 1, 2)
+    # Only the cropped band reaches the CNN: removing frequencies beyond it changes nothing.
+    c = torch.arange(N)
+    checkerboard = (-1.0) ** (c[:, None] + c[None, :])  # Nyquist: outside the cropped band
+    with torch.no_grad():
+        feats = small.embed(images)
+        torch.testing.assert_close(small.embed(images + 5 * checkerboard), feats, rtol=0,
+                                   atol=1e-4 * float(feats.abs().max()))
+        full = enc.embed(images)
+        assert (enc.embed(images + 5 * checkerboard) - full).abs().max() > 0.1 * full.abs().max()
+
+
 def test_gaussian_filter_bank_standardised():
     torch.manual_seed(0)
     bank = GaussianFilterBank()

@@ -35,7 +35,7 @@ def load_model(checkpoint_path, device):
     ckpt = load_checkpoint(checkpoint_path, map_location=device)
     cfg = TrainConfig.from_dict(ckpt["config"], source=str(checkpoint_path))
     model = build_model(cfg, int(ckpt["box_px"]), float(ckpt["pixel_size_a"]),
-                        with_encoder=not ckpt.get("fixed_poses", False))
+                        with_encoder=not ckpt.get("fixed_poses", False), device=device)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg, ckpt
 

@@ -84,12 +84,36 @@ class CryoAI(nn.Module):
         return values
 
 
+def use_bf16(precision: str, device: torch.device | str | None) -> bool:
+    """Whether ``precision`` ("fp32", "bf16" or "auto") means bfloat16 autocast on ``device``.
+
+    "auto" is bf16 where the hardware computes it natively: CUDA devices that support it, and
+    CPUs whose oneDNN has bf16 kernels (AVX512-BF16 or AMX); elsewhere bf16 would be emulated
+    and slower than fp32.
+    """
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def build_model(cfg, box_px: int, pixel_size_a: float, *, with_encoder: bool = True,
                 init_volume: torch.Tensor | None = None,
-                amplitude_profile: torch.Tensor | None = None) -> CryoAI:
+                amplitude_profile: torch.Tensor | None = None,
+                device: torch.device | str | None = None) -> CryoAI:
     """A CryoAI model from a :class:`cryoai.training.config.TrainConfig`.
 
     ``amplitude_profile`` (N//2 + 1,) preconditions the voxel decoder (see VoxelDecoder).
+    ``device`` decides what ``cfg.precision == "auto"`` means (see :func:`use_bf16`).
     """
     if cfg.decoder == "fouriernet":
         decoder: nn.Module = FourierNet(box_px, width=cfg.fouriernet_width)
@@ -99,7 +123,8 @@ def build_model(cfg, box_px: int, pixel_size_a: float, *, with_encoder: bool = T
     if with_encoder:
         max_shift = cfg.max_shift_a if cfg.max_shift_a is not None else 0.15 * box_px * pixel_size_a
         encoder = PoseEncoder(box_px, width=cfg.encoder_width, n_heads=cfg.encoder_heads,
-                              max_shift_a=max_shift)
+                              max_shift_a=max_shift, input_px=cfg.encoder_input_px or None,
+                              bf16=use_bf16(cfg.precision, device))
     return CryoAI(box_px, pixel_size_a, decoder, encoder)
 
 

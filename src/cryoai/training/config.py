@@ -25,6 +25,7 @@ class TrainConfig:
     fouriernet_width: int = 256
     encoder_width: float = 0.25  # multiplier of the VGG channel widths (1.0 = the paper)
     encoder_heads: int = 1  # rotation hypotheses per image (winner takes all)
+    encoder_input_px: int = 0  # Fourier-crop images to this size for the encoder (0: full box)
     max_shift_a: float | None = None  # bound of predicted shifts; None: 0.15 * box * pixel size
     learn_shifts: bool = True
     # --- ab initio strategy
@@ -60,6 +61,8 @@ class TrainConfig:
     max_minutes: float | None = None
     seed: int = 0
     num_workers: int = 0
+    precision: str = "auto"  # encoder arithmetic: "fp32", "bf16" (autocast), or "auto" = bf16 where
+    #                          the hardware has native bf16 (CUDA; CPUs with AVX512-BF16/AMX)
     # --- outputs
     log_every: int = 20  # steps between scalar logs
     volume_every_minutes: float = 2.0  # write volume.mrc this often
@@ -71,6 +74,11 @@ class TrainConfig:
             raise InputError(f"decoder must be 'voxel' or 'fouriernet' (got {self.decoder!r})")
         if self.loss not in ("symmetric", "l2"):
             raise InputError(f"loss must be 'symmetric' or 'l2' (got {self.loss!r})")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise InputError(f"precision must be 'auto', 'fp32' or 'bf16' (got {self.precision!r})")
+        if self.encoder_input_px < 0 or self.encoder_input_px % 2:
+            raise InputError(f"encoder_input_px must be 0 (full box) or a positive even size "
+                             f"(got {self.encoder_input_px})")
         if self.batch_size < 1:
             raise InputError(f"batch_size must be positive (got {self.batch_size})")
         if not 0 < self.max_radius_frac <= 1:

@@ -240,7 +240,7 @@ class Trainer:
             profile = estimate_amplitude_profile(probe, self.dataset.__getitems__(np.arange(n_probe)))
         self.model: CryoAI = build_model(cfg, self.box, self.pixel_size_a,
                                          with_encoder=not (self.fixed or self.search_mode),
-                                         amplitude_profile=profile).to(device)
+                                         amplitude_profile=profile, device=device).to(device)
         self.mask = None
         if cfg.mask_radius_frac > 0:
             self.mask = circular_mask(self.box, cfg.mask_radius_frac * self.box, soft_edge_px=3,
