@@ -4,14 +4,20 @@ Builds the real :class:`cryoai.training.trainer.Trainer` on a tiny throw-away st
 particle table), then times ``Trainer.train_step`` on synthetic batches that are already on the
 device (random images, realistic CTF parameters), so that no file or loader time is counted:
 
-  (a) voxel decoder + encoder (encoder width 0.25, the default model)
+  (a) voxel decoder + encoder (encoder width 0.25, the default model; precision "auto": bf16
+      autocast in the encoder where the hardware has native bf16, else fp32)
+  (f) as (a) with the encoder in fp32
+  (g) as (a) with the encoder reading images Fourier-cropped to half the box
   (b) FourierNet (width 256) + encoder (width 0.25)
   (c) the paper preset: FourierNet 256 + encoder width 1.0
   (d) voxel decoder with fixed poses (no encoder)
   (e) pose prediction: encoder forward + ``choose_poses`` (heads and 180-degree flip resolved
-      by the loss), no gradients, on the model of (a)
+      by the loss), no gradients, on the model of (a); (h) the same on the model of (g)
 
-Each case runs ``--warmup`` untimed steps, then ``--steps`` timed steps.
+Each case runs ``--warmup`` untimed steps, then ``--steps`` timed steps. The floating-point
+operations of one step are counted by ``torch.utils.flop_counter`` (matrix products and
+convolutions, which dominate) and the achieved rate is compared with the machine's measured
+matrix-multiply rate (fp32, and bf16 for the bf16 cases), the practical peak.
 
 Example:
   python bench/bench_throughput.py --box 64 --batch-size 32 --steps 20 --device cuda
@@ -40,6 +46,8 @@ from cryoai.training.trainer import Trainer
 
 CASES = {
     "a": ("voxel + encoder 0.25", dict(decoder="voxel", encoder_width=0.25), False),
+    "f": ("voxel + encoder 0.25, fp32", dict(decoder="voxel", encoder_width=0.25, precision="fp32"), False),
+    "g": ("voxel + encoder 0.25, input 1/2", dict(decoder="voxel", encoder_width=0.25), False),
     "b": ("FourierNet 256 + encoder 0.25",
           dict(decoder="fouriernet", fouriernet_width=256, encoder_width=0.25), False),
     "c": ("paper (FourierNet 256 + encoder 1.0)", dict(PRESETS["paper"]), False),
@@ -115,6 +123,23 @@ def build_trainer(values: dict, fixed: bool, table: ParticleTable, workdir: Path
                    quiet=True)
 
 
+def count_flops(fn) -> int:
+    """Floating-point operations of one call of ``fn`` (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """Measured FLOP/s of an n x n matrix product in ``dtype``."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sec = timed(lambda: a @ b, device, 2, reps)
+    return 2 * n**3 / sec
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,8 +153,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help=f"torch CPU threads (default: all cores, {os.cpu_count()})")
     p.add_argument("--pixel-size", type=float, default=3.0, help="Angstrom per pixel (default 3)")
-    p.add_argument("--cases", default="abcde",
-                   help="which cases to run, letters a-e (default abcde)")
+    p.add_argument("--cases", default="afgbcdeh",
+                   help="which cases to run, letters a-h (default afgbcdeh)")
     args = p.parse_args()
 
     torch.set_num_threads(max(1, args.threads))
@@ -145,39 +170,54 @@ def main() -> None:
         n_table = max(args.batch_size, 64)
         table = make_table(workdir, args.box, n_table, args.pixel_size, gen)
         batch = make_batch(args.batch_size, args.box, args.pixel_size, gen, device)
-        trainer_a = None
+        peak = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+        print(f"matrix-multiply peak (2048^3): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
+              f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+        trainers = {}
         for key, (label, values, fixed) in CASES.items():
-            if key not in args.cases and not (key == "a" and "e" in args.cases):
+            needed = (key in args.cases or (key == "a" and "e" in args.cases)
+                      or (key == "g" and "h" in args.cases))
+            if not needed:
                 continue
+            if key == "g":
+                values = {**values, "encoder_input_px": args.box // 2}
             tr = build_trainer(values, fixed, table, workdir, device, args.batch_size)
-            if key == "a":
-                trainer_a = tr
+            trainers[key] = tr
             if key not in args.cases:
                 continue
             sec = timed(lambda tr=tr: tr.train_step(batch), device, args.warmup, args.steps)
+            flops = count_flops(lambda tr=tr: tr.train_step(batch))
+            bf16 = tr.model.encoder is not None and tr.model.encoder.bf16
             rows.append((f"({key}) {label}", "train step", args.batch_size, sec,
-                         count_parameters(tr.model)))
+                         count_parameters(tr.model), flops, "bf16" if bf16 else "fp32"))
             print(f"  done ({key})", flush=True)
-        if "e" in args.cases:
-            tr = trainer_a
+        for key, src in (("e", "a"), ("h", "g")):
+            if key not in args.cases:
+                continue
+            tr = trainers[src]
             model = tr.model.eval()
             pbatch = make_batch(args.predict_batch_size, args.box, args.pixel_size, gen, device)
             mask = tr.mask if tr.mask is not None else circular_mask(
                 args.box, 0.45 * args.box, soft_edge_px=3, device=device)
 
-            def predict():
+            def predict(model=model, mask=mask, pbatch=pbatch):
                 with torch.no_grad():
                     choose_poses(model, pbatch, mask)
 
             sec = timed(predict, device, args.warmup, args.steps)
-            rows.append(("(e) pose prediction (encoder 0.25)", "choose_poses",
-                         args.predict_batch_size, sec, count_parameters(model.encoder)))
+            flops = count_flops(predict)
+            label = "encoder 0.25" + (", input 1/2" if key == "h" else "")
+            rows.append((f"({key}) pose prediction ({label})", "choose_poses", args.predict_batch_size, sec,
+                         count_parameters(model.encoder), flops, "bf16" if model.encoder.bf16 else "fp32"))
 
     print()
-    print(f"{'case':<40} {'kind':<13} {'batch':>5} {'ms/step':>9} {'images/s':>10} {'params':>11}")
-    print("-" * 93)
-    for label, kind, b, sec, n_params in rows:
-        print(f"{label:<40} {kind:<13} {b:>5} {sec * 1e3:>9.1f} {b / sec:>10.1f} {n_params:>11,}")
+    print(f"{'case':<42} {'kind':<12} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'params':>10} "
+          f"{'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>7}")
+    print("-" * 120)
+    for label, kind, b, sec, n_params, flops, prec in rows:
+        rate = flops / sec
+        print(f"{label:<42} {kind:<12} {b:>5} {sec * 1e3:>9.1f} {b / sec:>9.1f} {n_params:>10,} "
+              f"{flops / 1e9:>10.2f} {rate / 1e9:>8.1f} {100 * rate / peak[prec]:>6.0f}% ({prec})")
 
 
 if __name__ == "__main__":
