@@ -45,7 +45,9 @@ class TrainConfig:
     refine_candidates: int = 48  # local rotations tried per image and round
     refine_radius_frac: float = 0.7  # final refinement band, fraction of Nyquist
     decoder_epochs: float = 2.0  # epochs of decoder training after the search
-    wiener_init: bool = True  # voxel decoder with known/searched poses: start from the regularised
+    wiener_fit_steps: int = 1500  # FourierNet: regression steps (8192 points each) onto that
+    #                               reconstruction before training on images
+    wiener_init: bool = True  # decoder with known/searched poses: start from the regularised
     #                           (half-map FSC) reconstruction and keep its prior in the loss
     # --- loss
     loss: str = "symmetric"  # "symmetric" or "l2"

@@ -439,7 +439,7 @@ class Trainer:
         if self.search_mode and not self.state.search_done:
             self.run_search()
             self.checkpoint()
-        elif self.fixed and cfg.decoder == "voxel" and self.state.step == 0 and cfg.wiener_init:
+        elif self.fixed and self.state.step == 0 and cfg.wiener_init:
             self.init_decoder_from_backprojection()
         self._sync_from_rank0()
         steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
@@ -563,7 +563,7 @@ class Trainer:
         if self.dist.enabled:
             broadcast_(self.fixed_rot, self.dist)
             broadcast_(self.fixed_shift, self.dist)
-        if self.cfg.decoder == "voxel" and self.cfg.wiener_init:
+        if self.cfg.wiener_init:
             self.init_decoder_from_backprojection()
         if self.is_main:
             with open(self.outdir / "train_log.jsonl", "a") as f:
@@ -572,17 +572,31 @@ class Trainer:
 
     @torch.no_grad()
     def init_decoder_from_backprojection(self) -> None:
-        """Set the voxel decoder to the half-set FSC-regularised (Wiener/MAP) reconstruction at
-        the fixed poses, keep its regulariser as the decoder's prior, and write the half maps."""
+        """Start the decoder from the half-set FSC-regularised (Wiener/MAP) reconstruction at the
+        fixed poses and write the half maps. The voxel decoder is set to it and keeps its
+        regulariser as a prior in the loss; FourierNet is fitted to it by regression
+        (:func:`fit_decoder_to_fourier_volume`)."""
         from ..physics.fsc import resolution_px
         from .reconstruct import wiener_reconstruction
 
+        t_start = time.perf_counter()
         mask_r = self.cfg.mask_radius_frac * self.box if self.cfg.mask_radius_frac > 0 else 0.45 * self.box
         rec = wiener_reconstruction(self.model, self.dataset, self.fixed_rot, self.fixed_shift, self.device,
                                     mask_radius_px=mask_r, seed=self.cfg.seed)
         dec = self.model.decoder
-        dec.grid.data.copy_(torch.stack([rec["fvol"].real, rec["fvol"].imag]) / dec.scale)
-        self.prior_lam = rec["lam"].float()
+        fit_error = None
+        if self.cfg.decoder == "voxel":
+            dec.grid.data.copy_(torch.stack([rec["fvol"].real, rec["fvol"].imag]) / dec.scale)
+            self.prior_lam = rec["lam"].float()
+        else:
+            from tqdm.auto import tqdm
+
+            from .reconstruct import fit_decoder_to_fourier_volume
+
+            log = None if self.quiet else tqdm.write
+            fit_error = fit_decoder_to_fourier_volume(dec, rec["fvol"], steps=self.cfg.wiener_fit_steps,
+                                                      seed=self.cfg.seed, log=log)
+        self.state.minutes += (time.perf_counter() - t_start) / 60
         n = self.box
         res = resolution_px(rec["fsc_halves"], 0.143)
         self.half_map_resolution_px = res
@@ -593,4 +607,5 @@ class Trainer:
                          self.pixel_size_a)
         with open(self.outdir / "train_log.jsonl", "a") as f:
             f.write(json.dumps({"stage": "reconstruction", "half_map_fsc_0.143_px": res,
-                                "half_map_fsc_0.143_a": res * self.pixel_size_a}) + "\n")
+                                "half_map_fsc_0.143_a": res * self.pixel_size_a,
+                                "decoder_fit_relative_error": fit_error}) + "\n")
