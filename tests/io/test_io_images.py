@@ -77,7 +77,7 @@ def test_nan_in_read_images(tmp_path, write_mrcs, two_stacks, expect_input_error
     path = write_mrcs(tmp_path / "a.mrcs", bad)
     src = ImageSource(read_star(star))
     src.read([0, 1])
-    with expect_input_error(path, "NaN or infinite", "index 2"):
+    with expect_input_error(path, "NaN or infinite", "image 3,"):
         src.read([4])
     assert ImageSource(read_star(star), check_finite=False).read([4]).shape == (1, 8, 8)
 

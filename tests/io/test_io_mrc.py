@@ -154,7 +154,7 @@ def test_nan_pixels(tmp_path, write_mrcs, expect_input_error):
     data[1, 2, 3] = np.nan
     path = write_mrcs(tmp_path / "nan.mrcs", data)
     read_stack_images(path, [0, 2])  # only the images read are checked
-    with expect_input_error(path, "NaN", "index 1"):
+    with expect_input_error(path, "NaN", "image 2,"):
         read_stack_images(path, [0, 1])
     with expect_input_error(path, "NaN"):
         check_finite(np.full((1, 2, 2), np.inf, np.float32), path)

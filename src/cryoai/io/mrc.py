@@ -158,7 +158,8 @@ def check_finite(images: np.ndarray, path: str | os.PathLike, indices=None) -> N
         bad = ~np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
         first = int(np.argmax(bad))
         pos = int(indices[first]) if indices is not None else first
-        where = f" ({int(bad.sum())} image(s), first at index {pos}, 0-based)"
+        where = (f" (image {pos + 1}, 1-based as in rlnImageName; {int(bad.sum())} such image(s) "
+                 "in this read)")
     raise InputError(f"{path}: image data contain NaN or infinite values{where}")
 
 

@@ -39,6 +39,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a cryoai checkpoint"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "zip archive" in first or "central directory" in first or "EOF" in first:
+            first = "truncated or corrupted file"
+        elif "Weights only load failed" in first or "weights_only" in first:
+            first = "it holds Python objects other than tensors, which cryoai refuses to unpickle"
         raise InputError(f"{path}: not a loadable cryoai checkpoint ({first[:200]})") from None
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise InputError(f"{path}: not a cryoai checkpoint (no model/config inside)")
