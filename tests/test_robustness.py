@@ -158,3 +158,41 @@ def test_same_seed_same_result_encoder_mode(sim, tmp_path):
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_background_loading_gives_the_same_run(sim, tmp_path):
+    """DataLoader workers read ahead in other processes; the batches, hence the result, are
+    those of reading in the training process."""
+    ckpts = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}"
+        assert main([*_train_args(sim, out, epochs=2), "--num-workers", workers,
+                     "--checkpoint-every-minutes", "100"]) == 0
+        ckpts[workers] = load_checkpoint(out / "checkpoint.pt")["model"]
+    for k, v in ckpts["0"].items():
+        torch.testing.assert_close(ckpts["2"][k], v, rtol=0, atol=0)
+
+
+def test_bad_image_found_by_a_loader_worker_is_one_line(sim, tmp_path, capsys):
+    """A NaN image met in a DataLoader worker (not in the start-up sample) still gives a
+    one-line message naming the stack and the image."""
+    import shutil
+
+    import mrcfile
+
+    copy = tmp_path / "sim"
+    shutil.copytree(sim, copy)
+    with mrcfile.open(copy / "particles_000.mrcs", mode="r+") as m:
+        m.data[77, 5, 5] = np.nan
+    out = tmp_path / "run"
+    capsys.readouterr()
+    # FourierNet without the reconstruction start: nothing reads every image before training.
+    rc = main([*_train_args(copy, out, epochs=1), "--num-workers", "1", "--normalize-samples", "8",
+               "--decoder", "fouriernet", "--fouriernet-width", "16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert "particles_000.mrcs" in err[0] and "image 78," in err[0], err[0]
+    # Met during training, not by the start-up checks: the work so far is kept.
+    assert "the state at step" in err[0]
+    assert (out / "checkpoint.pt").exists() and (out / "volume.mrc").exists()

@@ -460,6 +460,15 @@ class Trainer:
                     f"{exc}; the last good state (step {self.state.step}) is saved in "
                     f"{self.outdir / 'checkpoint.pt'} and volume.mrc (lower the learning rate, then "
                     "--resume)") from None
+            except InputError as exc:
+                # A bad image met mid-run (the start-up checks read only a sample): keep the work.
+                bar.close()
+                self.checkpoint()
+                self.write_volume()
+                msg = str(exc).strip().splitlines()[-1] if "Traceback" in str(exc) else str(exc)
+                msg = msg.split("InputError: ", 1)[-1]
+                raise InputError(f"{msg}; the state at step {self.state.step} is saved in "
+                                 f"{self.outdir / 'checkpoint.pt'}") from None
         bar.close()
         if stop_flag.requested:
             # Interrupted (SIGINT): the step in flight was finished; save and stop.
