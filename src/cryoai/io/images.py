@@ -1,4 +1,5 @@
-"""Lazy, memory-mapped access to the particle images of a :class:`ParticleTable`."""
+"""Lazy access to the particle images of a :class:`ParticleTable` (only the images asked for
+are read, with ``pread``; see :class:`cryoai.io.mrc.StackReader`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pandas as pd
 
 from cryoai.errors import InputError
 
-from .mrc import check_finite, check_not_blank, check_stack_box, read_header, read_rows
+from .mrc import StackReader, check_finite, check_not_blank, check_stack_box, read_header
 from .particles import ParticleTable
 
 
@@ -85,9 +86,11 @@ def _validate(stacks: list[str], sid: np.ndarray, image_index: np.ndarray, box: 
 class ImageSource:
     """Read particle images lazily from their stacks.
 
-    Each distinct stack is memory-mapped on first use and kept open (up to ``max_open``
-    stacks, least recently used closed first), so only the requested images are read from
-    disk. The object pickles without its open maps (DataLoader workers reopen them).
+    Each distinct stack is opened on first use and kept open (up to ``max_open`` stacks, least
+    recently used closed first); only the requested images are read from disk, with explicit
+    reads rather than a memory map, so that the process's resident memory does not grow with
+    the amount of data read. The object pickles without its open files (DataLoader workers
+    reopen them).
 
     Parameters
     ----------
@@ -106,7 +109,7 @@ class ImageSource:
         self.max_open = max(1, int(max_open))
         self.check_finite = check_finite
         self.check_blank = check_blank
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._maps: OrderedDict[int, StackReader] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._stack_id)
@@ -125,7 +128,7 @@ class ImageSource:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
 
-    def _map(self, sid: int) -> np.ndarray:
+    def _map(self, sid: int) -> StackReader:
         m = self._maps.get(sid)
         if m is not None:
             self._maps.move_to_end(sid)
@@ -136,11 +139,10 @@ class ImageSource:
             raise InputError(_missing_message(path, self.source_path, n_missing))
         info = read_header(path)
         check_stack_box(info, self.box)
-        m = np.memmap(info.path, dtype=info.dtype, mode="r", offset=info.data_offset,
-                      shape=info.shape)
+        m = StackReader(info)
         self._maps[sid] = m
         while len(self._maps) > self.max_open:
-            self._maps.popitem(last=False)
+            self._maps.popitem(last=False)[1].close()
         return m
 
     def read(self, indices) -> np.ndarray:
@@ -180,7 +182,7 @@ class ImageSource:
                 raise InputError(f"{self.stacks[sid]}: the particle metadata refer to image "
                                  f"{int(rows.max()) + 1} (1-based) but the stack has "
                                  f"{stack.shape[0]} images")
-            block = read_rows(stack, rows)
+            block = stack.read(rows)
             if self.check_finite:
                 check_finite(block, self.stacks[sid], rows)
             if self.check_blank:
