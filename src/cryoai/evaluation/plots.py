@@ -48,18 +48,24 @@ def plot_fsc(curve: np.ndarray, box_px: int, pixel_size_a: float, path: str | Pa
     plt.close(fig)
 
 
-def plot_rotation_errors(errors_deg: np.ndarray, path: str | Path) -> None:
-    """Histogram of per-particle rotation errors (degrees)."""
+def _error_histogram(errors: np.ndarray, bins, xlabel: str, median_label: str, path: str | Path) -> None:
+    """Histogram of per-particle errors with the median marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    ax.hist(errors_deg, bins=np.linspace(0, 180, 61))
-    ax.axvline(np.median(errors_deg), color="k", ls="--", label=f"median {np.median(errors_deg):.1f} deg")
-    ax.set_xlabel("rotation error (degrees)")
+    ax.hist(errors, bins=bins)
+    ax.axvline(np.median(errors), color="k", ls="--", label=median_label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("particles")
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def plot_rotation_errors(errors_deg: np.ndarray, path: str | Path) -> None:
+    """Histogram of per-particle rotation errors (degrees)."""
+    _error_histogram(errors_deg, np.linspace(0, 180, 61), "rotation error (degrees)",
+                     f"median {np.median(errors_deg):.1f} deg", path)
 
 
 def plot_map_slices(volume: np.ndarray, path: str | Path, title: str = "") -> None:
@@ -166,13 +172,4 @@ def plot_viewing_directions(rotations: np.ndarray, path: str | Path,
 
 def plot_shift_errors(errors_a: np.ndarray, path: str | Path) -> None:
     """Histogram of per-particle shift errors (Angstrom)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
-    ax.hist(errors_a, bins=60)
-    ax.axvline(np.median(errors_a), color="k", ls="--", label=f"median {np.median(errors_a):.2f} A")
-    ax.set_xlabel("shift error (A)")
-    ax.set_ylabel("particles")
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    _error_histogram(errors_a, 60, "shift error (A)", f"median {np.median(errors_a):.2f} A", path)
