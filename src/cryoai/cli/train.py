@@ -61,11 +61,11 @@ def main(args) -> int:
     dist_info, device = init_distributed(pick_device(args.device))
     try:
         # Every input is checked before the output directory is touched.
-        check_inputs(table, cfg, fixed)
+        scale = check_inputs(table, cfg, fixed)
         truth = _read_ground_truth(args.ground_truth, table.box_px) if args.ground_truth else None
         outdir = _prepare_outdir_once(args, dist_info, device)
         trainer = Trainer(table, cfg, outdir, device=device, fixed_poses=fixed, resume=args.resume,
-                          quiet=args.quiet, argv=sys.argv, dist_info=dist_info)
+                          quiet=args.quiet, argv=sys.argv, dist_info=dist_info, scale=scale)
         on_volume = _fsc_logger(truth, trainer, aligned=fixed is not None) if truth is not None else None
         outputs = trainer.run(on_volume=on_volume)
     finally:

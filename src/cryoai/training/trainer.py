@@ -156,10 +156,16 @@ def check_fixed_poses(table: ParticleTable, fixed_poses: ParticleTable) -> None:
 
 
 def check_inputs(table: ParticleTable, cfg: TrainConfig, fixed_poses: ParticleTable | None = None,
-                 source: ImageSource | None = None) -> None:
+                 source: ImageSource | None = None) -> float:
     """Everything that can be checked before a run starts, so that a bad input fails before
     anything is written: the stacks (exist, MRC, mode, box, length), a sample of the images
-    (NaN, infinite or blank images) and the fixed poses.
+    (NaN, infinite or blank images: the ``normalize_samples`` images of the intensity scale,
+    and the first and last) and the fixed poses.
+
+    Returns
+    -------
+    The global intensity scale of the images (:func:`estimate_scale`), to pass to
+    :class:`Trainer` so that the sample is read once.
 
     Raises
     ------
@@ -168,14 +174,11 @@ def check_inputs(table: ParticleTable, cfg: TrainConfig, fixed_poses: ParticleTa
     """
     source = source or ImageSource(table)
     source.validate()
-    rng = np.random.default_rng(cfg.seed)
-    n = min(len(table), max(cfg.normalize_samples, 1))
-    sample = rng.choice(len(table), size=n, replace=False)
-    sample = np.unique(np.concatenate([sample, [0, len(table) - 1]]))
-    for chunk in np.array_split(sample, max(1, len(sample) // 512)):
-        source.read(chunk)
+    source.read(np.unique([0, len(table) - 1]))
+    scale = estimate_scale(table, cfg.normalize_samples, cfg.seed, source=source)
     if fixed_poses is not None:
         check_fixed_poses(table, fixed_poses)
+    return scale
 
 
 class Trainer:
@@ -189,12 +192,13 @@ class Trainer:
     device : torch device.
     fixed_poses : a table with the poses to hold fixed (reconstruction with known poses), or None.
     resume : continue from ``outdir/checkpoint.pt``.
+    scale : the images' global intensity scale, if already estimated (:func:`check_inputs`).
     """
 
     def __init__(self, table: ParticleTable, cfg: TrainConfig, outdir: str | Path, *,
                  device: torch.device, fixed_poses: ParticleTable | None = None,
                  resume: bool = False, quiet: bool = False, argv: list[str] | None = None,
-                 dist_info: DistInfo | None = None):
+                 dist_info: DistInfo | None = None, scale: float | None = None):
         self.dist = dist_info or DistInfo()
         self.is_main = self.dist.is_main
         quiet = quiet or not self.is_main
@@ -230,7 +234,8 @@ class Trainer:
             ckpt = load_checkpoint(ckpt_path, map_location=device)
             self.scale = float(ckpt["scale"])
         else:
-            self.scale = estimate_scale(table, cfg.normalize_samples, cfg.seed, source=self.source)
+            self.scale = scale if scale is not None else estimate_scale(
+                table, cfg.normalize_samples, cfg.seed, source=self.source)
         self.dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=self.scale,
                                        source=self.source)
         profile = None
