@@ -62,10 +62,22 @@ def _error_histogram(errors: np.ndarray, bins, xlabel: str, median_label: str, p
     plt.close(fig)
 
 
+def _zoomed(errors: np.ndarray, floor: float, ceiling: float | None = None) -> tuple[np.ndarray, float]:
+    """Errors clipped to a range that shows the bulk (1.2 x the 99th percentile, at least
+    ``floor``, at most ``ceiling``): larger values land in the last bin."""
+    errors = np.asarray(errors, dtype=float)
+    hi = max(floor, 1.2 * float(np.percentile(errors, 99)))
+    if ceiling is not None:
+        hi = min(hi, ceiling)
+    return np.minimum(errors, hi), hi
+
+
 def plot_rotation_errors(errors_deg: np.ndarray, path: str | Path) -> None:
-    """Histogram of per-particle rotation errors (degrees)."""
-    _error_histogram(errors_deg, np.linspace(0, 180, 61), "rotation error (degrees)",
-                     f"median {np.median(errors_deg):.1f} deg", path)
+    """Histogram of per-particle rotation errors (degrees); errors beyond the plotted range are
+    counted in the last bin."""
+    clipped, hi = _zoomed(errors_deg, 5.0, 180.0)
+    _error_histogram(clipped, np.linspace(0, hi, 61), f"rotation error (degrees; last bin: >= {hi:.3g})",
+                     f"median {np.median(errors_deg):.2f} deg", path)
 
 
 def plot_map_slices(volume: np.ndarray, path: str | Path, title: str = "") -> None:
@@ -172,4 +184,6 @@ def plot_viewing_directions(rotations: np.ndarray, path: str | Path,
 
 def plot_shift_errors(errors_a: np.ndarray, path: str | Path) -> None:
     """Histogram of per-particle shift errors (Angstrom)."""
-    _error_histogram(errors_a, 60, "shift error (A)", f"median {np.median(errors_a):.2f} A", path)
+    clipped, hi = _zoomed(errors_a, 1.0)
+    _error_histogram(clipped, np.linspace(0, hi, 61), f"shift error (A; last bin: >= {hi:.3g})",
+                     f"median {np.median(errors_a):.2f} A", path)
