@@ -80,9 +80,10 @@ def test_two_process_step_equals_one_process_step(sim, tmp_path):
 
 def test_two_process_encoder_training_runs_and_resumes(sim, tmp_path):
     """Ab initio with the encoder on 2 ranks (BatchNorm per rank on CPU), then --resume for
-    more epochs: rank 0 writes the outputs, the run continues from its checkpoint."""
+    more epochs: rank 0 writes the outputs, the run continues from its checkpoint. Global
+    batches of 29 and 1 particles: in the second one rank 1's shard is empty."""
     out = tmp_path / "enc"
-    extra = ["--ab-initio", "encoder", "--encoder-width", "0.125"]
+    extra = ["--ab-initio", "encoder", "--encoder-width", "0.125", "--batch-size", "29"]
     cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "cryoai.cli.main"]
     _run([*cmd, *_args(sim, out, *extra)])
     assert load_checkpoint(out / "checkpoint.pt")["state"]["step"] == 4

@@ -44,7 +44,7 @@ def main(args) -> int:
 
     from ..io import load_particles, write_json_atomic
     from ..training.config import TrainConfig, load_yaml
-    from ..training.distributed import init_distributed, shutdown
+    from ..training.distributed import barrier, init_distributed, shutdown
     from ..training.trainer import Trainer, check_inputs
 
     if args.resume:
@@ -68,6 +68,9 @@ def main(args) -> int:
                           quiet=args.quiet, argv=sys.argv, dist_info=dist_info, scale=scale)
         on_volume = _fsc_logger(truth, trainer, aligned=fixed is not None) if truth is not None else None
         outputs = trainer.run(on_volume=on_volume)
+        # Rank 0 writes the final outputs after the last step; the others wait for it rather
+        # than tearing the process group down under it.
+        barrier(dist_info)
     finally:
         shutdown()
     if not dist_info.is_main:

@@ -11,6 +11,7 @@ all-reduced.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -63,7 +64,10 @@ def init_distributed(device: torch.device | None = None) -> tuple[DistInfo, torc
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # Long enough for rank 0 to write the outputs of a large run (the poses of every
+        # particle) while the other ranks wait at the final barrier.
+        minutes = float(os.environ.get("CRYOAI_DIST_TIMEOUT_MIN", "240"))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
     return DistInfo(rank, world, local), device
 
 

@@ -97,6 +97,10 @@ class _LossModule(torch.nn.Module):
         self._loss = trainer.loss_on_batch
 
     def forward(self, batch: dict) -> torch.Tensor:
+        if len(batch["index"]) == 0:
+            # This rank's shard of a short last batch is empty: a zero loss that still touches
+            # every parameter, so that the gradient all-reduce sees the same set on every rank.
+            return sum(p.sum() for p in self.model.parameters()) * 0.0
         return self._loss(batch)
 
 
