@@ -77,22 +77,22 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """Whether ``flag`` holds on every rank."""
+def _reduce_flag(flag: bool, info: DistInfo, device: torch.device, op) -> bool:
     if not info.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=op)
     return bool(t.item() > 0.5)
+
+
+def all_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank."""
+    return _reduce_flag(flag, info, device, dist.ReduceOp.MIN)
 
 
 def any_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """Whether ``flag`` holds on at least one rank."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0.5)
+    return _reduce_flag(flag, info, device, dist.ReduceOp.MAX)
 
 
 def weighted_mean(value: float, weight: float, info: DistInfo, device: torch.device) -> float:

@@ -25,7 +25,7 @@ from ..models.decoders import decoder_to_volume
 from ..physics.masks import circular_mask
 from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import TrainConfig, save_yaml
-from .distributed import DistInfo, all_true, any_true, broadcast_, weighted_mean
+from .distributed import DistInfo, any_true, broadcast_, weighted_mean
 from .losses import squared_error, symmetric_loss_terms
 from .poses import encoder_input, predict_poses
 
@@ -351,17 +351,20 @@ class Trainer:
         if self.ddp is None:
             loss = self.loss_on_batch(batch)
             scaled = loss
+            finite = bool(torch.isfinite(loss.detach()))
         else:
             loss = self.ddp(batch)
-            # DDP averages the ranks' gradients; weighting each rank's mean by its share of the
-            # global batch makes that average the gradient of the global batch mean.
+            # One all-reduce gives the global batch size and whether every rank's loss is
+            # finite. DDP averages the ranks' gradients; weighting each rank's mean by its share
+            # of the global batch makes that average the gradient of the global batch mean.
             sums = torch.tensor([float(local_b), float(torch.isfinite(loss.detach()))],
                                 dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(sums)
             global_b = float(sums[0])
             self.last_global_batch = int(global_b)
+            finite = int(sums[1]) == self.dist.world_size
             scaled = loss * (local_b * self.dist.world_size / global_b)
-        if not all_true(bool(torch.isfinite(loss.detach())), self.dist, self.device):
+        if not finite:
             raise TrainingDiverged(f"the loss became {loss.item()} at step {self.state.step}")
         self.optimizer.zero_grad(set_to_none=True)
         scaled.backward()
