@@ -63,8 +63,8 @@ def make_table(workdir: Path, box: int, n: int, pixel_size_a: float, gen: torch.
     write_stack(stack, images, pixel_size_a)
     ctf = ctf_params(n, gen)
     return ParticleTable(
-        stack_paths=np.array([str(stack)] * n, dtype=object),
-        stack_indices=np.arange(n, dtype=np.int64), box_px=box,
+        stack_files=(str(stack),), stack_ids=np.zeros(n, dtype=np.int32),
+        stack_indices=np.arange(n, dtype=np.int32), box_px=box,
         pixel_size_a=np.full(n, pixel_size_a),
         **{k: v.double().numpy() for k, v in ctf.items()},
         rotations=random_rotations(n, generator=gen, dtype=torch.float64).numpy(),

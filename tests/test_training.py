@@ -312,3 +312,21 @@ def test_checkpoint_refuses_pickled_objects(tmp_path):
     torch.save({"model": {}, "config": {}, "extra": Payload()}, path)
     with pytest.raises(InputError, match="evil.pt"):
         load_checkpoint(path)
+
+
+def test_epoch_batches_shards_and_resume():
+    from cryoai.training.trainer import EpochBatches
+
+    full = list(EpochBatches(103, 10, seed=5))
+    assert len(full) == 11 and sorted(i for b in full for i in b) == list(range(103))
+    assert full != list(EpochBatches(103, 10, seed=6))
+    # the same permutation as torch's default (int64) randperm
+    ref = torch.randperm(103, generator=torch.Generator().manual_seed(5)).tolist()
+    assert [i for b in full for i in b] == ref
+    assert list(EpochBatches(103, 10, seed=5, start=4)) == full[4:]
+    shards = [list(EpochBatches(103, 10, seed=5, rank=r, world_size=3)) for r in range(3)]
+    for b, batch in enumerate(full):
+        assert sorted(i for s in shards for i in s[b]) == sorted(batch)
+    ordered = [list(EpochBatches(25, 10, seed=None, rank=r, world_size=2)) for r in range(2)]
+    assert ordered[0] == [[0, 2, 4, 6, 8], [10, 12, 14, 16, 18], [20, 22, 24]]
+    assert ordered[1][2] == [21, 23]

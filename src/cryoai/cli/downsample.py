@@ -10,6 +10,7 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..errors import InputError, OutputError
@@ -52,7 +53,7 @@ def main(args) -> int:
             raise OutputError(f"{p}: exists; use --force to overwrite")
     if Path(args.particles).resolve() == out.resolve():
         raise OutputError(f"--out {out}: would overwrite the input")
-    inputs = {str(Path(p).resolve()) for p in set(table.stack_paths.tolist())}
+    inputs = {str(Path(p).resolve()) for p in table.stack_files}
     if str(stack_path.resolve()) in inputs:
         raise OutputError(f"--out {out}: {stack_path} would overwrite an input stack")
     source = ImageSource(table)
@@ -79,17 +80,19 @@ def main(args) -> int:
         bar.close()
     new_table = replace(
         table,
-        stack_paths=np.full(len(table), str(stack_path.resolve()), dtype=object),
-        stack_indices=np.arange(len(table), dtype=np.int64),
+        stack_files=(str(stack_path.resolve()),),
+        stack_ids=np.zeros(len(table), dtype=np.int32),
+        stack_indices=np.arange(len(table), dtype=np.int32),
         box_px=args.box,
         pixel_size_a=new_pixel,
     )
     if new_table.optics is not None:
         optics = new_table.optics.copy()
         if "rlnImagePixelSize" in optics:
-            optics["rlnImagePixelSize"] = optics["rlnImagePixelSize"] * scale
+            old = pd.to_numeric(optics["rlnImagePixelSize"]).to_numpy(dtype=np.float32)
+            optics["rlnImagePixelSize"] = (old * np.float32(scale)).astype(str)
         if "rlnImageSize" in optics:
-            optics["rlnImageSize"] = args.box
+            optics["rlnImageSize"] = str(args.box)
         new_table = replace(new_table, optics=optics)
     write_star(out, new_table)
     print(f"wrote {len(table)} images of {args.box} px ({new_pixel[0]:.4f} A) to {stack_path} "

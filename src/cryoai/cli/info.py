@@ -24,7 +24,7 @@ def _range(values: np.ndarray, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
 
 def describe(table) -> list[str]:
     """Lines of a human-readable summary of a ParticleTable."""
-    n_stacks = len(set(table.stack_paths.tolist()))
+    n_stacks = len(table.stack_files)
     lines = [
         f"file:               {table.source_path}",
         f"particles:          {len(table)} in {n_stacks} stack(s)",

@@ -48,7 +48,7 @@ def main(args) -> int:
     from ..io import load_particles
     from ..io.star import write_star
     from ..physics.masks import circular_mask
-    from ..training.poses import predict_poses
+    from ..training.poses import iter_poses
     from ..training.trainer import make_loader
 
     if Path(args.out).exists() and not args.force:
@@ -57,7 +57,7 @@ def main(args) -> int:
     model, cfg, ckpt = load_model(args.checkpoint, device)
     if model.encoder is None:
         raise InputError(f"{args.checkpoint}: trained with fixed poses, it has no encoder")
-    table = load_particles(args.particles, datadir=args.datadir)
+    table = load_particles(args.particles, datadir=args.datadir, read_poses=False)
     if table.box_px != model.box_px:
         raise InputError(f"{args.particles}: box {table.box_px} differs from the model's {model.box_px}")
     dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=float(ckpt["scale"]))
@@ -67,9 +67,11 @@ def main(args) -> int:
         mask = circular_mask(model.box_px, cfg.mask_radius_frac * model.box_px, soft_edge_px=3, device=device)
     loader = make_loader(dataset, args.batch_size, shuffle=False, seed=0, num_workers=args.num_workers)
     bar = progress_bar(len(table), "predict", disable=args.quiet)
-    rot, shifts, _ = predict_poses(model, loader, mask, device, use_symmetric=cfg.loss == "symmetric",
-                                   learn_shifts=cfg.learn_shifts, progress=bar.update)
-    bar.close()
-    write_star(args.out, table.with_poses(rot, shifts))
+    poses = iter_poses(model, loader, mask, device, use_symmetric=cfg.loss == "symmetric",
+                       learn_shifts=cfg.learn_shifts, progress=bar.update)
+    try:  # streamed: the poses are written as they are predicted
+        write_star(args.out, table, poses=((rot, shifts) for rot, shifts, _ in poses))
+    finally:
+        bar.close()
     print(f"wrote poses of {len(table)} particles to {args.out}")
     return 0

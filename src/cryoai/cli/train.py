@@ -55,7 +55,7 @@ def main(args) -> int:
         cfg = resolve_config(args) if base is None else _override(base, args)
     else:
         cfg = resolve_config(args)
-    table = load_particles(args.particles, datadir=args.datadir)
+    table = load_particles(args.particles, datadir=args.datadir, read_poses=False)  # not used
     fixed = load_particles(args.poses, datadir=args.datadir) if args.poses else None
     # Under torchrun: join the process group; each rank trains on its shard of every batch.
     dist_info, device = init_distributed(pick_device(args.device))

@@ -32,8 +32,6 @@ class ParticleDataset(Dataset):
         self.source = source or ImageSource(table)
         self.sign = -1.0 if invert_contrast else 1.0
         self.scale = float(scale)
-        self._ctf = {k: torch.tensor(np.array(v), dtype=torch.float32) for k, v in table.ctf_arrays().items()}
-        self._pixel = torch.tensor(np.array(table.pixel_size_a), dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -44,10 +42,9 @@ class ParticleDataset(Dataset):
 
     def __getitems__(self, indices) -> dict:
         idx = np.asarray(indices, dtype=np.int64)
-        t = torch.from_numpy(idx)
-        batch = {"images": self.read_images(idx), "index": t, "pixel_size_a": self._pixel[t]}
-        for k in CTF_FIELDS:
-            batch[k] = self._ctf[k][t]
+        batch = {"images": self.read_images(idx), "index": torch.from_numpy(idx)}
+        for k in ("pixel_size_a", *CTF_FIELDS):  # the table's columns, indexed per batch
+            batch[k] = torch.from_numpy(np.asarray(getattr(self.table, k)[idx], dtype=np.float32))
         return batch
 
     def __getitem__(self, index) -> dict:

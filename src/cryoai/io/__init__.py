@@ -53,14 +53,16 @@ __all__ = [
 _READERS = {".star": read_star, ".cs": read_cs}
 
 
-def load_particles(path: str | os.PathLike, datadir: str | os.PathLike | None = None
-                   ) -> ParticleTable:
+def load_particles(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *,
+                   read_poses: bool = True) -> ParticleTable:
     """Read a particle file, choosing the reader by suffix (``.star`` or ``.cs``).
 
     Parameters
     ----------
     path : particle metadata file.
     datadir : optional directory to look for image stacks in (see :func:`read_star`).
+    read_poses : read the poses the file holds (False: skip them, e.g. for training, which
+        does not use them; saves 44 bytes per particle).
 
     Returns
     -------
@@ -77,4 +79,4 @@ def load_particles(path: str | os.PathLike, datadir: str | os.PathLike | None = 
         raise InputError(f"{p}: unknown particle file type '{p.suffix}' (expected .star or .cs)")
     if datadir is not None and not Path(datadir).is_dir():
         raise InputError(f"{datadir}: data directory not found")
-    return reader(p, datadir=datadir)
+    return reader(p, datadir=datadir, read_poses=read_poses)

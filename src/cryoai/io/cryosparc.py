@@ -37,7 +37,7 @@ from scipy.spatial.transform import Rotation
 from cryoai.errors import InputError
 
 from ._util import one_line, require_file, resolve_stack_path
-from .particles import ParticleTable
+from .particles import ParticleTable, compact_column
 
 _CTF_FIELDS = (
     "ctf/df1_A",
@@ -101,34 +101,22 @@ def _load(p: Path) -> np.ndarray:
     return data
 
 
-def _field(p: Path, data: np.ndarray, name: str) -> np.ndarray:
-    values = np.asarray(data[name], dtype=np.float64)
+def _field(p: Path, data: np.ndarray, name: str, dtype=np.float32) -> np.ndarray:
+    values = np.asarray(data[name], dtype=dtype)
     if not np.isfinite(values).all():
         raise InputError(f"{p}: field {name} has NaN or infinite values")
     return values
 
 
-def _source_frame(data: np.ndarray) -> pd.DataFrame:
-    """The scalar fields as a DataFrame (bytes decoded), kept as ``ParticleTable.source``."""
-    cols = {}
-    for name in data.dtype.names:
-        field = data[name]
-        if field.ndim != 1:
-            continue
-        if field.dtype.kind == "S":
-            cols[name] = np.char.decode(field, "utf-8", errors="replace").astype(object)
-        else:
-            cols[name] = field
-    return pd.DataFrame(cols)
-
-
-def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None) -> ParticleTable:
+def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *,
+            read_poses: bool = True) -> ParticleTable:
     """Read a cryoSPARC particle ``.cs`` file.
 
     Parameters
     ----------
     path : ``.cs`` file (loaded with ``allow_pickle=False``).
     datadir : optional directory to look for image stacks in.
+    read_poses : read ``alignments3D`` (False: a table without poses).
 
     Returns
     -------
@@ -161,15 +149,17 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None) -
         raise InputError(f"{p}: pixel size must be positive (found {apix.min():g} A)")
     n = len(data)
 
-    raw = data["blob/path"]
-    if raw.dtype.kind == "S":
-        raw = np.char.decode(raw, "utf-8", errors="replace")
-    raw_paths = [str(r).strip().lstrip(">") for r in raw]
+    codes, uniques = pd.factorize(np.asarray(data["blob/path"]))
+    raw_paths = [(u.decode("utf-8", "replace") if isinstance(u, bytes) else str(u)).strip().lstrip(">")
+                 for u in uniques]
     if any(not r for r in raw_paths):
         raise InputError(f"{p}: empty blob/path")
     base = [p.parent.absolute(), p.parent.absolute().parent]
-    resolved = {r: resolve_stack_path(r, base, datadir) for r in dict.fromkeys(raw_paths)}
-    stack_paths = np.array([resolved[r] for r in raw_paths], dtype=object)
+    file_ids: dict[str, int] = {}  # two names may resolve to the same file
+    remap = np.array([file_ids.setdefault(resolve_stack_path(r, base, datadir), len(file_ids))
+                      for r in raw_paths], dtype=np.int32)
+    stack_ids = remap[codes]
+    stack_files = tuple(file_ids)
     idx = np.asarray(data["blob/idx"]).astype(np.int64)
     if (idx < 0).any():
         raise InputError(f"{p}: negative blob/idx")
@@ -185,29 +175,30 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None) -
     else:
         from .mrc import read_header
 
-        first = next((s for s in dict.fromkeys(stack_paths) if os.path.isfile(s)), None)
+        first = next((s for s in stack_files if os.path.isfile(s)), None)
         if first is None:
             raise InputError(f"{p}: no blob/shape and no image stack found (first: "
-                             f"{stack_paths[0]}); cannot tell the box size")
+                             f"{stack_files[0]}); cannot tell the box size")
         box = read_header(first).box
     if box % 2:
         raise InputError(f"{p}: box size {box} is odd; cryoai needs even boxes")
 
     def optional(name: str) -> np.ndarray:
-        return _field(p, data, name) if name in names else np.zeros(n)
+        return _field(p, data, name) if name in names else compact_column(0.0, n)
 
     rotations = shifts = None
-    if "alignments3D/pose" in names:
-        pose = _field(p, data, "alignments3D/pose").reshape(n, 3)
+    if read_poses and "alignments3D/pose" in names:
+        pose = _field(p, data, "alignments3D/pose", np.float64).reshape(n, 3)
         rotations = pose_to_matrix(pose)
         if "alignments3D/shift" in names:
-            shift_px = _field(p, data, "alignments3D/shift").reshape(n, 2)
+            shift_px = _field(p, data, "alignments3D/shift", np.float64).reshape(n, 2)
             shifts = -shift_px * apix[:, None]
         else:
-            shifts = np.zeros((n, 2))
+            shifts = np.broadcast_to(np.float32(0), (n, 2))
 
     return ParticleTable(
-        stack_paths=stack_paths,
+        stack_files=stack_files,
+        stack_ids=stack_ids,
         stack_indices=idx,
         box_px=box,
         pixel_size_a=apix,
@@ -221,7 +212,6 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None) -
         bfactor_a2=optional("ctf/bfactor"),
         rotations=rotations,
         shifts_a=shifts,
-        source=_source_frame(data),
-        optics=None,
         source_path=str(p.absolute()),
+        source_format="cs",
     )

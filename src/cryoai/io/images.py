@@ -7,7 +7,6 @@ import os
 from collections import OrderedDict
 
 import numpy as np
-import pandas as pd
 
 from cryoai.errors import InputError
 
@@ -22,25 +21,19 @@ def _missing_message(path: str, source_path: str | None, n_missing: int) -> str:
             "at the stacks")
 
 
-def _factorize(table: ParticleTable) -> tuple[np.ndarray, list[str]]:
-    """(stack id per particle (n,) int64, distinct stack paths in order of first use)."""
-    codes, uniques = pd.factorize(pd.Series(table.stack_paths, dtype=object).astype(str))
-    return codes.astype(np.int64), [str(u) for u in uniques]
-
-
 def resolve_stacks(table: ParticleTable) -> list[str]:
     """The distinct stack files of ``table``, checking that they exist.
 
     Returns
     -------
-    list of str, the distinct ``table.stack_paths`` in order of first use.
+    list of str, ``table.stack_files``.
 
     Raises
     ------
     InputError
         Naming the first missing stack.
     """
-    _, stacks = _factorize(table)
+    stacks = list(table.stack_files)
     missing = [s for s in stacks if not os.path.isfile(s)]
     if missing:
         raise InputError(_missing_message(missing[0], table.source_path, len(missing)))
@@ -59,8 +52,7 @@ def validate_images(table: ParticleTable) -> None:
         One line naming the stack and the problem.
     """
     resolve_stacks(table)
-    sid, stacks = _factorize(table)
-    _validate(stacks, sid, np.asarray(table.stack_indices, dtype=np.int64), table.box_px,
+    _validate(list(table.stack_files), table.stack_ids, table.stack_indices, table.box_px,
               table.source_path)
 
 
@@ -104,8 +96,9 @@ class ImageSource:
                  check_blank: bool = True):
         self.box = int(table.box_px)
         self.source_path = table.source_path
-        self._stack_id, self.stacks = _factorize(table)
-        self._image_index = np.asarray(table.stack_indices, dtype=np.int64).copy()
+        self.stacks = list(table.stack_files)
+        self._stack_id = table.stack_ids  # (shared with the table, not copied)
+        self._image_index = table.stack_indices
         self.max_open = max(1, int(max_open))
         self.check_finite = check_finite
         self.check_blank = check_blank

@@ -1,4 +1,13 @@
-"""The in-memory particle table that every particle file format maps to."""
+"""The in-memory particle table that every particle file format maps to.
+
+The table is built to stay small for millions of particles: the stack of each image is a
+small integer into a list of distinct stack files, per-particle values are single precision
+(as in cryoSPARC's ``.cs`` files: about 7 significant digits, far below any physical
+uncertainty of these quantities), and a column whose value is the same for every particle
+(typically voltage, Cs, amplitude contrast, pixel size, phase shift, B-factor) is a read-only
+stride-0 view that holds one number. The original rows of the file are not kept: writing a
+STAR file streams them back from the source file (:func:`cryoai.io.star.write_star`).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +26,41 @@ CTF_FIELDS = (
     "phase_shift_rad",
     "bfactor_a2",
 )
+#: Per-particle columns of a :class:`ParticleTable` (all of length N).
+COLUMN_FIELDS = ("pixel_size_a", *CTF_FIELDS)
+
+
+def compact_column(values, n: int | None = None, dtype=np.float32) -> np.ndarray:
+    """A per-particle column in its compact form.
+
+    Parameters
+    ----------
+    values : scalar or (n,) array.
+    n : length when ``values`` is a scalar.
+    dtype : storage type (float32 by default).
+
+    Returns
+    -------
+    (n,) array of ``dtype``; a read-only stride-0 view of one value when all values are equal.
+    """
+    arr = np.asarray(values)
+    if arr.ndim == 0:
+        if n is None:
+            raise ValueError("a scalar column needs its length n")
+        return np.broadcast_to(np.asarray(arr, dtype=dtype), (int(n),))
+    arr = arr.reshape(-1)
+    if arr.size and arr.strides == (0,):
+        return np.broadcast_to(np.asarray(arr[0], dtype=dtype), arr.shape)
+    arr = np.asarray(arr, dtype=dtype)
+    if arr.size > 1 and (arr == arr[0]).all():
+        return np.broadcast_to(arr[:1].copy()[0], arr.shape)
+    return arr
+
+
+def is_constant(values: np.ndarray) -> bool:
+    """Whether a column holds one value for all particles (cheap for compact columns)."""
+    arr = np.asarray(values)
+    return arr.size <= 1 or arr.strides == (0,) or bool((arr == arr.reshape(-1)[0]).all())
 
 
 @dataclass
@@ -25,26 +69,35 @@ class ParticleTable:
 
     Attributes
     ----------
-    stack_paths : (N,) object array of str, absolute path of the stack holding each image.
-    stack_indices : (N,) int64, 0-based index of the image in its stack.
+    stack_files : tuple of str, the distinct image stacks (absolute paths).
+    stack_ids : (N,) int32, index into ``stack_files`` of the stack holding each image.
+    stack_indices : (N,) int32, 0-based index of the image in its stack.
     box_px : int, image size N (images are N x N).
-    pixel_size_a : (N,) float64, Angstrom per pixel.
-    defocus_u_a, defocus_v_a : (N,) float64, Angstrom, positive = underfocus.
-    defocus_angle_rad : (N,) float64, astigmatism angle, radians.
-    voltage_kv : (N,) float64, kV.
-    cs_mm : (N,) float64, spherical aberration, mm.
-    amplitude_contrast : (N,) float64.
-    phase_shift_rad : (N,) float64.
-    bfactor_a2 : (N,) float64, CTF B-factor (envelope ``exp(-B s^2/4)``), A^2.
-    rotations : (N, 3, 3) float64 or None, pose mapping image to volume frame.
-    shifts_a : (N, 2) float64 or None, translation of the projection in the image, Angstrom
+    pixel_size_a : (N,) float32, Angstrom per pixel.
+    defocus_u_a, defocus_v_a : (N,) float32, Angstrom, positive = underfocus.
+    defocus_angle_rad : (N,) float32, astigmatism angle, radians.
+    voltage_kv : (N,) float32, kV.
+    cs_mm : (N,) float32, spherical aberration, mm.
+    amplitude_contrast : (N,) float32.
+    phase_shift_rad : (N,) float32.
+    bfactor_a2 : (N,) float32, CTF B-factor (envelope ``exp(-B s^2/4)``), A^2.
+    rotations : (N, 3, 3) float32 or None, pose mapping image to volume frame.
+    shifts_a : (N, 2) float32 or None, translation of the projection in the image, Angstrom
         (``= -rlnOrigin{X,Y}Angst``).
-    source : pandas DataFrame or None, the original rows (all columns), kept for export.
     optics : pandas DataFrame or None, the original optics table (STAR 3.1).
+    optics_group : (N,) int32 or None, each particle's ``rlnOpticsGroup`` in ``optics``.
     source_path : str or None, the file this table was read from.
+    source_format : ``"star"``, ``"cs"`` or None.
+    source_rows : (N,) int64 or None, the row of ``source_path`` each particle came from
+        (None: all rows, in file order). STAR export streams the other columns from there.
+    source_stamp : (size in bytes, mtime in ns) of ``source_path`` when it was read.
+
+    Columns in :data:`COLUMN_FIELDS` may be stride-0 read-only views (see
+    :func:`compact_column`); index them (``table.cs_mm[idx]``) to get ordinary arrays.
     """
 
-    stack_paths: np.ndarray
+    stack_files: tuple[str, ...]
+    stack_ids: np.ndarray
     stack_indices: np.ndarray
     box_px: int
     pixel_size_a: np.ndarray
@@ -58,12 +111,45 @@ class ParticleTable:
     bfactor_a2: np.ndarray
     rotations: np.ndarray | None = None
     shifts_a: np.ndarray | None = None
-    source: pd.DataFrame | None = field(default=None, repr=False)
     optics: pd.DataFrame | None = field(default=None, repr=False)
+    optics_group: np.ndarray | None = field(default=None, repr=False)
     source_path: str | None = None
+    source_format: str | None = None
+    source_rows: np.ndarray | None = field(default=None, repr=False)
+    source_stamp: tuple[int, int] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stack_files = tuple(str(s) for s in self.stack_files)
+        n = len(self.stack_indices)
+        self.stack_ids = np.asarray(self.stack_ids, dtype=np.int32).reshape(-1)
+        self.stack_indices = np.asarray(self.stack_indices, dtype=np.int32).reshape(-1)
+        if len(self.stack_ids) != n:
+            raise ValueError(f"stack_ids has {len(self.stack_ids)} rows, stack_indices {n}")
+        for name in COLUMN_FIELDS:
+            col = compact_column(getattr(self, name), n)
+            if len(col) != n:
+                raise ValueError(f"{name} has {len(col)} rows, expected {n}")
+            setattr(self, name, col)
+        if self.rotations is not None:
+            self.rotations = np.asarray(self.rotations, dtype=np.float32).reshape(n, 3, 3)
+        if self.shifts_a is not None:
+            self.shifts_a = np.asarray(self.shifts_a, dtype=np.float32).reshape(n, 2)
+        if self.optics_group is not None:
+            self.optics_group = compact_column(self.optics_group, n, np.int32)
+
+    @classmethod
+    def from_stack_paths(cls, stack_paths, **kwargs) -> ParticleTable:
+        """A table from one stack path per particle (``stack_paths`` (N,) of str)."""
+        codes, uniques = pd.factorize(pd.Series(np.asarray(stack_paths, dtype=object)).astype(str))
+        return cls(stack_files=tuple(str(u) for u in uniques), stack_ids=codes, **kwargs)
 
     def __len__(self) -> int:
         return len(self.stack_indices)
+
+    @property
+    def stack_paths(self) -> np.ndarray:
+        """(N,) object array of the stack path of each image (built on demand: O(N) memory)."""
+        return np.asarray(self.stack_files, dtype=object)[self.stack_ids]
 
     @property
     def has_poses(self) -> bool:
@@ -73,24 +159,36 @@ class ParticleTable:
     def has_shifts(self) -> bool:
         return self.shifts_a is not None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the per-particle arrays (stride-0 columns count as one value)."""
+        total = 0
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                total += value.itemsize if value.strides == (0,) else value.nbytes
+        return total
+
+    def median_pixel_size_a(self) -> float:
+        """The median pixel size (Angstrom), rounded to single precision's 7 digits."""
+        return float(f"{float(np.median(self.pixel_size_a)):.7g}")
+
     def subset(self, indices) -> ParticleTable:
         """A new table with the rows ``indices`` (int array or boolean mask)."""
         idx = np.asarray(indices)
         if idx.dtype == bool:
             idx = np.nonzero(idx)[0]
-        changes = {}
+        rows = np.arange(len(self)) if self.source_rows is None else self.source_rows
+        changes = {"source_rows": np.asarray(rows[idx], dtype=np.int64)}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, np.ndarray):
+            if isinstance(value, np.ndarray) and f.name != "source_rows":
                 changes[f.name] = value[idx]
-            elif isinstance(value, pd.DataFrame) and f.name == "source":
-                changes[f.name] = value.iloc[idx].reset_index(drop=True)
         return replace(self, **changes)
 
-    def with_poses(self, rotations: np.ndarray, shifts_a: np.ndarray | None) -> ParticleTable:
+    def with_poses(self, rotations: np.ndarray | None, shifts_a: np.ndarray | None) -> ParticleTable:
         """A copy with poses replaced: rotations (N, 3, 3), shifts_a (N, 2) or None."""
-        shifts = None if shifts_a is None else np.asarray(shifts_a, dtype=np.float64)
-        return replace(self, rotations=np.asarray(rotations, dtype=np.float64), shifts_a=shifts)
+        return replace(self, rotations=rotations, shifts_a=shifts_a)
 
     def ctf_arrays(self, indices=None) -> dict[str, np.ndarray]:
         """The CTF parameters (names of :data:`CTF_FIELDS`) for ``indices`` (all if None)."""

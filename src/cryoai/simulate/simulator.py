@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..io.mrc import StackWriter, write_volume
-from ..io.particles import ParticleTable
+from ..io.particles import ParticleTable, compact_column
 from ..io.star import write_star
 from ..physics.ctf import compute_ctf
 from ..physics.fft import crop_center_2d, fft2_c, fft3_c, ifft2_c, pad_volume
@@ -182,11 +182,13 @@ def simulate_dataset(
         noise_sigma = math.sqrt(signal_variance / 10 ** (cfg.snr_db / 10))
 
     n_total = cfg.n_particles
-    columns = {k: np.empty(n_total) for k in ("defocus_u_a", "defocus_v_a", "defocus_angle_rad")}
-    rotations = np.empty((n_total, 3, 3))
-    shifts_a = np.empty((n_total, 2))
-    stack_paths = np.empty(n_total, dtype=object)
-    stack_indices = np.empty(n_total, dtype=np.int64)
+    columns = {k: np.empty(n_total, dtype=np.float32)
+               for k in ("defocus_u_a", "defocus_v_a", "defocus_angle_rad")}
+    rotations = np.empty((n_total, 3, 3), dtype=np.float32)
+    shifts_a = np.empty((n_total, 2), dtype=np.float32)
+    stack_files: list[str] = []
+    stack_ids = np.empty(n_total, dtype=np.int32)
+    stack_indices = np.empty(n_total, dtype=np.int32)
 
     sum_signal_var = 0.0
     sum_noise_var = 0.0
@@ -197,6 +199,7 @@ def simulate_dataset(
         s_start = stack_id * cfg.stack_size
         s_count = min(cfg.stack_size, n_total - s_start)
         stack_path = (outdir / f"particles_{stack_id:0{digits}d}.mrcs").resolve()
+        stack_files.append(str(stack_path))
         with StackWriter(stack_path, s_count, n, pixel_size_a) as writer:
             for c_start in range(0, s_count, cfg.chunk_size):
                 count = min(cfg.chunk_size, s_count - c_start)
@@ -215,17 +218,18 @@ def simulate_dataset(
                 shifts_a[sl] = params["shifts_a"]
                 for k in columns:
                     columns[k][sl] = params[k]
-                stack_paths[sl] = str(stack_path)
+                stack_ids[sl] = stack_id
                 stack_indices[sl] = np.arange(c_start, c_start + count)
                 done += count
                 if progress is not None:
                     progress(count)
 
     def full(value: float) -> np.ndarray:
-        return np.full(n_total, float(value))
+        return compact_column(float(value), n_total)
 
     table = ParticleTable(
-        stack_paths=stack_paths,
+        stack_files=tuple(stack_files),
+        stack_ids=stack_ids,
         stack_indices=stack_indices,
         box_px=n,
         pixel_size_a=full(pixel_size_a),

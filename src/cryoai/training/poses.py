@@ -44,29 +44,48 @@ def choose_poses(model, batch: dict, mask, *, use_symmetric: bool = True,
     return r, t, flat[ar, best]
 
 
-@torch.no_grad()
-def predict_poses(model, loader, mask, device, *, use_symmetric: bool = True,
-                  learn_shifts: bool = True, progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Poses for every particle a loader yields.
+def iter_poses(model, loader, mask, device, *, use_symmetric: bool = True, learn_shifts: bool = True,
+               progress=None):
+    """Poses of the particles of a loader that yields them in order (``shuffle=False``), one
+    batch at a time.
 
-    Returns rotations (N, 3, 3), shifts_a (N, 2) and losses (N,), in dataset order.
+    Yields
+    ------
+    (rotations (B, 3, 3) float32, shifts_a (B, 2) float32, losses (B,) float32) numpy arrays.
+
+    Raises
+    ------
+    RuntimeError
+        The loader skipped or reordered particles.
     """
     model.eval()
-    n = len(loader.dataset)
-    rotations = np.zeros((n, 3, 3))
-    shifts = np.zeros((n, 2))
-    losses = np.zeros(n)
-    seen = np.zeros(n, dtype=bool)
-    for batch in loader:
-        idx = batch["index"].numpy()
-        batch = {k: v.to(device) for k, v in batch.items()}
-        r, t, loss = choose_poses(model, batch, mask, use_symmetric=use_symmetric, learn_shifts=learn_shifts)
-        rotations[idx] = r.double().cpu().numpy()
-        shifts[idx] = t.double().cpu().numpy()
-        losses[idx] = loss.double().cpu().numpy()
-        seen[idx] = True
-        if progress is not None:
-            progress(len(idx))
-    if not seen.all():
-        raise RuntimeError(f"pose prediction missed {int((~seen).sum())} particles")
-    return rotations, shifts, losses
+    expected = 0
+    with torch.no_grad():
+        for batch in loader:
+            idx = batch["index"].numpy()
+            if len(idx) == 0:
+                continue
+            if idx[0] != expected or (len(idx) > 1 and (np.diff(idx) != 1).any()):
+                raise RuntimeError(f"pose prediction expected particle {expected} next, got {idx[0]}")
+            expected += len(idx)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            r, t, loss = choose_poses(model, batch, mask, use_symmetric=use_symmetric,
+                                      learn_shifts=learn_shifts)
+            yield (r.float().cpu().numpy(), t.float().cpu().numpy(), loss.float().cpu().numpy())
+            if progress is not None:
+                progress(len(idx))
+    if expected != len(loader.dataset):
+        raise RuntimeError(f"pose prediction missed {len(loader.dataset) - expected} particles")
+
+
+def predict_poses(model, loader, mask, device, *, use_symmetric: bool = True,
+                  learn_shifts: bool = True, progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Poses for every particle of a loader in order (:func:`iter_poses`, gathered).
+
+    Returns rotations (N, 3, 3), shifts_a (N, 2) and losses (N,), float32, in dataset order.
+    """
+    parts = list(iter_poses(model, loader, mask, device, use_symmetric=use_symmetric,
+                            learn_shifts=learn_shifts, progress=progress))
+    if not parts:
+        return np.zeros((0, 3, 3), np.float32), np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))

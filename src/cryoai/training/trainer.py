@@ -27,7 +27,7 @@ from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoi
 from .config import TrainConfig, save_yaml
 from .distributed import DistInfo, any_true, broadcast_, weighted_mean
 from .losses import squared_error, symmetric_loss_terms
-from .poses import encoder_input, predict_poses
+from .poses import encoder_input, iter_poses, predict_poses
 
 
 class TrainingDiverged(CryoaiError):
@@ -67,11 +67,16 @@ class EpochBatches(Sampler):
         return max(0, math.ceil(self.n / self.batch_size) - self.start)
 
     def __iter__(self):
-        if self.seed is None:
-            order = torch.arange(self.n)
-        else:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
-        for b in range(self.start, math.ceil(self.n / self.batch_size)):
+        n_batches = math.ceil(self.n / self.batch_size)
+        if self.seed is None:  # in order: nothing to hold
+            for b in range(self.start, n_batches):
+                stop = min((b + 1) * self.batch_size, self.n)
+                yield list(range(b * self.batch_size + self.rank, stop, self.world_size))
+            return
+        # int32 (4 bytes per particle) gives the same permutation as the default int64
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed),
+                               dtype=torch.int32)
+        for b in range(self.start, n_batches):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield batch[self.rank::self.world_size].tolist()
 
@@ -215,7 +220,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % (2**32))
         self.box = table.box_px
-        self.pixel_size_a = float(np.median(table.pixel_size_a))
+        self.pixel_size_a = table.median_pixel_size_a()
         self.source = ImageSource(table)
         self.source.validate()
 
@@ -419,21 +424,30 @@ class Trainer:
         self.last_checkpoint_step = self.state.step
 
     def predict(self, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The encoder's poses of every particle: rotations (N, 3, 3), shifts_a (N, 2), losses (N,)."""
         loader = make_loader(self.dataset, batch_size, shuffle=False, seed=0,
                              num_workers=self.cfg.num_workers)
         return predict_poses(self.model, loader, self.mask, self.device,
                              use_symmetric=self.cfg.loss == "symmetric", learn_shifts=self.cfg.learn_shifts)
+
+    def iter_predictions(self, batch_size: int = 128):
+        """:meth:`predict` one batch at a time: yields (rotations, shifts_a) in particle order."""
+        loader = make_loader(self.dataset, batch_size, shuffle=False, seed=0,
+                             num_workers=self.cfg.num_workers)
+        for rot, shifts, _ in iter_poses(self.model, loader, self.mask, self.device,
+                                         use_symmetric=self.cfg.loss == "symmetric",
+                                         learn_shifts=self.cfg.learn_shifts):
+            yield rot, shifts
 
     def write_poses(self) -> Path:
         path = self.outdir / "poses.star"
         if not self.is_main:
             return path
         if self.search_mode:
-            rot, shifts = self.fixed_rot.double().numpy(), self.fixed_shift.double().numpy()
+            poses = [(self.fixed_rot.numpy(), self.fixed_shift.numpy())]
         else:
-            rot, shifts, _ = self.predict()
-        path = self.outdir / "poses.star"
-        write_star(path, self.table.with_poses(rot, shifts))
+            poses = self.iter_predictions()  # streamed: no O(N) pose arrays
+        write_star(path, self.table, poses=poses)
         return path
 
     # ------------------------------------------------------------------ loop
