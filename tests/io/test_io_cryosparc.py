@@ -178,3 +178,58 @@ def test_load_particles_dispatch_errors(tmp_path, expect_input_error):
 def test_load_particles_dispatch(particles_dir, suffix):
     path = particles_dir / "cryodrgn_empiar10076_7" / f"empiar_10076_7{suffix}"
     assert len(load_particles(path)) == 7
+
+
+def _synthetic_cs(path: Path, n: int = 300) -> np.ndarray:
+    """A particle .cs with the fields cryoSPARC writes (and one cryoai does not use)."""
+    rng = np.random.default_rng(11)
+    fields = [("uid", "<u8"), ("blob/path", "S40"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+              ("blob/psize_A", "<f4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
+              ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"),
+              ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4"),
+              ("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,))]
+    data = np.zeros(n, dtype=fields)
+    data["uid"] = rng.integers(0, 2**62, n)
+    data["blob/path"] = [f">J1/extract/mic_{i % 3}.mrc".encode() for i in range(n)]
+    data["blob/idx"] = np.arange(n) // 3
+    data["blob/shape"] = 64
+    data["blob/psize_A"] = 1.3
+    data["ctf/accel_kv"] = 300
+    data["ctf/cs_mm"] = 2.7
+    data["ctf/amp_contrast"] = 0.07
+    data["ctf/df1_A"] = rng.uniform(1e4, 3e4, n)
+    data["ctf/df2_A"] = rng.uniform(1e4, 3e4, n)
+    data["ctf/df_angle_rad"] = rng.uniform(-np.pi, np.pi, n)
+    data["alignments3D/pose"] = rng.normal(size=(n, 3))
+    data["alignments3D/shift"] = rng.normal(size=(n, 2))
+    with open(path, "wb") as f:
+        np.save(f, data)
+    return data
+
+
+def test_cs_read_in_chunks(tmp_path, monkeypatch):
+    from cryoai.io import cryosparc
+
+    data = _synthetic_cs(tmp_path / "p.cs")
+    whole = read_cs(tmp_path / "p.cs")
+    monkeypatch.setattr(cryosparc, "CHUNK_RECORDS", 7)
+    chunked = read_cs(tmp_path / "p.cs")
+    for t in (whole, chunked):
+        assert len(t) == 300 and t.box_px == 64 and len(t.stack_files) == 3
+        np.testing.assert_array_equal(t.defocus_u_a, data["ctf/df1_A"])
+        np.testing.assert_array_equal(t.stack_indices, data["blob/idx"])
+        assert [Path(s).name for s in t.stack_paths[:4]] == ["mic_0.mrc", "mic_1.mrc", "mic_2.mrc",
+                                                             "mic_0.mrc"]
+        np.testing.assert_allclose(t.rotations, pose_to_matrix(data["alignments3D/pose"]), atol=1e-6)
+        np.testing.assert_allclose(t.shifts_a, -1.3 * data["alignments3D/shift"], rtol=1e-6)
+        assert t.voltage_kv.strides == (0,)  # one value: held once
+    np.testing.assert_array_equal(chunked.stack_ids, whole.stack_ids)
+    assert read_cs(tmp_path / "p.cs", read_poses=False).rotations is None
+
+
+def test_cs_truncated(tmp_path, expect_input_error):
+    _synthetic_cs(tmp_path / "p.cs")
+    raw = (tmp_path / "p.cs").read_bytes()
+    (tmp_path / "cut.cs").write_bytes(raw[: len(raw) - 100])
+    with expect_input_error(tmp_path / "cut.cs", "truncated"):
+        load_particles(tmp_path / "cut.cs")

@@ -81,28 +81,59 @@ def matrix_to_pose(rotations: np.ndarray) -> np.ndarray:
                                 ).as_rotvec()
 
 
-def _load(p: Path) -> np.ndarray:
-    try:
-        data = np.load(p, allow_pickle=False)
-    except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-            raise InputError(f"{p}: holds pickled Python objects, which cryoai refuses to load "
-                             "(not a cryoSPARC .cs file)") from exc
-        raise InputError(f"{p}: not a cryoSPARC .cs file ({one_line(exc)})") from exc
-    except (OSError, EOFError) as exc:
-        raise InputError(f"{p}: not a cryoSPARC .cs file ({one_line(exc)})") from exc
-    if isinstance(data, np.lib.npyio.NpzFile):
-        data.close()
-        raise InputError(f"{p}: is an .npz archive, not a cryoSPARC .cs file")
-    if data.dtype.names is None or data.ndim != 1:
-        raise InputError(f"{p}: not a cryoSPARC .cs file (not a 1D table of named fields)")
-    if data.dtype.hasobject:
-        raise InputError(f"{p}: holds Python objects, which cryoai refuses to load")
-    return data
+#: Records read at a time.
+CHUNK_RECORDS = 65536
 
 
-def _field(p: Path, data: np.ndarray, name: str, dtype=np.float32) -> np.ndarray:
-    values = np.asarray(data[name], dtype=dtype)
+class _Records:
+    """A ``.cs`` file (NumPy ``.npy`` format, a 1D structured array) read in chunks of records,
+    so that a file of millions of particles with dozens of fields is never held whole."""
+
+    def __init__(self, p: Path):
+        self.p = p
+        try:
+            with open(p, "rb") as f:
+                if f.read(4) == b"PK\x03\x04":
+                    raise InputError(f"{p}: is an .npz archive, not a cryoSPARC .cs file")
+                f.seek(0)
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise InputError(f"{p}: NumPy file format version {version} is not supported")
+                self.offset = f.tell()
+        except InputError:
+            raise
+        except ValueError as exc:
+            if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                raise InputError(f"{p}: holds pickled Python objects, which cryoai refuses to load "
+                                 "(not a cryoSPARC .cs file)") from exc
+            raise InputError(f"{p}: not a cryoSPARC .cs file ({one_line(exc)})") from exc
+        except (OSError, EOFError) as exc:
+            raise InputError(f"{p}: not a cryoSPARC .cs file ({one_line(exc)})") from exc
+        if dtype.names is None or len(shape) != 1:
+            raise InputError(f"{p}: not a cryoSPARC .cs file (not a 1D table of named fields)")
+        if dtype.hasobject:
+            raise InputError(f"{p}: holds Python objects, which cryoai refuses to load")
+        self.dtype, self.n = dtype, int(shape[0])
+        size = os.path.getsize(p)
+        if size < self.offset + self.n * dtype.itemsize:
+            raise InputError(f"{p}: truncated ({size} bytes, the header announces "
+                             f"{self.offset + self.n * dtype.itemsize})")
+        self.names = set(dtype.names)
+
+    def chunks(self):
+        """Yield (first record, structured array of up to CHUNK_RECORDS records)."""
+        with open(self.p, "rb") as f:
+            f.seek(self.offset)
+            for start in range(0, self.n, CHUNK_RECORDS):
+                count = min(CHUNK_RECORDS, self.n - start)
+                yield start, np.fromfile(f, dtype=self.dtype, count=count)
+
+
+def _finite(p: Path, values: np.ndarray, name: str) -> np.ndarray:
     if not np.isfinite(values).all():
         raise InputError(f"{p}: field {name} has NaN or infinite values")
     return values
@@ -132,46 +163,70 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
         (e.g. a passthrough file), missing CTF fields, bad pixel size or box.
     """
     p = require_file(path, ".cs file")
-    data = _load(p)
-    names = set(data.dtype.names)
+    records = _Records(p)
+    names = records.names
     if not {"blob/path", "blob/idx"} <= names:
         raise InputError(f"{p}: no blob/path and blob/idx fields (not a particle .cs file; a "
                          "passthrough file?)")
-    if len(data) == 0:
+    n = records.n
+    if n == 0:
         raise InputError(f"{p}: the particle table is empty")
     missing = [f for f in _CTF_FIELDS if f not in names]
     if missing:
         raise InputError(f"{p}: missing CTF fields {', '.join(missing)}")
     if "blob/psize_A" not in names:
         raise InputError(f"{p}: no pixel size (blob/psize_A)")
-    apix = _field(p, data, "blob/psize_A")
+    with_poses = read_poses and "alignments3D/pose" in names
+    wanted = {name: (n,) for name in (*_CTF_FIELDS, "blob/psize_A", "ctf/phase_shift_rad",
+                                     "ctf/bfactor") if name in names}
+    if with_poses:
+        wanted["alignments3D/pose"] = (n, 3)
+        if "alignments3D/shift" in names:
+            wanted["alignments3D/shift"] = (n, 2)
+    columns = {name: np.empty(shape, dtype=np.float64 if name.startswith("align") else np.float32)
+               for name, shape in wanted.items()}
+    stack_codes = np.empty(n, dtype=np.int32)
+    idx = np.empty(n, dtype=np.int32)
+    raw_ids: dict[bytes | str, int] = {}
+    shapes: set[tuple[int, ...]] = set()
+    for start, chunk in records.chunks():
+        sl = slice(start, start + len(chunk))
+        for name, arr in columns.items():
+            arr[sl] = np.asarray(chunk[name]).reshape((len(chunk), *wanted[name][1:]))
+        codes, uniques = pd.factorize(np.asarray(chunk["blob/path"]))
+        ids = np.array([raw_ids.setdefault(u, len(raw_ids)) for u in uniques], dtype=np.int32)
+        stack_codes[sl] = ids[codes]
+        blob_idx = np.asarray(chunk["blob/idx"]).astype(np.int64)
+        if (blob_idx < 0).any():
+            raise InputError(f"{p}: negative blob/idx")
+        idx[sl] = blob_idx
+        if "blob/shape" in names:
+            shapes.update(map(tuple, np.unique(np.asarray(chunk["blob/shape"]).reshape(len(chunk), -1),
+                                               axis=0).tolist()))
+    for name, arr in columns.items():
+        _finite(p, arr, name)
+    apix = columns["blob/psize_A"]
     if (apix <= 0).any():
         raise InputError(f"{p}: pixel size must be positive (found {apix.min():g} A)")
-    n = len(data)
 
-    codes, uniques = pd.factorize(np.asarray(data["blob/path"]))
     raw_paths = [(u.decode("utf-8", "replace") if isinstance(u, bytes) else str(u)).strip().lstrip(">")
-                 for u in uniques]
+                 for u in raw_ids]
     if any(not r for r in raw_paths):
         raise InputError(f"{p}: empty blob/path")
     base = [p.parent.absolute(), p.parent.absolute().parent]
     file_ids: dict[str, int] = {}  # two names may resolve to the same file
     remap = np.array([file_ids.setdefault(resolve_stack_path(r, base, datadir), len(file_ids))
                       for r in raw_paths], dtype=np.int32)
-    stack_ids = remap[codes]
+    stack_ids = remap[stack_codes]
     stack_files = tuple(file_ids)
-    idx = np.asarray(data["blob/idx"]).astype(np.int64)
-    if (idx < 0).any():
-        raise InputError(f"{p}: negative blob/idx")
 
-    if "blob/shape" in names:
-        shapes = np.asarray(data["blob/shape"]).reshape(n, -1)
-        uniq = np.unique(shapes, axis=0)
-        if len(uniq) > 1:
+    if shapes:
+        if len(shapes) > 1:
             raise InputError(f"{p}: mixed box sizes in blob/shape; cryoai needs one box size")
-        if uniq.shape[1] != 2 or uniq[0, 0] != uniq[0, 1]:
-            raise InputError(f"{p}: images are not square (blob/shape {tuple(uniq[0])})")
-        box = int(uniq[0, 0])
+        shape = next(iter(shapes))
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise InputError(f"{p}: images are not square (blob/shape {shape})")
+        box = int(shape[0])
     else:
         from .mrc import read_header
 
@@ -184,15 +239,13 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
         raise InputError(f"{p}: box size {box} is odd; cryoai needs even boxes")
 
     def optional(name: str) -> np.ndarray:
-        return _field(p, data, name) if name in names else compact_column(0.0, n)
+        return columns[name] if name in columns else compact_column(0.0, n)
 
     rotations = shifts = None
-    if read_poses and "alignments3D/pose" in names:
-        pose = _field(p, data, "alignments3D/pose", np.float64).reshape(n, 3)
-        rotations = pose_to_matrix(pose)
-        if "alignments3D/shift" in names:
-            shift_px = _field(p, data, "alignments3D/shift", np.float64).reshape(n, 2)
-            shifts = -shift_px * apix[:, None]
+    if with_poses:
+        rotations = pose_to_matrix(columns.pop("alignments3D/pose")).astype(np.float32)
+        if "alignments3D/shift" in columns:
+            shifts = -columns.pop("alignments3D/shift") * apix[:, None]
         else:
             shifts = np.broadcast_to(np.float32(0), (n, 2))
 
@@ -202,12 +255,12 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
         stack_indices=idx,
         box_px=box,
         pixel_size_a=apix,
-        defocus_u_a=_field(p, data, "ctf/df1_A"),
-        defocus_v_a=_field(p, data, "ctf/df2_A"),
-        defocus_angle_rad=_field(p, data, "ctf/df_angle_rad"),
-        voltage_kv=_field(p, data, "ctf/accel_kv"),
-        cs_mm=_field(p, data, "ctf/cs_mm"),
-        amplitude_contrast=_field(p, data, "ctf/amp_contrast"),
+        defocus_u_a=columns["ctf/df1_A"],
+        defocus_v_a=columns["ctf/df2_A"],
+        defocus_angle_rad=columns["ctf/df_angle_rad"],
+        voltage_kv=columns["ctf/accel_kv"],
+        cs_mm=columns["ctf/cs_mm"],
+        amplitude_contrast=columns["ctf/amp_contrast"],
         phase_shift_rad=optional("ctf/phase_shift_rad"),
         bfactor_a2=optional("ctf/bfactor"),
         rotations=rotations,
