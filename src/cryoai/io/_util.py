@@ -118,3 +118,15 @@ def resolve_stack_path(raw: str, base_dirs: Sequence[Path],
         if c.is_file():
             return str(c)
     return str(candidates[0])
+
+
+def box_from_first_stack(p: Path, stack_files: Sequence[str], missing_label: str) -> int:
+    """The image size in the header of the first existing stack of ``stack_files``, for a
+    metadata file ``p`` that lacks ``missing_label``; :class:`InputError` if none exists."""
+    from .mrc import read_header
+
+    first = next((s for s in stack_files if os.path.isfile(s)), None)
+    if first is None:
+        raise InputError(f"{p}: no {missing_label} and no image stack found (first: "
+                         f"{stack_files[0]}); cannot tell the box size")
+    return read_header(first).box

@@ -36,7 +36,7 @@ from scipy.spatial.transform import Rotation
 
 from cryoai.errors import InputError
 
-from ._util import one_line, require_file, resolve_stack_path
+from ._util import box_from_first_stack, one_line, require_file, resolve_stack_path
 from .particles import ParticleTable, compact_column
 
 _CTF_FIELDS = (
@@ -228,13 +228,7 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
             raise InputError(f"{p}: images are not square (blob/shape {shape})")
         box = int(shape[0])
     else:
-        from .mrc import read_header
-
-        first = next((s for s in stack_files if os.path.isfile(s)), None)
-        if first is None:
-            raise InputError(f"{p}: no blob/shape and no image stack found (first: "
-                             f"{stack_files[0]}); cannot tell the box size")
-        box = read_header(first).box
+        box = box_from_first_stack(p, stack_files, "blob/shape")
     if box % 2:
         raise InputError(f"{p}: box size {box} is odd; cryoai needs even boxes")
 

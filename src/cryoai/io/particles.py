@@ -137,12 +137,6 @@ class ParticleTable:
         if self.optics_group is not None:
             self.optics_group = compact_column(self.optics_group, n, np.int32)
 
-    @classmethod
-    def from_stack_paths(cls, stack_paths, **kwargs) -> ParticleTable:
-        """A table from one stack path per particle (``stack_paths`` (N,) of str)."""
-        codes, uniques = pd.factorize(pd.Series(np.asarray(stack_paths, dtype=object)).astype(str))
-        return cls(stack_files=tuple(str(u) for u in uniques), stack_ids=codes, **kwargs)
-
     def __len__(self) -> int:
         return len(self.stack_indices)
 

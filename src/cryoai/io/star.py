@@ -39,7 +39,7 @@ from scipy.spatial.transform import Rotation
 from cryoai import __version__
 from cryoai.errors import InputError
 
-from ._util import atomic_path, one_line, require_file, resolve_stack_path
+from ._util import atomic_path, box_from_first_stack, one_line, require_file, resolve_stack_path
 from .particles import ParticleTable, compact_column, is_constant
 
 ANGLE_LABELS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -526,13 +526,7 @@ def _box_size(p: Path, sizes: set[float], stack_files: tuple[str, ...]) -> int:
                              "box size")
         box = int(next(iter(sizes)))
     else:
-        from .mrc import read_header
-
-        first = next((s for s in stack_files if os.path.isfile(s)), None)
-        if first is None:
-            raise InputError(f"{p}: no rlnImageSize and no image stack found (first: "
-                             f"{stack_files[0]}); cannot tell the box size")
-        box = read_header(first).box
+        box = box_from_first_stack(p, stack_files, "rlnImageSize")
     if box % 2:
         raise InputError(f"{p}: box size {box} is odd; cryoai needs even boxes")
     if box < 2:
