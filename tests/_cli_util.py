@@ -62,3 +62,10 @@ def smooth_volume(n: int) -> np.ndarray:
     c = np.arange(n) - n // 2
     z, y, x = np.meshgrid(c, c, c, indexing="ij")
     return np.exp(-((x - 2) ** 2 + y**2 / 2 + (z + 1) ** 2) / (2 * (n / 8) ** 2))
+
+
+def simulate_small(out: Path, n: int, seed: int) -> Path:
+    """A small simulated set (L=32, SNR 0 dB) written by `cryoai simulate` into ``out``."""
+    assert main(["simulate", "--box", "32", "--n", str(n), "--seed", str(seed), "--snr-db", "0",
+                 "--device", "cpu", "--quiet", "--outdir", str(out)]) == 0
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cryoai.cli.main import main
+from _cli_util import simulate_small
 from cryoai.training.checkpoint import load_checkpoint
 
 N_PARTICLES = 30  # global batches of 16 and 14: the second one splits 7 + 7
@@ -35,9 +35,7 @@ def _torchrun() -> list[str]:
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp") / "sim"
-    assert main(["simulate", "--box", "32", "--n", str(N_PARTICLES), "--seed", "8", "--snr-db", "0",
-                 "--device", "cpu", "--quiet", "--outdir", str(out)]) == 0
-    return out
+    return simulate_small(out, N_PARTICLES, seed=8)
 
 
 def _args(sim: Path, out: Path, *extra: str) -> list[str]:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from _cli_util import simulate_small
 from cryoai.cli.main import main
 from cryoai.io import read_volume
 from cryoai.training.checkpoint import load_checkpoint
@@ -26,9 +27,7 @@ N_PARTICLES = 160
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("robust") / "sim"
-    assert main(["simulate", "--box", "32", "--n", str(N_PARTICLES), "--seed", "3", "--snr-db", "0",
-                 "--device", "cpu", "--quiet", "--outdir", str(out)]) == 0
-    return out
+    return simulate_small(out, N_PARTICLES, seed=3)
 
 
 def _train_args(sim: Path, outdir: Path, epochs: int = 60) -> list[str]:
