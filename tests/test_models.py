@@ -173,6 +173,53 @@ def test_pose_encoder_bf16_and_cropped_input():
         assert (enc.embed(images + 5 * checkerboard) - full).abs().max() > 0.1 * full.abs().max()
 
 
+def test_pose_encoder_inference_folds_batchnorm():
+    """In eval mode without gradients the BatchNorms are folded into the convolutions: the same
+    function as the layer-by-layer CNN (with gradients on), with trained running statistics."""
+    torch.manual_seed(3)
+    enc = PoseEncoder(N, width=0.125)
+    with torch.no_grad():
+        for _ in range(3):  # running statistics far from the (0, 1) of a fresh BatchNorm
+            enc(torch.randn(8, N, N) * 3 + 1)
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.5, 0.5)
+    enc.eval()
+    images = torch.randn(5, N, N)
+    x = enc.filters(images).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        folded = enc._features_folded(x)
+        r_fast, t_fast = enc(images)
+    reference = enc.features(x)  # gradients on: the module path with BatchNorm layers
+    assert reference.requires_grad
+    reference = reference.detach()
+    torch.testing.assert_close(folded, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    r_ref, t_ref = enc(images)
+    torch.testing.assert_close(r_fast, r_ref.detach(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(t_fast, t_ref.detach(), rtol=0, atol=1e-4)
+
+
+def test_gaussian_filter_bank_matches_direct_convolution():
+    """The bank equals a direct convolution with the 11 x 11 Gaussians of the paper (zero padded),
+    each channel standardised with the unbiased standard deviation (independent numpy/scipy
+    reference)."""
+    from scipy.signal import convolve2d
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, N, N)) * 4 + 2
+    bank = GaussianFilterBank()
+    out = bank(torch.as_tensor(images, dtype=torch.float32)).numpy()
+    r = np.arange(11) - 5
+    for c, var in enumerate((0.01, 0.1, 1.0, 10.0, 100.0)):
+        kernel = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * var))
+        kernel /= kernel.sum()
+        for b in range(3):
+            ref = convolve2d(images[b], kernel, mode="same")
+            ref = (ref - ref.mean()) / ref.std(ddof=1)
+            np.testing.assert_allclose(out[b, c], ref, rtol=0, atol=2e-4)
+
+
 def test_gaussian_filter_bank_standardised():
     torch.manual_seed(0)
     bank = GaussianFilterBank()

@@ -43,11 +43,18 @@ class GaussianFilterBank(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, N, N) -> (B, C, N, N), each channel with zero mean and unit variance per image."""
+        """(B, N, N) -> (B, C, N, N), each channel with zero mean and unit variance per image.
+
+        The variance is the unbiased one (divisor N^2 - 1). It is computed as the norm of the
+        centred values, in the precision of the convolution's output (float32 without autocast):
+        two passes that vectorise, where ``Tensor.std`` runs a slower one-pass (Welford) loop.
+        """
         x = nn.functional.conv2d(images[:, None], self.weight.to(images.dtype), padding=self.padding)
-        mean = x.mean(dim=(-2, -1), keepdim=True)
-        std = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
-        return (x - mean) / std
+        flat = x.flatten(2)  # (B, C, N^2), a view
+        centred = flat - flat.mean(dim=-1, keepdim=True)
+        norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True, dtype=torch.float32)
+        std = (norm / max(flat.shape[-1] - 1, 1) ** 0.5).clamp_min(1e-6)
+        return centred.div_(std.to(centred.dtype)).view_as(x)
 
 
 class PoseEncoder(nn.Module):
@@ -117,7 +124,32 @@ class PoseEncoder(nn.Module):
         if self.input_px != images.shape[-1]:
             images = fourier_crop_2d(images, self.input_px)
         x = self.filters(images).contiguous(memory_format=torch.channels_last)
-        return self.features(x).flatten(1)
+        if self.training or torch.is_grad_enabled():
+            return self.features(x).flatten(1)
+        return self._features_folded(x).flatten(1)
+
+    def _features_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """The CNN in inference: each BatchNorm (running statistics) folded into the convolution
+        before it, as a scale of its weights and a bias; ReLU in place. Same function as
+        ``self.features`` in eval mode, without the normalisation passes over the activations."""
+        layers = list(self.features)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, nn.Conv2d) and i + 1 < len(layers) \
+                    and isinstance(layers[i + 1], nn.BatchNorm2d):
+                bn = layers[i + 1]
+                scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
+                bias = bn.bias - bn.running_mean * scale
+                if layer.bias is not None:
+                    bias = bias + layer.bias * scale
+                x = nn.functional.conv2d(x, layer.weight * scale[:, None, None, None], bias,
+                                         layer.stride, layer.padding, layer.dilation, layer.groups)
+                i += 2
+            else:
+                x = layer(x)
+                i += 1
+        return x
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
