@@ -4,10 +4,11 @@ Builds the real :class:`cryoai.training.trainer.Trainer` on a tiny throw-away st
 particle table), then times ``Trainer.train_step`` on synthetic batches that are already on the
 device (random images, realistic CTF parameters), so that no file or loader time is counted:
 
-  (a) voxel decoder + encoder (encoder width 0.25, the default model; precision "auto": bf16
-      autocast in the encoder where the hardware has native bf16, else fp32)
+  (a) voxel decoder + encoder (encoder width 0.25, the default model: the encoder reads images
+      Fourier-cropped to half the box from 64 px up; precision "auto": bf16 autocast in the
+      encoder where the hardware has native bf16, else fp32)
   (f) as (a) with the encoder in fp32
-  (g) as (a) with the encoder reading images Fourier-cropped to half the box
+  (g) as (a) with the encoder reading the full box (``encoder_input_px=0``)
   (b) FourierNet (width 256) + encoder (width 0.25)
   (c) the paper preset: FourierNet 256 + encoder width 1.0
   (d) voxel decoder with fixed poses (no encoder)
@@ -47,7 +48,8 @@ from cryoai.training.trainer import Trainer
 CASES = {
     "a": ("voxel + encoder 0.25", dict(decoder="voxel", encoder_width=0.25), False),
     "f": ("voxel + encoder 0.25, fp32", dict(decoder="voxel", encoder_width=0.25, precision="fp32"), False),
-    "g": ("voxel + encoder 0.25, input 1/2", dict(decoder="voxel", encoder_width=0.25), False),
+    "g": ("voxel + encoder 0.25, full input", dict(decoder="voxel", encoder_width=0.25, encoder_input_px=0),
+          False),
     "b": ("FourierNet 256 + encoder 0.25",
           dict(decoder="fouriernet", fouriernet_width=256, encoder_width=0.25), False),
     "c": ("paper (FourierNet 256 + encoder 1.0)", dict(PRESETS["paper"]), False),
@@ -179,8 +181,6 @@ def main() -> None:
                       or (key == "g" and "h" in args.cases))
             if not needed:
                 continue
-            if key == "g":
-                values = {**values, "encoder_input_px": args.box // 2}
             tr = build_trainer(values, fixed, table, workdir, device, args.batch_size)
             trainers[key] = tr
             if key not in args.cases:
@@ -206,17 +206,17 @@ def main() -> None:
 
             sec = timed(predict, device, args.warmup, args.steps)
             flops = count_flops(predict)
-            label = "encoder 0.25" + (", input 1/2" if key == "h" else "")
+            label = f"encoder 0.25, {model.encoder.input_px} px input"
             rows.append((f"({key}) pose prediction ({label})", "choose_poses", args.predict_batch_size, sec,
                          count_parameters(model.encoder), flops, "bf16" if model.encoder.bf16 else "fp32"))
 
     print()
-    print(f"{'case':<42} {'kind':<12} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'params':>10} "
+    print(f"{'case':<50} {'kind':<12} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'params':>10} "
           f"{'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>7}")
-    print("-" * 120)
+    print("-" * 128)
     for label, kind, b, sec, n_params, flops, prec in rows:
         rate = flops / sec
-        print(f"{label:<42} {kind:<12} {b:>5} {sec * 1e3:>9.1f} {b / sec:>9.1f} {n_params:>10,} "
+        print(f"{label:<50} {kind:<12} {b:>5} {sec * 1e3:>9.1f} {b / sec:>9.1f} {n_params:>10,} "
               f"{flops / 1e9:>10.2f} {rate / 1e9:>8.1f} {100 * rate / peak[prec]:>6.0f}% ({prec})")
 
 

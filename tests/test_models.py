@@ -291,3 +291,37 @@ def test_image_spectra_parseval():
     real_space = (images[0] - images[1]).pow(2).sum()
     fourier = ((y[0] - y[1]).abs() ** 2 * model.hermitian_weight.double()).sum()
     np.testing.assert_allclose(float(fourier), float(real_space), rtol=1e-10)
+
+
+def test_encoder_input_size_rule():
+    """None = automatic (half the box, even, from 64 px up; full box below), 0 = full box."""
+    from cryoai.models.encoder import encoder_input_size
+
+    assert encoder_input_size(None, 64) == 32
+    assert encoder_input_size(None, 128) == 64
+    assert encoder_input_size(None, 66) == 32  # half of 66 is odd: rounded down to even
+    assert encoder_input_size(None, 48) == 48
+    assert encoder_input_size(0, 64) == 64
+    assert encoder_input_size(40, 64) == 40
+    assert encoder_input_size(80, 64) == 64
+
+
+def test_config_encoder_input_default_flag_and_paper_preset():
+    """The default model crops the encoder input at 64 px; the flag takes 0 (full box) as an int;
+    the paper preset keeps the paper's full-box input."""
+    import argparse
+
+    from cryoai.models.cryoai import build_model
+    from cryoai.training.config import TrainConfig, add_config_args, resolve_config
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--config", default=None)
+    add_config_args(parser)
+    assert resolve_config(parser.parse_args([])).encoder_input_px is None
+    full = resolve_config(parser.parse_args(["--encoder-input-px", "0"]))
+    assert full.encoder_input_px == 0 and isinstance(full.encoder_input_px, int)
+    assert resolve_config(parser.parse_args(["--preset", "paper"])).encoder_input_px == 0
+    assert build_model(TrainConfig(), 64, 5.0).encoder.input_px == 32
+    assert build_model(full, 64, 5.0).encoder.input_px == 64
+    assert build_model(TrainConfig(), 32, 5.0).encoder.input_px == 32

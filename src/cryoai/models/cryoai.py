@@ -16,7 +16,7 @@ from ..physics.grids import grid_2d, half_plane_mask
 from ..physics.projection import slice_coords
 from ..physics.shifts import phase_shift
 from .decoders import FourierNet, VoxelDecoder
-from .encoder import PoseEncoder
+from .encoder import PoseEncoder, encoder_input_size
 
 
 class CryoAI(nn.Module):
@@ -123,7 +123,8 @@ def build_model(cfg, box_px: int, pixel_size_a: float, *, with_encoder: bool = T
     if with_encoder:
         max_shift = cfg.max_shift_a if cfg.max_shift_a is not None else 0.15 * box_px * pixel_size_a
         encoder = PoseEncoder(box_px, width=cfg.encoder_width, n_heads=cfg.encoder_heads,
-                              max_shift_a=max_shift, input_px=cfg.encoder_input_px or None,
+                              max_shift_a=max_shift,
+                              input_px=encoder_input_size(cfg.encoder_input_px, box_px),
                               bf16=use_bf16(cfg.precision, device))
     return CryoAI(box_px, pixel_size_a, decoder, encoder)
 

@@ -19,6 +19,33 @@ VGG_LAYOUT = (
 )
 
 
+#: Boxes from this size up feed the encoder half-size (Fourier-cropped) images by default.
+AUTO_CROP_MIN_BOX_PX = 64
+
+
+def encoder_input_size(setting: int | None, box_px: int) -> int:
+    """The image size the encoder reads, in px, for an ``encoder_input_px`` setting.
+
+    Parameters
+    ----------
+    setting : None for automatic, 0 for the full box, else a size in px (clipped to the box).
+    box_px : the particle images' box.
+
+    Returns
+    -------
+    The size, even. Automatic is half the box (rounded down to even) for boxes of
+    :data:`AUTO_CROP_MIN_BOX_PX` and more, the full box below: the encoder then sees the
+    frequencies up to half of Nyquist. Supervised pose regression (``bench/bench_encoder_input.py``,
+    docs/benchmarks.md) learned as accurate poses per training minute from half-size images, and
+    pose prediction is 3-4x faster.
+    """
+    if setting is None:
+        return 2 * (box_px // 4) if box_px >= AUTO_CROP_MIN_BOX_PX else box_px
+    if setting == 0:
+        return box_px
+    return min(int(setting), box_px)
+
+
 class GaussianFilterBank(nn.Module):
     """Fixed bank of Gaussian low-pass filters stacked as channels, each standardised per image.
 
@@ -165,4 +192,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["GaussianFilterBank", "PoseEncoder", "VGG_LAYOUT", "count_parameters"]
+__all__ = ["AUTO_CROP_MIN_BOX_PX", "GaussianFilterBank", "PoseEncoder", "VGG_LAYOUT", "count_parameters",
+           "encoder_input_size"]

@@ -25,7 +25,8 @@ class TrainConfig:
     fouriernet_width: int = 256
     encoder_width: float = 0.25  # multiplier of the VGG channel widths (1.0 = the paper)
     encoder_heads: int = 1  # rotation hypotheses per image (winner takes all)
-    encoder_input_px: int = 0  # Fourier-crop images to this size for the encoder (0: full box)
+    encoder_input_px: int | None = None  # Fourier-crop the encoder's images to this size; 0: the
+    #                                      full box; None: automatic (half the box from 64 px up)
     max_shift_a: float | None = None  # bound of predicted shifts; None: 0.15 * box * pixel size
     learn_shifts: bool = True
     # --- ab initio strategy
@@ -78,7 +79,7 @@ class TrainConfig:
             raise InputError(f"loss must be 'symmetric' or 'l2' (got {self.loss!r})")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise InputError(f"precision must be 'auto', 'fp32' or 'bf16' (got {self.precision!r})")
-        if self.encoder_input_px < 0 or self.encoder_input_px % 2:
+        if self.encoder_input_px is not None and (self.encoder_input_px < 0 or self.encoder_input_px % 2):
             raise InputError(f"encoder_input_px must be 0 (full box) or a positive even size "
                              f"(got {self.encoder_input_px})")
         if self.batch_size < 1:
@@ -105,7 +106,7 @@ class TrainConfig:
 #: Named configurations. "paper" is the faithful cryoAI of the ECCV 2022 paper.
 PRESETS: dict[str, dict] = {
     "paper": dict(ab_initio="encoder", decoder="fouriernet", fouriernet_width=256, encoder_width=1.0,
-                  encoder_heads=1,
+                  encoder_heads=1, encoder_input_px=0,
                   loss="symmetric", batch_size=64, lr_encoder=1e-4, lr_decoder=1e-4, amsgrad=True,
                   grad_clip=1.0, max_radius_frac=1.0),
     "fast": dict(decoder="voxel", encoder_width=0.25),
@@ -147,6 +148,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
             typ = type(default) if default is not None else float
             if f.name in ("max_shift_a", "max_minutes", "search_max_shift_px"):
                 typ = float
+            elif f.name == "encoder_input_px":
+                typ = int
             group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", type=typ, default=None,
                                metavar=typ.__name__.upper(), help=f"(default {default})")
 
