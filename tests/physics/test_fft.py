@@ -12,6 +12,8 @@ from cryoai.physics.fft import (
     fft3_c,
     fourier_crop_2d,
     fourier_crop_3d,
+    half_spectrum,
+    half_spectrum_index,
     ifft2_c,
     ifft3_c,
     pad_volume,
@@ -53,7 +55,7 @@ def test_fft3_c_round_trip(n):
                                msg="fft3_c(ifft3_c(z)) != z")
 
 
-@pytest.mark.parametrize("n", [8, 32])
+@pytest.mark.parametrize("n", [8, 10, 9, 32])  # N/2 even, N/2 odd (sign of the modulation), odd N
 def test_centred_transforms_match_numpy(n):
     x2 = _randn((2, n, n), 1) + 1j * _randn((2, n, n), 2)
     x3 = _randn((n, n, n), 3) + 1j * _randn((n, n, n), 4)
@@ -68,6 +70,44 @@ def test_centred_transforms_match_numpy(n):
         ref = _centred_ref(x, axes, inverse)
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-10 * np.abs(ref).max(),
                                    err_msg=f"{fn.__name__} != numpy fftshift(fft(ifftshift))")
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (8, 10), (7, 8)])
+def test_fft2_c_non_square_matches_numpy(shape):
+    x = _randn((2, *shape), 7) + 1j * _randn((2, *shape), 8)
+    for fn, inverse in ((fft2_c, False), (ifft2_c, True)):
+        ref = _centred_ref(x, (-2, -1), inverse)
+        np.testing.assert_allclose(fn(torch.from_numpy(x)).numpy(), ref, rtol=0,
+                                   atol=1e-10 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n", [8, 10, 64])
+def test_half_spectrum_matches_numpy_centred_fft(n):
+    """Coefficients gathered from a real FFT equal numpy's centred FFT at each (kx, ky >= 0),
+    the Nyquist row and column included."""
+    x = _randn((3, n, n), 9)
+    ky, kx = np.meshgrid(np.arange(0, n // 2 + 1), np.arange(-n // 2, n // 2), indexing="ij")
+    coords = torch.as_tensor(np.stack([kx.ravel(), ky.ravel()], -1), dtype=torch.float32)
+    flat_index, sign = half_spectrum_index(coords, n)
+    ours = half_spectrum(torch.from_numpy(x), flat_index, sign).numpy()
+    ref = _centred_ref(x, (-2, -1))[:, (ky.ravel() + n // 2) % n, kx.ravel() + n // 2]  # ky = N/2 is -N/2
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+    with pytest.raises(ValueError):
+        half_spectrum_index(torch.tensor([[0.0, -1.0]]), n)  # the other half
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(16, 8), (18, 10), (64, 62)])
+def test_fourier_crop_2d_matches_centred_crop_numpy(n_in, n_out):
+    """The real-FFT crop equals cropping numpy's centred spectrum (new Nyquist row and column
+    zeroed) and transforming back."""
+    x = _randn((2, n_in, n_in), 10)
+    spec = _centred_ref(x, (-2, -1))
+    lo = n_in // 2 - n_out // 2
+    spec = spec[:, lo:lo + n_out, lo:lo + n_out].copy()
+    spec[:, 0, :] = 0
+    spec[:, :, 0] = 0
+    ref = _centred_ref(spec, (-2, -1), inverse=True).real * (n_out / n_in) ** 2
+    np.testing.assert_allclose(fourier_crop_2d(torch.from_numpy(x), n_out).numpy(), ref, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("n", [8, 16, 30])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..physics.ctf import compute_ctf
-from ..physics.fft import fft2_c
+from ..physics.fft import fft2_c, half_spectrum, half_spectrum_index
 from ..physics.grids import grid_2d, half_plane_mask
 from ..physics.projection import slice_coords
 from ..physics.shifts import phase_shift
@@ -46,6 +46,11 @@ class CryoAI(nn.Module):
         w = torch.full((int(mask.sum()),), 2.0)
         w[(g[mask] == 0).all(-1)] = 1.0
         self.register_buffer("hermitian_weight", w, persistent=False)
+        self._real_fft = box_px % 2 == 0  # kept coefficients gathered from a real FFT
+        if self._real_fft:
+            flat_index, sign = half_spectrum_index(g[mask], box_px)
+            self.register_buffer("rfft_index", flat_index, persistent=False)
+            self.register_buffer("rfft_sign", sign / box_px, persistent=False)
 
     @property
     def freqs_a(self) -> torch.Tensor:
@@ -54,6 +59,8 @@ class CryoAI(nn.Module):
 
     def image_spectra(self, images: torch.Tensor) -> torch.Tensor:
         """(B, N, N) real images -> (B, M) complex kept coefficients of ``fft2_c(img) / N``."""
+        if self._real_fft:
+            return half_spectrum(images, self.rfft_index, self.rfft_sign)
         return fft2_c(images)[:, self.half_mask] / self.box_px
 
     def ctf(self, batch: dict) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..physics.fft import fft3_c, ifft3_c
 from ..physics.grids import radius_grid_3d
-from ..physics.projection import sample_volume
+from ..physics.projection import sample_channels
 
 
 def _lower_half(coords: torch.Tensor) -> torch.Tensor:
@@ -139,7 +139,9 @@ class VoxelDecoder(nn.Module):
         return torch.complex(self.grid[0] * self.scale, self.grid[1] * self.scale)
 
     def _raw(self, coords: torch.Tensor) -> torch.Tensor:
-        return sample_volume(self.fourier_volume(), coords)
+        # Sample the real and imaginary channels as stored: no complex volume is built.
+        out = sample_channels(self.grid * self.scale, coords)
+        return torch.complex(out[0], out[1])
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         return hermitian_eval(self._raw, coords)

@@ -31,18 +31,30 @@ def sample_volume(volume: torch.Tensor, coords_px: torch.Tensor) -> torch.Tensor
     -------
     (...) tensor with the volume's dtype.
     """
-    n = volume.shape[-1]
+    if volume.is_complex():
+        out = sample_channels(torch.stack([volume.real, volume.imag], dim=0), coords_px)
+        return torch.complex(out[0], out[1])
+    return sample_channels(volume[None], coords_px)[0]
+
+
+def sample_channels(volumes: torch.Tensor, coords_px: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation of C real volumes at the same points (see :func:`sample_volume`).
+
+    Parameters
+    ----------
+    volumes : (C, N, N, N) real tensor, each indexed [z, y, x], centre ``N//2`` (e.g. the real
+        and imaginary parts of a Fourier volume, stored apart).
+    coords_px : (..., 3) points ``(x, y, z)`` in centred voxel units; outside the box reads 0.
+
+    Returns
+    -------
+    (C, ...) tensor.
+    """
+    n = volumes.shape[-1]
     lead = coords_px.shape[:-1]
-    grid = _normalise(coords_px.reshape(1, -1, 1, 1, 3).to(volume.real.dtype), n)
-    if volume.is_complex():
-        vol = torch.stack([volume.real, volume.imag], dim=0)[None]
-    else:
-        vol = volume[None, None]
-    out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    out = out.reshape(out.shape[1], -1)
-    if volume.is_complex():
-        return torch.complex(out[0], out[1]).reshape(lead)
-    return out[0].reshape(lead)
+    grid = _normalise(coords_px.reshape(1, -1, 1, 1, 3).to(volumes.dtype), n)
+    out = F.grid_sample(volumes[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.reshape(volumes.shape[0], *lead)
 
 
 def slice_coords(rotations: torch.Tensor, coords_2d: torch.Tensor) -> torch.Tensor:
