@@ -95,3 +95,29 @@ def test_box_mismatch_detected(tmp_path, write_mrcs, two_stacks, expect_input_er
 def test_read_stack_images_all(two_stacks):
     star, a, _ = two_stacks
     np.testing.assert_array_equal(read_stack_images(star.parent / "a.mrcs"), a)
+
+
+def test_random_reads_in_parallel_match_mrcfile(tmp_path, write_mrcs):
+    """Many separate runs (the thread-pool path of StackReader) give the images mrcfile reads,
+    in the order asked, repeats included; a stack cut short after opening is named, whichever
+    thread hits the end."""
+    import mrcfile
+
+    from cryoai.errors import InputError
+    from cryoai.io import mrc as mrc_module
+    from cryoai.io.mrc import StackReader, read_header
+
+    rng = np.random.default_rng(4)
+    path = write_mrcs(tmp_path / "s.mrcs", rng.normal(size=(200, 8, 8)).astype(np.float32))
+    with mrcfile.open(path, permissive=True) as m:
+        reference = np.array(m.data)
+    reader = StackReader(read_header(path))
+    rows = np.concatenate([rng.permutation(200)[:64], [5, 5, 6, 7, 199]])
+    runs = np.flatnonzero(np.diff(np.unique(rows)) != 1).size + 1
+    assert runs >= mrc_module._PARALLEL_MIN_RUNS
+    np.testing.assert_array_equal(reader.read(rows), reference[rows])
+    with open(path, "r+b") as f:  # the last 10 images disappear under the open reader
+        f.truncate(path.stat().st_size - 10 * 8 * 8 * 4)
+    with pytest.raises(InputError, match="s.mrcs: truncated MRC file"):
+        reader.read(rows)
+    reader.close()

@@ -4,6 +4,7 @@ are read, with ``pread``; see :class:`cryoai.io.mrc.StackReader`)."""
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -103,6 +104,7 @@ class ImageSource:
         self.check_finite = check_finite
         self.check_blank = check_blank
         self._maps: OrderedDict[int, StackReader] = OrderedDict()
+        self._lock = threading.Lock()  # reads may come from a prefetch thread and the main one
 
     def __len__(self) -> int:
         return len(self._stack_id)
@@ -116,10 +118,12 @@ class ImageSource:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()
+        del state["_lock"]
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _map(self, sid: int) -> StackReader:
         m = self._maps.get(sid)
@@ -161,6 +165,10 @@ class ImageSource:
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"particle index out of range for {n} particles")
         idx = np.where(idx < 0, idx + n, idx)
+        with self._lock:  # the open-stack cache is shared: one reader at a time
+            return self._read(idx)
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
         out = np.empty((idx.size, self.box, self.box), dtype=np.float32)
         sids = self._stack_id[idx]
         order = np.argsort(sids, kind="stable")
@@ -193,7 +201,8 @@ class ImageSource:
 
     def close(self) -> None:
         """Drop the open maps (they are reopened on the next read)."""
-        self._maps.clear()
+        with self._lock:
+            self._maps.clear()
 
     def __enter__(self) -> ImageSource:
         return self

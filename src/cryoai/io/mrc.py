@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,6 +311,21 @@ def read_stack_images(path: str | os.PathLike, indices=None) -> np.ndarray:
     return out
 
 
+#: Reads of at least this many separate runs of images are issued from a thread pool.
+_PARALLEL_MIN_RUNS = 4
+#: Reads kept in flight at once (``os.pread`` releases the GIL: disk latency overlaps).
+READ_THREADS = 8
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    """This process's read pool (a pool inherited through ``fork`` has no threads: remade)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="cryoai-read"))
+    return _POOL[1]
+
+
 class StackReader:
     """Read images of an MRC stack with ``os.pread`` (no memory map).
 
@@ -342,17 +358,32 @@ class StackReader:
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         values = np.empty((uniq.size, *self.shape[1:]), dtype=self.info.dtype)
         flat = values.reshape(uniq.size, -1).view(np.uint8).reshape(uniq.size, self._row_bytes)
-        for run in np.split(np.arange(uniq.size), breaks):
-            start, count = int(uniq[run[0]]), run.size
-            want = count * self._row_bytes
-            buf = os.pread(self._fd, want, self.info.data_offset + start * self._row_bytes)
-            if len(buf) != want:
-                raise InputError(f"{self.info.path}: truncated MRC file (could not read image "
-                                 f"{start + len(buf) // self._row_bytes + 1})")
-            flat[run[0]:run[0] + count] = np.frombuffer(buf, dtype=np.uint8).reshape(count, -1)
+        run_starts = np.concatenate([[0], breaks])
+        run_counts = np.diff(np.concatenate([run_starts, [uniq.size]]))
+        runs = [(int(i0), int(uniq[i0]), int(c)) for i0, c in zip(run_starts, run_counts, strict=True)]
+        if len(runs) >= _PARALLEL_MIN_RUNS:  # random access: keep several reads in flight
+            list(_read_pool().map(lambda run: self._read_run(flat, *run), runs))
+        else:
+            for run in runs:
+                self._read_run(flat, *run)
         pos = np.searchsorted(uniq, sorted_rows)
         out[order] = values[pos]
         return out
+
+    def _read_run(self, flat: np.ndarray, i0: int, start: int, count: int) -> None:
+        """Read ``count`` consecutive images from image ``start`` into rows ``i0..`` of ``flat``."""
+        want = count * self._row_bytes
+        offset = self.info.data_offset + start * self._row_bytes
+        target = flat[i0:i0 + count]
+        if hasattr(os, "preadv"):  # straight into the array, no intermediate bytes
+            got = os.preadv(self._fd, [memoryview(target).cast("B")], offset)
+        else:
+            buf = os.pread(self._fd, want, offset)
+            got = len(buf)
+            target.reshape(-1)[:got] = np.frombuffer(buf, dtype=np.uint8)
+        if got != want:
+            raise InputError(f"{self.info.path}: truncated MRC file (could not read image "
+                             f"{start + got // self._row_bytes + 1})")
 
     def close(self) -> None:
         if self._fd >= 0:

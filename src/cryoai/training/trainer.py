@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .. import __version__
 from ..data.dataset import ParticleDataset, collate_batch, estimate_scale
+from ..data.prefetch import ThreadPrefetcher
 from ..errors import CryoaiError, InputError
 from ..io.images import ImageSource
 from ..io.mrc import write_volume
@@ -82,14 +83,20 @@ class EpochBatches(Sampler):
 
 
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0,
-                start: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+                start: int = 0, rank: int = 0, world_size: int = 1,
+                prefetch: int = 2) -> DataLoader | ThreadPrefetcher:
     """A DataLoader over :class:`EpochBatches` that reads whole batches at once
-    (``__getitems__``), with ``num_workers`` background processes reading ahead."""
+    (``__getitems__``), reading ahead: with ``num_workers`` background processes (4 batches
+    each), or, with ``num_workers=0``, in one background thread ``prefetch`` batches ahead
+    (:class:`cryoai.data.prefetch.ThreadPrefetcher`; ``prefetch=0``: no read-ahead)."""
     sampler = EpochBatches(len(dataset), batch_size, seed=seed if shuffle else None, start=start,
                            rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=collate_batch,
-                      num_workers=num_workers, persistent_workers=False,
-                      prefetch_factor=4 if num_workers > 0 else None)
+    loader = DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=collate_batch,
+                        num_workers=num_workers, persistent_workers=False,
+                        prefetch_factor=4 if num_workers > 0 else None)
+    if num_workers == 0 and prefetch > 0:
+        return ThreadPrefetcher(loader, depth=prefetch)
+    return loader
 
 
 class _LossModule(torch.nn.Module):
