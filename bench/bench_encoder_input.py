@@ -42,15 +42,16 @@ class ImageSource:
     """Simulated images of one map: random poses, shifts N(0, shift_sigma_px), CTF, noise."""
 
     def __init__(self, volume: np.ndarray, pixel_size_a: float, snr_db: float | None,
-                 shift_sigma_px: float, seed: int, oversample: int = 1):
+                 shift_sigma_px: float, seed: int, oversample: int = 1, device=None):
         self.n = volume.shape[-1]
         self.pixel_size_a = pixel_size_a
-        self.fvol = fft3_c(pad_volume(torch.as_tensor(volume, dtype=torch.float32),
-                                           oversample * self.n))
-        self.freqs_a = frequency_grid_2d(self.n, pixel_size_a)
+        self.device = torch.device(device or "cpu")
+        self.fvol = fft3_c(pad_volume(torch.as_tensor(volume, dtype=torch.float32, device=self.device),
+                                      oversample * self.n))
+        self.freqs_a = frequency_grid_2d(self.n, pixel_size_a, device=self.device)
         self.shift_sigma_a = shift_sigma_px * pixel_size_a
         self.gen = torch.Generator().manual_seed(seed)
-        self.mask = circular_mask(self.n, 0.45 * self.n, soft_edge_px=3)
+        self.mask = circular_mask(self.n, 0.45 * self.n, soft_edge_px=3, device=self.device)
         self.noise_std = 0.0
         if snr_db is not None:
             clean, _ = self.draw(512, noise=False)
@@ -58,16 +59,22 @@ class ImageSource:
 
     def draw(self, count: int, noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked images (count, N, N) and their true rotations (count, 3, 3)."""
-        g = self.gen
-        rot = random_rotations(count, generator=g)
+        g, dev = self.gen, self.device  # random numbers drawn on the CPU: same on any device
+        rot = random_rotations(count, generator=g).to(dev)
         proj = crop_center_2d(ifft2_c(extract_central_slices(self.fvol, rot)).real, self.n)
-        mean_def = 15000.0 * torch.exp(0.3 * torch.randn(count, generator=g))
-        ctf = compute_ctf(self.freqs_a, mean_def, mean_def, torch.zeros(count), 300.0, 2.7, 0.1, 0.0, 0.0)
-        shifts = torch.randn(count, 2, generator=g) * self.shift_sigma_a
+        mean_def = (15000.0 * torch.exp(0.3 * torch.randn(count, generator=g))).to(dev)
+        ctf = compute_ctf(self.freqs_a, mean_def, mean_def, torch.zeros(count, device=dev), 300.0, 2.7, 0.1,
+                          0.0, 0.0)
+        shifts = (torch.randn(count, 2, generator=g) * self.shift_sigma_a).to(dev)
         images = ifft2_c(fft2_c(proj) * ctf * phase_shift(self.freqs_a, shifts)).real
         if noise and self.noise_std > 0:
-            images = images + self.noise_std * torch.randn(images.shape, generator=g)
+            images = images + self.noise_std * torch.randn(images.shape, generator=g).to(dev)
         return images / (images.std() + 1e-12) * self.mask, rot
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def median_error_deg(encoder: PoseEncoder, images: torch.Tensor, rotations: torch.Tensor) -> float:
@@ -83,9 +90,11 @@ def forward_rate(encoder: PoseEncoder, images: torch.Tensor, reps: int = 5) -> f
     encoder.eval()
     with torch.no_grad():
         encoder(images)
+        _sync(images.device)
         t0 = time.perf_counter()
         for _ in range(reps):
             encoder(images)
+        _sync(images.device)
         sec = (time.perf_counter() - t0) / reps
     encoder.train()
     return len(images) / sec
@@ -109,6 +118,7 @@ def main() -> None:
     p.add_argument("--oversample", type=int, default=1,
                    help="zero-padding factor of the projector (2: more exact, about 8x slower)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     args = p.parse_args()
 
     torch.set_num_threads(max(1, args.threads))
@@ -117,19 +127,20 @@ def main() -> None:
     pixel_size_a = args.pixel_size or voxel_a
     snr_db = None if args.snr_db.lower() == "none" else float(args.snr_db)
     n = volume.shape[-1]
-    bf16 = use_bf16("auto", "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = use_bf16("auto", device)
     print(f"map {path} ({n} px, {pixel_size_a} A/px); SNR {args.snr_db} dB; {args.images:,} images of "
           f"batch {args.batch_size}, lr {args.lr}; encoder width {args.width}, "
-          f"{'bf16' if bf16 else 'fp32'}; {torch.get_num_threads()} threads", flush=True)
+          f"{'bf16' if bf16 else 'fp32'}; {device}, {torch.get_num_threads()} CPU threads", flush=True)
     held_out = ImageSource(volume, pixel_size_a, snr_db, args.shift_sigma_px,
-                           seed=10_000 + args.seed, oversample=args.oversample)
+                           seed=10_000 + args.seed, oversample=args.oversample, device=device)
     eval_images, eval_rot = held_out.draw(args.eval_images)
     results = {}
     for size in args.sizes:
         torch.manual_seed(args.seed)
         source = ImageSource(volume, pixel_size_a, snr_db, args.shift_sigma_px, seed=args.seed,
-                             oversample=args.oversample)
-        encoder = PoseEncoder(n, width=args.width, input_px=size, bf16=bf16)
+                             oversample=args.oversample, device=device)
+        encoder = PoseEncoder(n, width=args.width, input_px=size, bf16=bf16).to(device)
         opt = torch.optim.Adam(encoder.parameters(), lr=args.lr, amsgrad=True)
         curve = []
         seen, next_eval, train_sec = 0, args.eval_every, 0.0
@@ -143,6 +154,7 @@ def main() -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
             opt.step()
+            _sync(device)
             train_sec += time.perf_counter() - t0
             seen += args.batch_size
             if seen >= next_eval or seen >= args.images:
