@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..physics.fft import fourier_crop_2d
 from ..physics.rotations import rotation_6d_to_matrix
@@ -166,12 +167,10 @@ class PoseEncoder(nn.Module):
             if isinstance(layer, nn.Conv2d) and i + 1 < len(layers) \
                     and isinstance(layers[i + 1], nn.BatchNorm2d):
                 bn = layers[i + 1]
-                scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
-                bias = bn.bias - bn.running_mean * scale
-                if layer.bias is not None:
-                    bias = bias + layer.bias * scale
-                x = nn.functional.conv2d(x, layer.weight * scale[:, None, None, None], bias,
-                                         layer.stride, layer.padding, layer.dilation, layer.groups)
+                weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean,
+                                                    bn.running_var, bn.eps, bn.weight, bn.bias)
+                x = nn.functional.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation,
+                                         layer.groups)
                 i += 2
             else:
                 x = layer(x)
