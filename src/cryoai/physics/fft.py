@@ -29,10 +29,7 @@ def _centred_2d(x: torch.Tensor, transform) -> torch.Tensor:
         return torch.fft.fftshift(transform(torch.fft.ifftshift(x, dim=dims), dim=dims), dim=dims)
     real_dtype = x.real.dtype if x.is_complex() else x.dtype
     c = _checkerboard(h, w, x.device, real_dtype)
-    if (h // 2 + w // 2) % 2:
-        c_out = -c
-    else:
-        c_out = c
+    c_out = -c if (h // 2 + w // 2) % 2 else c
     return transform(x * c, dim=dims).mul_(c_out)
 
 
@@ -61,7 +58,7 @@ def half_spectrum_index(coords_px: torch.Tensor, n: int) -> tuple[torch.Tensor, 
     Parameters
     ----------
     coords_px : (M, 2) integer frequencies (kx, ky) in cycles per box, with ``ky >= 0`` (one
-        Hermitian half) and ``-N/2 <= kx < N/2``.
+        Hermitian half) and ``-N/2 <= kx <= N/2`` (N/2 and -N/2 are the same coefficient).
     n : the (even) box N.
 
     Returns
