@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cryoai.data.dataset import ParticleBatch
 from cryoai.io.mrc import write_stack
 from cryoai.io.particles import ParticleTable
 from cryoai.models.encoder import count_parameters
@@ -88,11 +89,11 @@ def ctf_params(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-def make_batch(n: int, box: int, pixel_size_a: float, gen: torch.Generator, device) -> dict:
-    batch = {"images": torch.randn(n, box, box, generator=gen),
-             "index": torch.arange(n, dtype=torch.int64),
-             "pixel_size_a": torch.full((n,), pixel_size_a), **ctf_params(n, gen)}
-    return {k: v.to(device) for k, v in batch.items()}
+def make_batch(n: int, box: int, pixel_size_a: float, gen: torch.Generator, device) -> ParticleBatch:
+    batch = ParticleBatch(images=torch.randn(n, box, box, generator=gen),
+                          index=torch.arange(n, dtype=torch.int64),
+                          pixel_size_a=torch.full((n,), pixel_size_a), **ctf_params(n, gen))
+    return batch.to(device)
 
 
 def sync(device: torch.device) -> None:

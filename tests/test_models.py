@@ -253,7 +253,7 @@ def test_render_identity_is_central_slice(volume):
     # The prediction of the noise-free image equals image_spectra of its projection ...
     torch.testing.assert_close(pred, target, rtol=0, atol=1e-5 * scale)
     # ... which is the central slice fft2_c(volume.sum(0)) / N at the kept coefficients.
-    central = fft2_c(volume.sum(0))[model.half_mask] / N
+    central = fft2_c(volume.sum(0))[model.formation.half_mask] / N
     torch.testing.assert_close(pred[0], central, rtol=0, atol=1e-5 * scale)
     # And with a CTF, the prediction is multiplied by it.
     ctf = torch.linspace(-1, 1, pred.shape[-1])[None]
@@ -289,7 +289,7 @@ def test_image_spectra_parseval():
     images = ifft2_c(spec).real
     y = model.image_spectra(images)
     real_space = (images[0] - images[1]).pow(2).sum()
-    fourier = ((y[0] - y[1]).abs() ** 2 * model.hermitian_weight.double()).sum()
+    fourier = ((y[0] - y[1]).abs() ** 2 * model.formation.hermitian_weight.double()).sum()
     np.testing.assert_allclose(float(fourier), float(real_space), rtol=1e-10)
 
 

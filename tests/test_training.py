@@ -15,6 +15,8 @@ from torch import nn
 
 from cryoai.assets import embedded_map_path
 from cryoai.cli.main import main as cryoai_main
+from cryoai.data.dataset import ParticleBatch
+from cryoai.data.loader import make_loader
 from cryoai.errors import InputError
 from cryoai.evaluation.metrics import fsc_report
 from cryoai.io import load_particles, read_volume
@@ -31,7 +33,7 @@ from cryoai.training.checkpoint import load_checkpoint, save_checkpoint
 from cryoai.training.config import TrainConfig
 from cryoai.training.losses import squared_error, symmetric_loss
 from cryoai.training.poses import choose_poses
-from cryoai.training.trainer import Trainer, make_loader
+from cryoai.training.trainer import Trainer
 
 N = 32
 PIXEL_A = 10.0  # the embedded 64 px / 5 A map cropped to 32 px
@@ -93,7 +95,7 @@ def test_symmetric_loss_is_min_over_image_and_rotated_image():
     other[:8] = rotate_180(images[:8]) + 0.1 * other[:8]
     other[8:] = images[8:] + 0.1 * other[8:]
     pred = model.image_spectra(other)
-    w = model.hermitian_weight
+    w = model.formation.hermitian_weight
     sym = symmetric_loss(model.image_spectra(images), pred, w)
     plain = squared_error(model.image_spectra(images), pred, w)
     rotated = squared_error(model.image_spectra(rotate_180(images)), pred, w)
@@ -115,20 +117,21 @@ class _FixedEncoder(nn.Module):
         return self.rotations, self.shifts_a
 
 
-def _ctf_batch(b: int) -> dict:
+def _ctf_batch(b: int) -> ParticleBatch:
     g = torch.Generator().manual_seed(5)
     du = 10000 + 10000 * torch.rand(b, generator=g)
-    return {"defocus_u_a": du, "defocus_v_a": du - 200, "defocus_angle_rad": torch.rand(b, generator=g),
-            "voltage_kv": torch.full((b,), 300.0), "cs_mm": torch.full((b,), 2.7),
-            "amplitude_contrast": torch.full((b,), 0.1), "phase_shift_rad": torch.zeros(b),
-            "bfactor_a2": torch.zeros(b)}
+    return ParticleBatch(images=torch.zeros(b, N, N), index=torch.arange(b),
+                         pixel_size_a=torch.full((b,), PIXEL_A), defocus_u_a=du, defocus_v_a=du - 200,
+                         defocus_angle_rad=torch.rand(b, generator=g), voltage_kv=torch.full((b,), 300.0),
+                         cs_mm=torch.full((b,), 2.7), amplitude_contrast=torch.full((b,), 0.1),
+                         phase_shift_rad=torch.zeros(b), bfactor_a2=torch.zeros(b))
 
 
 def _images_at(volume, rotations, shifts_a, batch) -> torch.Tensor:
     """Images through the physics module (not the model): project, shift, apply the CTF."""
     proj = project_fourier(volume, rotations, oversample=1)
     shifted = shift_images(proj, shifts_a / PIXEL_A)
-    ctf = compute_ctf(frequency_grid_2d(N, PIXEL_A), *[batch[k] for k in (
+    ctf = compute_ctf(frequency_grid_2d(N, PIXEL_A), *[getattr(batch, k) for k in (
         "defocus_u_a", "defocus_v_a", "defocus_angle_rad", "voltage_kv", "cs_mm",
         "amplitude_contrast", "phase_shift_rad", "bfactor_a2")])
     return ifft2_c(fft2_c(shifted) * ctf).real
@@ -140,7 +143,7 @@ def test_choose_poses_resolves_the_in_plane_flip(volume):
     r0 = random_rotations(b, generator=gen)
     t0 = (torch.rand(b, 2, generator=gen) - 0.5) * 40  # Angstrom, up to 2 px
     batch = _ctf_batch(b)
-    batch["images"] = _images_at(volume, r0, t0, batch)
+    batch.images = _images_at(volume, r0, t0, batch)
     model = CryoAI(N, PIXEL_A, VoxelDecoder(N, init_volume=volume))
 
     # The encoder answers the pose of the image rotated by 180 degrees: (R0 Rz(pi), -t0).
@@ -148,7 +151,7 @@ def test_choose_poses_resolves_the_in_plane_flip(volume):
     r, t, loss = choose_poses(model, batch, None)
     torch.testing.assert_close(r, r0, rtol=0, atol=1e-5)
     torch.testing.assert_close(t, t0, rtol=0, atol=1e-4)
-    scale = float((model.image_spectra(batch["images"]).abs() ** 2).sum(-1).min())
+    scale = float((model.image_spectra(batch.images).abs() ** 2).sum(-1).min())
     assert float(loss.max()) < 1e-6 * scale
 
     # Without the symmetric loss the flip is not considered: the answer is kept as is.
@@ -315,7 +318,7 @@ def test_checkpoint_refuses_pickled_objects(tmp_path):
 
 
 def test_epoch_batches_shards_and_resume():
-    from cryoai.training.trainer import EpochBatches
+    from cryoai.data.loader import EpochBatches
 
     full = list(EpochBatches(103, 10, seed=5))
     assert len(full) == 11 and sorted(i for b in full for i in b) == list(range(103))

@@ -54,6 +54,34 @@ def test_matrix_to_euler_round_trip_including_gimbal_lock():
     np.testing.assert_allclose(euler_deg_to_matrix(matrix_to_euler_deg(r)), r, atol=1e-9)
 
 
+@pytest.mark.parametrize("tilt_deg", [None, 0.0, 1e-5, 1e-4, 179.9999, 180.0])
+def test_angles_written_are_scipys(tilt_deg):
+    """The text written for float32 poses (the table's) is that of scipy's
+    ``Rotation.from_matrix(R).as_euler("ZYZ", degrees=True)``, and reading it back gives the
+    same matrices as scipy's ``from_euler``, near the gimbal lock too."""
+    import warnings
+
+    rng = np.random.default_rng(8)
+    n = 3000
+    angles = np.column_stack([rng.uniform(-180, 180, n),
+                              np.rad2deg(np.arccos(rng.uniform(-1, 1, n))) if tilt_deg is None
+                              else np.full(n, tilt_deg), rng.uniform(-180, 180, n)])
+    poses = Rotation.from_euler("ZYZ", angles, degrees=True).as_matrix().astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Gimbal lock detected"
+        ref = Rotation.from_matrix(poses.astype(np.float64)).as_euler("ZYZ", degrees=True)
+    ours = matrix_to_euler_deg(poses)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
+    text = np.char.mod("%.9g", ours)
+    np.testing.assert_array_equal(text, np.char.mod("%.9g", ref))
+    back = text.astype(np.float64)
+    np.testing.assert_allclose(euler_deg_to_matrix(back),
+                               Rotation.from_euler("ZYZ", back, degrees=True).as_matrix(),
+                               rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="determinant"):
+        matrix_to_euler_deg(-poses[:2])
+
+
 # ------------------------------------------------------------------------ shared files
 
 

@@ -60,6 +60,29 @@ def test_electron_wavelength(kv, expected):
     assert isinstance(t, torch.Tensor) and abs(float(t[0]) - lam) < 1e-15
 
 
+def test_compute_ctf_uses_the_documented_wavelength():
+    """With w = 0, Cs = 0, no astigmatism: CTF = -sin(pi lambda d s^2), lambda from CONVENTIONS.md."""
+    freqs = _freq_grid(32, 1.1)
+    s2 = (freqs**2).sum(-1)
+    d = 15000.0
+    for kv in (300.0, 120.0):
+        volts = kv * 1e3
+        lam = 12.2639 / math.sqrt(volts + 0.97845e-6 * volts**2)
+        assert electron_wavelength_a(kv) == pytest.approx(lam, rel=1e-15)
+        ours = compute_ctf(torch.from_numpy(freqs), d, d, 0.3, kv, 0.0, 0.0).numpy()
+        np.testing.assert_allclose(ours, -np.sin(np.pi * lam * d * s2), rtol=0, atol=1e-12,
+                                   err_msg=f"compute_ctf's wavelength at {kv} kV is not the documented one")
+        # The check is sensitive: the non-relativistic wavelength is far off.
+        lam_nr = 12.2639 / math.sqrt(volts)
+        assert np.abs(ours + np.sin(np.pi * lam_nr * d * s2)).max() > 1e-3
+    # Batched voltages (tensor path) give the same per-voltage wavelength.
+    kv_t = torch.tensor([300.0, 120.0], dtype=torch.float64)
+    both = compute_ctf(torch.from_numpy(freqs), d, d, 0.3, kv_t, 0.0, 0.0).numpy()
+    lam_t = electron_wavelength_a(kv_t).numpy()
+    for i in range(2):
+        np.testing.assert_allclose(both[i], -np.sin(np.pi * lam_t[i] * d * s2), rtol=0, atol=1e-12)
+
+
 def test_ctf_matches_formula_unbatched():
     freqs = _freq_grid(64, 1.3)
     p = {k: float(v[0]) for k, v in _random_params(1, 0).items()}

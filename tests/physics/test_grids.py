@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -13,9 +15,13 @@ from cryoai.physics.grids import (
     grid_2d,
     grid_3d,
     half_plane_mask,
+    in_half_space,
+    max_paired_radius_px,
     mirror_index_2d,
+    n_shells,
     radius_grid_2d,
     radius_grid_3d,
+    shell_index,
 )
 
 F64 = torch.float64
@@ -112,3 +118,87 @@ def test_half_plane_custom_radius():
     g = grid_2d(n, dtype=F64)
     assert not bool(half[g.norm(dim=-1) > 3.0].any())
     assert bool(half[n // 2, n // 2 + 3]) and not bool(half[n // 2, n // 2 - 3])
+
+
+# ------------------------------------------------------------------ shells, half space, Nyquist
+
+
+def test_shell_index_is_the_nearest_integer_radius():
+    r = torch.tensor([0.0, 0.49, 0.51, 1.0, 1.4999, 2.5001, 7.3, 11.9], dtype=F64)
+    s = shell_index(r)
+    assert s.dtype == torch.long
+    assert s.tolist() == [0, 0, 1, 1, 1, 3, 7, 12]
+    # On a 3D grid: every voxel's shell is within half a frequency pixel of its radius.
+    n = 12
+    rad = radius_grid_3d(n, dtype=F64)
+    s3 = shell_index(rad)
+    assert s3.shape == (n, n, n)
+    assert float((s3.to(F64) - rad).abs().max()) <= 0.5
+    # The corners lie beyond the last FSC shell N//2; the axes reach it exactly.
+    assert int(s3.max()) == round(math.sqrt(3) * n / 2) > n_shells(n) - 1
+    assert int(s3[n // 2, n // 2, 0]) == n // 2
+
+
+@pytest.mark.parametrize("n, expected", [(2, 2), (8, 5), (64, 33), (128, 65)])
+def test_n_shells(n, expected):
+    assert n_shells(n) == expected
+    # One shell per integer radius from Nyquist (index 0, -N/2) to DC (index N//2) along an axis.
+    axis = shell_index(radius_grid_2d(n, dtype=F64)[n // 2, : n // 2 + 1])
+    assert n_shells(n) == len(set(axis.tolist()))
+
+
+@pytest.mark.parametrize("n", [4, 8, 16, 64])
+def test_max_paired_radius_px(n):
+    r = max_paired_radius_px(n)
+    assert r == n // 2 - 1
+    # Brute force over an even box: the largest integer radius R such that every frequency with
+    # |k| <= R has its partner -k in the box (frequencies run from -N/2 to N/2 - 1).
+    c = np.arange(n) - n // 2
+    y, x = np.meshgrid(c, c, indexing="ij")
+    in_box = lambda v: (v >= -(n // 2)) & (v <= n // 2 - 1)  # noqa: E731
+    paired = in_box(-x) & in_box(-y)
+    radius = np.hypot(x, y)
+    ok = [rr for rr in range(n) if paired[radius <= rr].all()]
+    assert max(ok) == r, "max_paired_radius_px is not the largest fully paired radius"
+    # Nyquist itself (N/2) is not paired.
+    assert not paired[radius <= n // 2].all()
+
+
+def _half_space_brute_force(pt) -> bool:
+    """One of k, -k (k != 0): the first nonzero coordinate from the last axis is positive."""
+    for v in reversed(pt):
+        if v != 0:
+            return v > 0
+    return True  # the origin
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_in_half_space_against_brute_force(dim):
+    c = np.arange(-3, 4)
+    pts = np.stack(np.meshgrid(*([c] * dim), indexing="ij"), -1).reshape(-1, dim).astype(float)
+    ref = np.array([_half_space_brute_force(p) for p in pts])
+    got = in_half_space(torch.from_numpy(pts))
+    assert got.dtype == torch.bool and got.shape == (len(pts),)
+    np.testing.assert_array_equal(got.numpy(), ref)
+    # Exactly one of each pair k, -k (k != 0) is inside, and the origin is.
+    neg = in_half_space(torch.from_numpy(-pts)).numpy()
+    origin = (pts == 0).all(-1)
+    assert (ref ^ neg)[~origin].all() and ref[origin].all()
+    # Batched leading axes are kept.
+    assert in_half_space(torch.from_numpy(pts).reshape(7, -1, dim)).shape == (7, len(pts) // 7)
+
+
+def test_in_half_space_formulas_as_documented():
+    g3 = grid_3d(6, dtype=F64)
+    x, y, z = g3.unbind(-1)
+    assert torch.equal(in_half_space(g3), (z > 0) | ((z == 0) & ((y > 0) | ((y == 0) & (x >= 0)))))
+    g2 = grid_2d(6, dtype=F64)
+    assert torch.equal(in_half_space(g2), (g2[..., 1] > 0) | ((g2[..., 1] == 0) & (g2[..., 0] >= 0)))
+    with pytest.raises(ValueError):
+        in_half_space(torch.zeros(5, 4))
+
+
+def test_half_plane_mask_default_radius_is_max_paired_radius():
+    for n in (8, 16):
+        assert torch.equal(half_plane_mask(n), half_plane_mask(n, max_radius=max_paired_radius_px(n)))
+        assert not torch.equal(half_plane_mask(n), half_plane_mask(n, max_radius=n // 2))

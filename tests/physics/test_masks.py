@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from cryoai.physics.masks import circular_mask, soft_edge_window_2d, spherical_mask
+from cryoai.physics.masks import (
+    MAP_MASK_RADIUS_FRAC,
+    circular_mask,
+    map_mask_radius_px,
+    soft_edge_window_2d,
+    spherical_mask,
+)
 
 F64 = torch.float64
 
@@ -70,3 +76,14 @@ def test_soft_edge_window_2d():
     np.testing.assert_allclose(w, w.T, atol=0)
     np.testing.assert_allclose(w, np.outer(w[:, n // 2], w[n // 2, :]), atol=1e-15)
     assert np.all(np.diff(w[n // 2, : n // 2]) >= 0), "window must rise monotonically"
+
+
+@pytest.mark.parametrize("box", [64, 128, 200])
+def test_map_mask_radius_px(box):
+    assert MAP_MASK_RADIUS_FRAC == 0.45
+    # A positive fraction is used as given.
+    assert map_mask_radius_px(box, 0.3) == 0.3 * box
+    assert map_mask_radius_px(box, 0.5) == 0.5 * box
+    # 0 (encoder-input mask off) still masks maps, at 0.45 of the box.
+    assert map_mask_radius_px(box, 0.0) == 0.45 * box
+    assert map_mask_radius_px(box, 0) == 0.45 * box

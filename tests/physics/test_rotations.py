@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -91,8 +92,8 @@ def test_matrix_to_euler_round_trip_and_matches_scipy():
 def test_matrix_to_euler_near_gimbal_lock(tilt):
     """Round trip near tilt = 0 and pi (float64).
 
-    Inside the lock band (sin(tilt) < 1e-6) psi is folded into rot and the dropped tilt makes an
-    error of at most ~2 tilt; acos(R[2, 2]) adds ~sqrt(2 eps) = 2e-8 of its own.
+    Inside the lock band (tilt within 1e-7 of 0 or pi, as scipy) psi is folded into rot, which
+    makes an error of at most ~2 tilt; outside it the round trip is exact to rounding.
     """
     dist = min(tilt, math.pi - tilt)
     atol = 2 * dist + 5e-8 if dist < 1e-6 else 1e-9
@@ -109,6 +110,40 @@ def test_matrix_to_euler_near_gimbal_lock(tilt):
         mat = Rotation.from_euler("ZYZ", [0.4, tilt, -1.1]).as_matrix()
         assert float(matrix_to_euler_zyz(torch.from_numpy(mat))[2]) == 0.0, \
             "psi should be 0 exactly at the gimbal lock"
+
+
+def _scipy_zyz(mats: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Gimbal lock detected"
+        return Rotation.from_matrix(mats).as_euler("ZYZ")
+
+
+@pytest.mark.parametrize("tilt", [None, 0.0, 1e-12, 5e-8, 1e-7, 1.5e-7, 1e-6, 1e-3,
+                                  math.pi - 1e-3, math.pi - 2e-7, math.pi - 5e-8, math.pi])
+def test_matrix_to_euler_is_scipys_as_euler_zyz(tilt):
+    """Same angles as scipy (to rounding), including its gimbal-lock band and split."""
+    rng = np.random.default_rng(7)
+    n = 2000
+    angles = np.stack([rng.uniform(-np.pi, np.pi, n),
+                       np.arccos(rng.uniform(-1, 1, n)) if tilt is None else np.full(n, tilt),
+                       rng.uniform(-np.pi, np.pi, n)], -1)
+    mats = Rotation.from_euler("ZYZ", angles).as_matrix()
+    ours = matrix_to_euler_zyz(torch.from_numpy(mats)).numpy()
+    ref = _scipy_zyz(mats)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=5e-15,
+                               err_msg=f"matrix_to_euler_zyz != scipy as_euler('ZYZ'), tilt={tilt}")
+    np.testing.assert_array_equal(ours[:, 2] == 0, ref[:, 2] == 0,
+                                  err_msg="gimbal lock (psi = 0) decided unlike scipy")
+
+
+def test_matrix_to_euler_range_ends_as_scipy():
+    """Angles of exactly +-pi and the lock at tilt = 0 / pi come out as scipy writes them."""
+    angles = np.array([[np.pi, 0.5, 0.3], [0.3, 0.5, np.pi], [-np.pi, 1.0, -np.pi],
+                       [np.pi, 0.0, 0.0], [0.0, np.pi, 0.0], [0.5, np.pi, 0.2],
+                       [np.pi / 2, np.pi / 2, np.pi / 2], [0.0, 0.0, 0.0]])
+    mats = Rotation.from_euler("ZYZ", angles).as_matrix()
+    np.testing.assert_allclose(matrix_to_euler_zyz(torch.from_numpy(mats)).numpy(), _scipy_zyz(mats),
+                               rtol=0, atol=1e-15)
 
 
 # ----------------------------------------------------------------------------- 6D, quaternions

@@ -44,12 +44,12 @@ def main(args) -> int:
     from pathlib import Path
 
     from ..data.dataset import ParticleDataset
+    from ..data.loader import make_loader
     from ..errors import OutputError
     from ..io import load_particles
     from ..io.star import write_star
     from ..physics.masks import circular_mask
     from ..training.poses import iter_poses
-    from ..training.trainer import make_loader
 
     if Path(args.out).exists() and not args.force:
         raise OutputError(f"{args.out}: exists; use --force to overwrite")

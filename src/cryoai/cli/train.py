@@ -13,7 +13,6 @@ Example: cryoai train particles.star --outdir run/ --max-minutes 20
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..errors import InputError
@@ -137,15 +136,14 @@ def _fsc_logger(truth, trainer, aligned: bool):
     in an arbitrary frame, so their logged FSC is only a rough guide (use cryoai evaluate with
     the true poses for the final figure)."""
     from ..evaluation.metrics import best_flip_fsc
+    from ..training.run_dir import FSC_LOG
 
     def log(tr):
         rep = best_flip_fsc(tr.volume(), truth, tr.pixel_size_a)
         rec = {"step": tr.state.step, "minutes": tr.state.minutes,
                "fsc_0.5_px": rep["resolution_px_0.5"], "fsc_0.143_px": rep["resolution_px_0.143"],
                "aligned_to_reference": aligned}
-        with open(tr.outdir / "fsc_log.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if tr.writer is not None:
-            tr.writer.add_scalar("fsc/resolution_px_0.5", rec["fsc_0.5_px"], tr.state.step)
+        tr.run_dir.log(rec, FSC_LOG)
+        tr.run_dir.scalar("fsc/resolution_px_0.5", rec["fsc_0.5_px"], tr.state.step)
 
     return log

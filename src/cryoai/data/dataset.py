@@ -1,6 +1,8 @@
-"""A lazy, batched particle dataset over memory-mapped stacks."""
+"""A lazy, batched particle dataset over image stacks, and the typed batch it returns."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -11,13 +13,54 @@ from ..io.images import ImageSource
 from ..io.particles import CTF_FIELDS, ParticleTable
 
 
+@dataclass
+class ParticleBatch:
+    """Images of a batch of particles with their CTF parameters (B particles).
+
+    Attributes
+    ----------
+    images : (B, N, N) float32, sign-corrected and divided by the data set's intensity scale.
+    index : (B,) int64, the particles' rows in their table.
+    pixel_size_a : (B,) Angstrom per pixel.
+    defocus_u_a, defocus_v_a : (B,) defocus in Angstrom (positive = underfocus).
+    defocus_angle_rad : (B,) astigmatism angle.
+    voltage_kv : (B,) acceleration voltage.
+    cs_mm : (B,) spherical aberration.
+    amplitude_contrast : (B,) fraction.
+    phase_shift_rad : (B,) phase-plate shift.
+    bfactor_a2 : (B,) envelope B-factor, A^2.
+    """
+
+    images: torch.Tensor
+    index: torch.Tensor
+    pixel_size_a: torch.Tensor
+    defocus_u_a: torch.Tensor
+    defocus_v_a: torch.Tensor
+    defocus_angle_rad: torch.Tensor
+    voltage_kv: torch.Tensor
+    cs_mm: torch.Tensor
+    amplitude_contrast: torch.Tensor
+    phase_shift_rad: torch.Tensor
+    bfactor_a2: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def to(self, device, non_blocking: bool = False) -> ParticleBatch:
+        """The batch with every tensor on ``device``."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                                for f in fields(self)})
+
+    def select(self, rows) -> ParticleBatch:
+        """The particles ``rows`` (positions in this batch) as a batch."""
+        return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
 class ParticleDataset(Dataset):
     """Images and CTF parameters of a particle table, read lazily in batches.
 
-    ``dataset[i]`` and ``dataset.__getitems__(indices)`` return a dict with
-    ``images`` (B, N, N) float32 (sign-corrected, divided by the global scale), ``index`` (B,)
-    int64, and the CTF fields of :data:`cryoai.io.particles.CTF_FIELDS` as (B,) float32
-    tensors, plus ``pixel_size_a``.
+    :meth:`read` (and ``dataset[indices]``, the DataLoader's access) return a
+    :class:`ParticleBatch`; ``dataset[i]`` with one integer returns a batch of one.
 
     Parameters
     ----------
@@ -40,25 +83,16 @@ class ParticleDataset(Dataset):
         images = self.source.read(np.asarray(indices))  # raises InputError on NaN/inf pixels
         return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)) * (self.sign / self.scale)
 
-    def __getitems__(self, indices) -> dict:
-        idx = np.asarray(indices, dtype=np.int64)
-        batch = {"images": self.read_images(idx), "index": torch.from_numpy(idx)}
-        for k in ("pixel_size_a", *CTF_FIELDS):  # the table's columns, indexed per batch
-            batch[k] = torch.from_numpy(np.asarray(getattr(self.table, k)[idx], dtype=np.float32))
-        return batch
+    def read(self, indices) -> ParticleBatch:
+        """The particles ``indices`` (rows of the table, any order) as one batch."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        columns = {k: torch.from_numpy(np.asarray(getattr(self.table, k)[idx], dtype=np.float32))
+                   for k in ("pixel_size_a", *CTF_FIELDS)}  # the table's columns, per batch
+        return ParticleBatch(images=self.read_images(idx), index=torch.from_numpy(idx), **columns)
 
-    def __getitem__(self, index) -> dict:
-        if isinstance(index, (list, tuple, np.ndarray, torch.Tensor)):
-            return self.__getitems__(index)  # a whole batch (DataLoader with a batch sampler)
-        batch = self.__getitems__([index])
-        return {k: v[0] for k, v in batch.items()}
-
-
-def collate_batch(batch):
-    """Collate for a DataLoader whose dataset returns whole batches via ``__getitems__``."""
-    if isinstance(batch, dict):
-        return batch
-    return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
+    def __getitem__(self, index) -> ParticleBatch:
+        # The DataLoader (batch_size=None over a sampler of index lists) asks for whole batches.
+        return self.read(index)
 
 
 def estimate_scale(table: ParticleTable, n_samples: int = 1000, seed: int = 0,

@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import InputError
 from ..io import load_particles, read_volume, write_json_atomic, write_text_atomic
 from ..physics.fsc import fsc, resolution_px
-from ..physics.masks import spherical_mask
+from ..physics.masks import map_mask_radius_px, spherical_mask
 from . import plots
 from .metrics import evaluate
 
@@ -38,7 +38,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def _masked_half_map_fsc(run: Path, mask_frac: float) -> np.ndarray | None:
+def _masked_half_map_fsc(run: Path, mask_radius_frac: float) -> np.ndarray | None:
     h1, h2 = run / "volume_half1.mrc", run / "volume_half2.mrc"
     if not (h1.exists() and h2.exists()):
         return None
@@ -47,7 +47,7 @@ def _masked_half_map_fsc(run: Path, mask_frac: float) -> np.ndarray | None:
     if a.shape != b.shape:
         raise InputError(f"{h2}: box {b.shape} differs from {h1} {a.shape}")
     n = a.shape[-1]
-    mask = spherical_mask(n, mask_frac * n, soft_edge_px=3, dtype=torch.float64)
+    mask = spherical_mask(n, map_mask_radius_px(n, mask_radius_frac), soft_edge_px=3, dtype=torch.float64)
     ta = torch.as_tensor(a, dtype=torch.float64) * mask
     tb = torch.as_tensor(b, dtype=torch.float64) * mask
     return fsc(ta, tb).numpy()
@@ -140,7 +140,8 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
         shown = res["aligned_volume"]
         if "fsc" in res["metrics"]:
             curves["map vs ground truth"] = np.asarray(res["metrics"]["fsc"])
-    mask_frac = float(config.get("mask_radius_frac") or 0.45) if isinstance(config, dict) else 0.45
+    # A missing or 0 mask_radius_frac means the default map mask (map_mask_radius_px).
+    mask_frac = float(config.get("mask_radius_frac") or 0.0) if isinstance(config, dict) else 0.0
     half = _masked_half_map_fsc(run, mask_frac)
     if half is not None:
         curves["half map 1 vs 2 (masked)"] = half

@@ -11,7 +11,8 @@ Reading maps a STAR file to a :class:`~cryoai.io.particles.ParticleTable` in cry
 - pixel size from ``rlnImagePixelSize``, else ``rlnDetectorPixelSize * 1e4 / rlnMagnification``
   (RELION 3.0's definition: detector pixel in um, magnification);
 - poses when ``rlnAngleRot``, ``rlnAngleTilt`` and ``rlnAnglePsi`` are all present:
-  ``R = Rz(rot) @ Ry(tilt) @ Rz(psi)`` = scipy ``Rotation.from_euler("ZYZ", ..., degrees=True)``;
+  ``R = Rz(rot) @ Ry(tilt) @ Rz(psi)`` = scipy ``Rotation.from_euler("ZYZ", ..., degrees=True)``
+  (:func:`cryoai.physics.rotations.euler_zyz_to_matrix`);
 - shifts ``shifts_a = -origin`` from ``rlnOriginXAngst/YAngst``, or ``rlnOriginX/Y`` (pixels,
   RELION 3.0) times the pixel size; zeros when poses exist without origins; None when neither.
 
@@ -34,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.spatial.transform import Rotation
+import torch
 
 from cryoai import __version__
 from cryoai.errors import InputError
+from cryoai.physics.rotations import euler_zyz_to_matrix, matrix_to_euler_zyz
 
 from ._util import atomic_path, box_from_first_stack, one_line, require_file, resolve_stack_path
 from .particles import ParticleTable, compact_column, is_constant
@@ -537,22 +539,39 @@ def _box_size(p: Path, sizes: set[float], stack_files: tuple[str, ...]) -> int:
 def euler_deg_to_matrix(angles_deg: np.ndarray) -> np.ndarray:
     """RELION (rot, tilt, psi) in degrees, (n, 3), to poses ``Rz(rot) Ry(tilt) Rz(psi)``, (n, 3, 3).
 
-    scipy's intrinsic ``"ZYZ"`` is exactly this product (CONVENTIONS.md, Rotations).
+    The convention is :func:`cryoai.physics.rotations.euler_zyz_to_matrix` (CONVENTIONS.md,
+    Rotations); here only degrees become radians, in float64.
     """
-    return Rotation.from_euler("ZYZ", np.asarray(angles_deg, dtype=np.float64),
-                               degrees=True).as_matrix().reshape(-1, 3, 3)
+    angles_rad = np.deg2rad(np.asarray(angles_deg, dtype=np.float64).reshape(-1, 3))
+    return euler_zyz_to_matrix(torch.from_numpy(angles_rad)).numpy()
 
 
 def matrix_to_euler_deg(rotations: np.ndarray) -> np.ndarray:
     """Inverse of :func:`euler_deg_to_matrix`: (n, 3, 3) -> (rot, tilt, psi) degrees, (n, 3).
 
-    ``tilt`` in [0, 180]; at the gimbal lock scipy puts the whole in-plane angle in one of
-    rot/psi, which gives back the same matrix.
+    The convention is :func:`cryoai.physics.rotations.matrix_to_euler_zyz` (``tilt`` in
+    [0, 180]; at the gimbal lock psi is 0 and rot carries the whole in-plane angle), in float64.
+    As scipy's ``Rotation.from_matrix`` does, matrices that are not orthonormal to 1e-12 (the
+    table's float32 poses) are first replaced by the nearest rotation (``U @ Vt`` of their SVD),
+    so the angles are those of ``Rotation.from_matrix(R).as_euler("ZYZ", degrees=True)``.
+
+    Raises
+    ------
+    ValueError
+        A matrix with a non-positive determinant (not a rotation).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "Gimbal lock detected"
-        return Rotation.from_matrix(np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
-                                    ).as_euler("ZYZ", degrees=True)
+    m = np.array(rotations, dtype=np.float64).reshape(-1, 3, 3)
+    det = np.linalg.det(m)
+    if np.any(det <= 0):
+        ind = int(np.nonzero(det <= 0)[0][0])
+        raise ValueError(f"Non-positive determinant (left-handed or null coordinate frame) in "
+                         f"rotation matrix {ind}: {m[ind]}.")
+    gram = m @ m.transpose(0, 2, 1)
+    fix = ~np.all(np.isclose(gram, np.eye(3), atol=1e-12), axis=(1, 2))
+    if fix.any():
+        u, _, vt = np.linalg.svd(m[fix])
+        m[fix] = u @ vt
+    return np.rad2deg(matrix_to_euler_zyz(torch.from_numpy(m)).numpy())
 
 
 # ----------------------------------------------------------------------------------- writing

@@ -19,19 +19,17 @@ import torch
 from torch import nn
 
 from ..physics.fft import fft3_c, ifft3_c
-from ..physics.grids import radius_grid_3d
+from ..physics.grids import in_half_space, n_shells, radius_grid_3d, shell_index
 from ..physics.projection import sample_channels
 
 
-def _lower_half(coords: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of points in the lower half-space: z < 0, or z == 0 and (y < 0, or y == 0 and x < 0)."""
-    x, y, z = coords.unbind(-1)
-    return (z < 0) | ((z == 0) & ((y < 0) | ((y == 0) & (x < 0))))
-
-
 def hermitian_eval(fn, coords: torch.Tensor) -> torch.Tensor:
-    """Evaluate ``fn`` (points -> complex) so that the result is Hermitian in ``coords``."""
-    lower = _lower_half(coords)
+    """Evaluate ``fn`` (points -> complex) so that the result is Hermitian in ``coords``.
+
+    Points outside :func:`cryoai.physics.grids.in_half_space` (the lower half space: z < 0, or
+    z == 0 and (y < 0, or y == 0 and x < 0)) are evaluated at ``-k`` and conjugated.
+    """
+    lower = ~in_half_space(coords)
     sign = torch.where(lower, -1.0, 1.0).to(coords.dtype)[..., None]
     values = fn(coords * sign)
     values = torch.where(lower, values.conj(), values)
@@ -96,14 +94,15 @@ class FourierNet(nn.Module):
         self.modulant = Siren(3, width, modulant_layers, 2, omega_0=modulant_omega_0)
         self.envelope = Siren(3, width, envelope_layers, 2, omega_0=envelope_omega_0)
 
-    def _raw(self, coords: torch.Tensor) -> torch.Tensor:
+    def half_space_values(self, coords: torch.Tensor) -> torch.Tensor:
+        """Values at points of the upper half space (no Hermitian fold), (..., 3) -> (...) complex."""
         x = coords / (self.box_px / 2)
         out = torch.exp(self.envelope(x)) * self.modulant(x)
         return torch.complex(out[..., 0], out[..., 1])
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         """(..., 3) frequency pixels -> (...) complex Fourier values."""
-        return hermitian_eval(self._raw, coords)
+        return hermitian_eval(self.half_space_values, coords)
 
 
 class VoxelDecoder(nn.Module):
@@ -126,8 +125,8 @@ class VoxelDecoder(nn.Module):
                  amplitude_profile: torch.Tensor | None = None):
         super().__init__()
         self.box_px = box_px
-        shells = torch.round(radius_grid_3d(box_px)).long().clamp(max=box_px // 2)
-        profile = torch.ones(box_px // 2 + 1) if amplitude_profile is None else amplitude_profile.float()
+        shells = shell_index(radius_grid_3d(box_px)).clamp(max=n_shells(box_px) - 1)  # corners -> Nyquist
+        profile = torch.ones(n_shells(box_px)) if amplitude_profile is None else amplitude_profile.float()
         self.register_buffer("scale", profile[shells].clamp_min(1e-12))
         grid = torch.zeros(2, box_px, box_px, box_px)
         if init_volume is not None:
@@ -138,13 +137,14 @@ class VoxelDecoder(nn.Module):
     def fourier_volume(self) -> torch.Tensor:
         return torch.complex(self.grid[0] * self.scale, self.grid[1] * self.scale)
 
-    def _raw(self, coords: torch.Tensor) -> torch.Tensor:
+    def half_space_values(self, coords: torch.Tensor) -> torch.Tensor:
+        """Values at points of the upper half space (no Hermitian fold), (..., 3) -> (...) complex."""
         # Sample the real and imaginary channels as stored: no complex volume is built.
         out = sample_channels(self.grid * self.scale, coords)
         return torch.complex(out[0], out[1])
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        return hermitian_eval(self._raw, coords)
+        return hermitian_eval(self.half_space_values, coords)
 
 
 @torch.no_grad()

@@ -18,11 +18,6 @@ def electron_wavelength_a(voltage_kv: float | torch.Tensor) -> float | torch.Ten
     return 12.2639 / math.sqrt(volts + 0.97845e-6 * volts**2)
 
 
-def _as_batch(value, like: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    return t.reshape(t.shape + (1,) * (like.dim() - 1 - t.dim())) if t.dim() else t
-
-
 def compute_ctf(
     freqs_a: torch.Tensor,
     defocus_u_a: torch.Tensor | float,
@@ -68,8 +63,7 @@ def compute_ctf(
         def b(p):
             return torch.as_tensor(p, dtype=kx.dtype, device=kx.device)
     du, dv, ang = b(defocus_u_a), b(defocus_v_a), b(defocus_angle_rad)
-    volts = b(voltage_kv) * 1e3
-    lam = 12.2639 / torch.sqrt(volts + 0.97845e-6 * volts**2)
+    lam = electron_wavelength_a(b(voltage_kv))
     cs_a = b(cs_mm) * 1e7
     w = b(amplitude_contrast)
     defocus = 0.5 * (du + dv) + 0.5 * (du - dv) * torch.cos(2 * (theta - ang))

@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 
 from .fft import fft3_c
-from .grids import radius_grid_3d
+from .grids import n_shells, radius_grid_3d, shell_index
 
 
 def fsc(volume_a: torch.Tensor, volume_b: torch.Tensor) -> torch.Tensor:
     """Fourier shell correlation of two (N, N, N) volumes.
 
-    Shells are integer radii ``0..N//2`` (frequency pixels, nearest shell). Returns a real
-    tensor (N//2 + 1,); shell ``s`` has a frequency of ``s / N`` cycles per pixel.
+    Shells are integer radii ``0..N//2`` (frequency pixels, nearest shell, see
+    :func:`cryoai.physics.grids.shell_index`). Returns a real tensor (N//2 + 1,); shell ``s``
+    has a frequency of ``s / N`` cycles per pixel.
     """
     if volume_a.shape != volume_b.shape or volume_a.dim() != 3:
         raise ValueError(f"fsc needs two volumes of the same (N, N, N) shape, got "
@@ -21,14 +22,14 @@ def fsc(volume_a: torch.Tensor, volume_b: torch.Tensor) -> torch.Tensor:
     dtype = torch.float64
     fa = fft3_c(volume_a.to(dtype))
     fb = fft3_c(volume_b.to(dtype))
-    shells = torch.round(radius_grid_3d(n, device=volume_a.device, dtype=dtype)).long().reshape(-1)
-    n_shells = n // 2 + 1
-    keep = shells < n_shells
+    shells = shell_index(radius_grid_3d(n, device=volume_a.device, dtype=dtype)).reshape(-1)
+    count = n_shells(n)
+    keep = shells < count  # the corners beyond Nyquist are dropped
     shells = shells[keep]
     fa, fb = fa.reshape(-1)[keep], fb.reshape(-1)[keep]
-    num = torch.zeros(n_shells, dtype=dtype, device=fa.device).index_add_(0, shells, (fa * fb.conj()).real)
-    pa = torch.zeros(n_shells, dtype=dtype, device=fa.device).index_add_(0, shells, fa.abs() ** 2)
-    pb = torch.zeros(n_shells, dtype=dtype, device=fa.device).index_add_(0, shells, fb.abs() ** 2)
+    num = torch.zeros(count, dtype=dtype, device=fa.device).index_add_(0, shells, (fa * fb.conj()).real)
+    pa = torch.zeros(count, dtype=dtype, device=fa.device).index_add_(0, shells, fa.abs() ** 2)
+    pb = torch.zeros(count, dtype=dtype, device=fa.device).index_add_(0, shells, fb.abs() ** 2)
     return num / torch.sqrt(pa * pb).clamp_min(1e-30)
 
 

@@ -8,6 +8,27 @@ import torch
 
 from .grids import radius_grid_2d, radius_grid_3d
 
+#: Radius of the mask of reconstructed maps, fraction of the box, when ``mask_radius_frac`` is 0.
+MAP_MASK_RADIUS_FRAC = 0.45
+
+
+def map_mask_radius_px(box_px: int, mask_radius_frac: float) -> float:
+    """Radius (pixels) of the soft spherical mask applied to reconstructed maps.
+
+    Parameters
+    ----------
+    box_px : N.
+    mask_radius_frac : the configured mask radius as a fraction of the box (``mask_radius_frac``
+        of the training configuration).
+
+    Returns
+    -------
+    ``mask_radius_frac * box_px`` if ``mask_radius_frac > 0``, else
+    ``MAP_MASK_RADIUS_FRAC * box_px`` (0.45 of the box): 0 turns the encoder-input mask off,
+    but maps are always masked.
+    """
+    return mask_radius_frac * box_px if mask_radius_frac > 0 else MAP_MASK_RADIUS_FRAC * box_px
+
 
 def circular_mask(n: int, radius_px: float | None = None, *, soft_edge_px: float = 0.0,
                   device=None, dtype=torch.float32) -> torch.Tensor:

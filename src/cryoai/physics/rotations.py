@@ -35,22 +35,59 @@ def euler_zyz_to_matrix(angles_rad: torch.Tensor) -> torch.Tensor:
 def matrix_to_euler_zyz(matrices: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`euler_zyz_to_matrix`: (..., 3, 3) -> (rot, tilt, psi) radians (..., 3).
 
-    ``tilt`` is in [0, pi]; at the gimbal lock (tilt 0 or pi) psi is set to 0.
+    The same algorithm and conventions as scipy's
+    ``Rotation.from_matrix(R).as_euler("ZYZ")`` for orthonormal ``R`` (scipy also projects
+    matrices that are not orthonormal to 1e-12 onto the nearest rotation first; do that before
+    calling this, e.g. for float32 poses, if the results must match scipy's to the last bit).
+
+    ``tilt`` is in [0, pi], ``rot`` and ``psi`` in [-pi, pi]. At the gimbal lock, ``tilt``
+    within 1e-7 of 0 or pi, ``R = Rz(rot + psi) Ry(0)`` or ``Rz(rot - psi) Ry(pi)`` determines
+    only that sum or difference: psi is set to 0 and the whole in-plane angle goes to rot.
+
+    The angles come from the rotation's unit quaternion ``(x, y, z, w)`` (Bernardes and
+    Viollet 2022, as in scipy): ``tilt = 2 atan2(hypot(x, y), hypot(w, z))``,
+    ``rot = atan2(z, w) + atan2(-x, y)``, ``psi = atan2(z, w) - atan2(-x, y)``, which stay
+    accurate near the gimbal lock.
     """
-    m = matrices
-    cos_tilt = m[..., 2, 2].clamp(-1.0, 1.0)
-    tilt = torch.acos(cos_tilt)
-    sin_tilt = torch.sqrt(torch.clamp(1 - cos_tilt**2, min=0.0))
-    eps = 1e-6 if m.dtype == torch.float64 else 1e-4
-    regular = sin_tilt > eps
-    rot = torch.atan2(m[..., 1, 2], m[..., 0, 2])
-    psi = torch.atan2(m[..., 2, 1], -m[..., 2, 0])
-    # Gimbal lock: R = Rz(rot +/- psi) up to Ry(0 or pi); put everything in rot.
-    rot_lock = torch.where(cos_tilt > 0, torch.atan2(m[..., 1, 0], m[..., 0, 0]),
-                           torch.atan2(-m[..., 1, 0], -m[..., 0, 0]))
-    rot = torch.where(regular, rot, rot_lock)
-    psi = torch.where(regular, psi, torch.zeros_like(psi))
-    return torch.stack([rot, tilt, psi], dim=-1)
+    x, y, z, w = _matrix_to_unit_quaternion_xyzw(matrices).unbind(-1)
+    half_sum = torch.atan2(z, w)
+    half_diff = torch.atan2(-x, y)
+    tilt = 2 * torch.atan2(torch.hypot(x, y), torch.hypot(w, z))
+    lock_0 = tilt.abs() <= 1e-7
+    lock_pi = (tilt - math.pi).abs() <= 1e-7
+    regular = ~(lock_0 | lock_pi)
+    rot = torch.where(regular, half_sum + half_diff,
+                      torch.where(lock_0, 2 * half_sum, 2 * half_diff))
+    psi = torch.where(regular, half_sum - half_diff, torch.zeros_like(tilt))
+    angles = torch.stack([rot, tilt, psi], dim=-1)
+    # Into [-pi, pi] by one turn (not a modulo, which would round angles that are in range).
+    return torch.where(angles < -math.pi, angles + 2 * math.pi,
+                       torch.where(angles > math.pi, angles - 2 * math.pi, angles))
+
+
+def _matrix_to_unit_quaternion_xyzw(m: torch.Tensor) -> torch.Tensor:
+    """Unit quaternion ``(x, y, z, w)`` of rotations (..., 3, 3), shape (..., 4).
+
+    Built from the largest of ``R00, R11, R22, trace`` (the numerically stable choice, as in
+    scipy's ``Rotation.from_matrix``); the sign of the quaternion is not normalised.
+    """
+    r00, r11, r22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
+    trace = r00 + r11 + r22
+    choice = torch.stack([r00, r11, r22, trace], dim=-1).argmax(dim=-1, keepdim=True)
+    candidates = [
+        torch.stack([1 - trace + 2 * r00, m[..., 1, 0] + m[..., 0, 1],
+                     m[..., 2, 0] + m[..., 0, 2], m[..., 2, 1] - m[..., 1, 2]], dim=-1),
+        torch.stack([m[..., 1, 0] + m[..., 0, 1], 1 - trace + 2 * r11,
+                     m[..., 2, 1] + m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0]], dim=-1),
+        torch.stack([m[..., 2, 0] + m[..., 0, 2], m[..., 2, 1] + m[..., 1, 2],
+                     1 - trace + 2 * r22, m[..., 1, 0] - m[..., 0, 1]], dim=-1),
+        torch.stack([m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0],
+                     m[..., 1, 0] - m[..., 0, 1], 1 + trace], dim=-1),
+    ]
+    q = candidates[3]
+    for k in (2, 1, 0):
+        q = torch.where(choice == k, candidates[k], q)
+    return q / torch.linalg.vector_norm(q, dim=-1, keepdim=True)
 
 
 def rotation_6d_to_matrix(six_d: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 ``cryoai train`` started by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
 and the rendezvous address) runs one process per rank: gloo on CPU, NCCL on CUDA (each rank
 on GPU ``LOCAL_RANK``). Every rank builds the same model from the same seed, reads its own
-shard of each global mini-batch (see :class:`cryoai.training.trainer.EpochBatches`), and
+shard of each global mini-batch (see :class:`cryoai.data.loader.EpochBatches`), and
 DistributedDataParallel averages the gradients; rank 0 alone writes outputs and checkpoints.
 Decisions that must be the same on every rank (stop for time or SIGINT, a diverged loss) are
 all-reduced.
@@ -121,3 +121,37 @@ def broadcast_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+class _LossModule(torch.nn.Module):
+    """A loss as a module, so that DistributedDataParallel can wrap it: its forward is
+    ``loss(batch)`` and its parameters are ``model``'s."""
+
+    def __init__(self, model: torch.nn.Module, loss):
+        super().__init__()
+        self.model = model
+        self._loss = loss
+
+    def forward(self, batch) -> torch.Tensor:
+        if len(batch) == 0:
+            # This rank's shard of a short last batch is empty: a zero loss that still touches
+            # every parameter, so that the gradient all-reduce sees the same set on every rank.
+            return sum(p.sum() for p in self.model.parameters()) * 0.0
+        return self._loss(batch)
+
+
+def data_parallel_loss(model: torch.nn.Module, loss, device: torch.device, *,
+                       find_unused_parameters: bool) -> torch.nn.Module:
+    """``loss(batch)`` wrapped in DistributedDataParallel over ``model``'s parameters: calling
+    it computes this rank's loss, and its backward averages the gradients over the ranks.
+
+    On CUDA the BatchNorms of ``model`` become SyncBatchNorm (statistics over the global
+    batch); on CPU each rank normalises over its own shard, as plain DDP does.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DistributedDataParallel(_LossModule(model, loss),
+                                   device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)

@@ -1,34 +1,53 @@
-"""The training loop of ``cryoai train``: ab initio (encoder + decoder) or with fixed poses."""
+"""``cryoai train``: the run as a sequence of stages.
+
+:meth:`Trainer.run` reads top to bottom:
+
+1. **poses**: given (``--poses``), searched (the default: :func:`cryoai.reconstruction.search_poses`),
+   or none (``--ab-initio encoder``: the encoder learns them, the paper's amortized training);
+2. **reconstruct**: with poses, the half-map FSC-regularised reconstruction
+   (:func:`cryoai.reconstruction.reconstruct`) starts the decoder and writes the half maps;
+3. **fit**: mini-batch gradient descent on the images (decoder, and encoder when it learns
+   the poses), until ``max_epochs``/``decoder_epochs`` or ``max_minutes``;
+4. **write**: the map, the checkpoint and the poses.
+
+The mode is decided once, from the options: ``"given"``, ``"search"`` or ``"amortized"``.
+The run directory (:class:`cryoai.training.run_dir.RunDirectory`) writes every file;
+``--resume`` restores the model, the optimiser, the step and the searched poses from the
+checkpoint and continues mid-epoch with the same batches. SIGINT finishes the step in flight
+and saves; a NaN loss or gradient stops before the parameters are touched.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
 
 from .. import __version__
-from ..data.dataset import ParticleDataset, collate_batch, estimate_scale
-from ..data.prefetch import ThreadPrefetcher
+from ..data.dataset import ParticleBatch, ParticleDataset, estimate_scale
+from ..data.loader import make_loader
 from ..errors import CryoaiError, InputError
 from ..io.images import ImageSource
-from ..io.mrc import write_volume
 from ..io.particles import ParticleTable
-from ..io.star import write_star
 from ..models.cryoai import CryoAI, build_model, estimate_amplitude_profile
 from ..models.decoders import decoder_to_volume
-from ..physics.masks import circular_mask
-from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
-from .config import TrainConfig, save_yaml
-from .distributed import DistInfo, any_true, broadcast_, weighted_mean
-from .losses import squared_error, symmetric_loss_terms
-from .poses import encoder_input, iter_poses, predict_poses
+from ..models.image_formation import ImageFormation
+from ..physics.fsc import resolution_px
+from ..physics.grids import max_paired_radius_px
+from ..physics.masks import circular_mask, map_mask_radius_px
+from ..physics.poses import Poses
+from ..reconstruction import ParticleSpectra, SearchSettings, reconstruct, search_poses
+from .config import TrainConfig
+from .decoder_fit import fit_decoder_to_fourier_volume
+from .distributed import DistInfo, any_true, broadcast_, data_parallel_loss, weighted_mean
+from .losses import pose_loss_terms
+from .poses import encoder_hypotheses, iter_poses
+from .run_dir import RunDirectory
 
 
 class TrainingDiverged(CryoaiError):
@@ -37,83 +56,17 @@ class TrainingDiverged(CryoaiError):
 
 @dataclass
 class TrainState:
+    """Where a run stands (saved in every checkpoint)."""
+
     step: int = 0
     epoch: int = 0
     images_seen: int = 0
     minutes: float = 0.0
-    search_done: bool = False
 
-
-class EpochBatches(Sampler):
-    """The mini-batches of one epoch: a permutation of the particles drawn from ``seed``, cut
-    into global batches of ``batch_size``, starting at batch ``start`` (to resume mid-epoch
-    without reading the skipped images). With ``world_size`` > 1 each rank takes every
-    ``world_size``-th particle of each global batch (its shard of that batch).
-
-    Parameters
-    ----------
-    n : number of particles.
-    batch_size : global batch size (all ranks together).
-    seed : seed of the permutation (None: the particles in order).
-    start : index of the first batch to yield.
-    rank, world_size : this process's rank and the number of processes.
-    """
-
-    def __init__(self, n: int, batch_size: int, *, seed: int | None, start: int = 0, rank: int = 0,
-                 world_size: int = 1):
-        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
-        self.rank, self.world_size = rank, world_size
-
-    def __len__(self) -> int:
-        return max(0, math.ceil(self.n / self.batch_size) - self.start)
-
-    def __iter__(self):
-        n_batches = math.ceil(self.n / self.batch_size)
-        if self.seed is None:  # in order: nothing to hold
-            for b in range(self.start, n_batches):
-                stop = min((b + 1) * self.batch_size, self.n)
-                yield list(range(b * self.batch_size + self.rank, stop, self.world_size))
-            return
-        # int32 (4 bytes per particle) gives the same permutation as the default int64
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed),
-                               dtype=torch.int32)
-        for b in range(self.start, n_batches):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield batch[self.rank::self.world_size].tolist()
-
-
-def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0,
-                start: int = 0, rank: int = 0, world_size: int = 1,
-                prefetch: int = 2) -> DataLoader | ThreadPrefetcher:
-    """A DataLoader over :class:`EpochBatches` that reads whole batches at once
-    (``__getitems__``), reading ahead: with ``num_workers`` background processes (4 batches
-    each), or, with ``num_workers=0``, in one background thread ``prefetch`` batches ahead
-    (:class:`cryoai.data.prefetch.ThreadPrefetcher`; ``prefetch=0``: no read-ahead)."""
-    sampler = EpochBatches(len(dataset), batch_size, seed=seed if shuffle else None, start=start,
-                           rank=rank, world_size=world_size)
-    loader = DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=collate_batch,
-                        num_workers=num_workers, persistent_workers=False,
-                        prefetch_factor=4 if num_workers > 0 else None)
-    if num_workers == 0 and prefetch > 0:
-        return ThreadPrefetcher(loader, depth=prefetch)
-    return loader
-
-
-class _LossModule(torch.nn.Module):
-    """The training loss as a module, so that DistributedDataParallel can wrap it: its forward
-    is :meth:`Trainer.loss_on_batch` and its parameters are the model's."""
-
-    def __init__(self, trainer: Trainer):
-        super().__init__()
-        self.model = trainer.model
-        self._loss = trainer.loss_on_batch
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        if len(batch["index"]) == 0:
-            # This rank's shard of a short last batch is empty: a zero loss that still touches
-            # every parameter, so that the gradient all-reduce sees the same set on every rank.
-            return sum(p.sum() for p in self.model.parameters()) * 0.0
-        return self._loss(batch)
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 class _StopOnSigint:
@@ -145,38 +98,12 @@ class _StopOnSigint:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop the records of ``path`` (JSON lines) logged after ``step`` (work lost by a crash
-    and about to be redone by ``--resume``)."""
-    if not path.exists():
-        return
-    from ..io import write_text_atomic
-
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the crash
-        if rec.get("step", 0) <= step:
-            kept.append(line)
-    write_text_atomic(path, "".join(k + "\n" for k in kept))
-
-
-def check_fixed_poses(table: ParticleTable, fixed_poses: ParticleTable) -> None:
-    """Raise :class:`InputError` unless ``fixed_poses`` holds poses for every particle of ``table``."""
-    if len(fixed_poses) != len(table) or not fixed_poses.has_poses:
-        raise InputError(f"{fixed_poses.source_path}: --poses must hold poses for the same "
-                         f"{len(table)} particles (it has {len(fixed_poses)}"
-                         f"{'' if fixed_poses.has_poses else ', without poses'})")
-
-
-def check_inputs(table: ParticleTable, cfg: TrainConfig, fixed_poses: ParticleTable | None = None,
+def check_inputs(table: ParticleTable, cfg: TrainConfig, given_poses: ParticleTable | None = None,
                  source: ImageSource | None = None) -> float:
     """Everything that can be checked before a run starts, so that a bad input fails before
     anything is written: the stacks (exist, MRC, mode, box, length), a sample of the images
     (NaN, infinite or blank images: the ``normalize_samples`` images of the intensity scale,
-    and the first and last) and the fixed poses.
+    and the first and last) and the given poses.
 
     Returns
     -------
@@ -192,23 +119,42 @@ def check_inputs(table: ParticleTable, cfg: TrainConfig, fixed_poses: ParticleTa
     source.validate()
     source.read(np.unique([0, len(table) - 1]))
     scale = estimate_scale(table, cfg.normalize_samples, cfg.seed, source=source)
-    if fixed_poses is not None:
-        check_fixed_poses(table, fixed_poses)
+    if given_poses is not None and (len(given_poses) != len(table) or not given_poses.has_poses):
+        raise InputError(f"{given_poses.source_path}: --poses must hold poses for the same "
+                         f"{len(table)} particles (it has {len(given_poses)}"
+                         f"{'' if given_poses.has_poses else ', without poses'})")
     return scale
 
 
+def search_settings(cfg: TrainConfig, box_px: int) -> SearchSettings:
+    """The pose search's options from the run's."""
+    return SearchSettings(
+        subset=cfg.search_subset, n_rotations=cfg.search_rotations, iterations=cfg.search_iterations,
+        batch=cfg.search_batch, stop_posterior=cfg.search_stop_posterior, ema=cfg.search_ema,
+        radius_start_px=cfg.search_radius_start, radius_end_px=cfg.search_radius_end,
+        max_shift_px=(cfg.search_max_shift_px if cfg.search_max_shift_px is not None else 0.12 * box_px),
+        shift_step_px=cfg.search_shift_step_px, refine_rounds=cfg.refine_rounds,
+        refine_candidates=cfg.refine_candidates, refine_radius_frac=cfg.refine_radius_frac,
+        mask_radius_px=map_mask_radius_px(box_px, cfg.mask_radius_frac), seed=cfg.seed)
+
+
 class Trainer:
-    """Train a CryoAI model on a particle table and write the run's outputs to ``outdir``.
+    """A run of ``cryoai train`` on a particle table, writing to ``outdir`` (see the module
+    docstring for its stages).
 
     Parameters
     ----------
     table : the particles.
-    cfg : the training options.
-    outdir : the run directory (config.yaml, checkpoint.pt, volume.mrc, poses.star, logs).
+    cfg : the options.
+    outdir : the run directory (created by the caller).
     device : torch device.
     fixed_poses : a table with the poses to hold fixed (reconstruction with known poses), or None.
     resume : continue from ``outdir/checkpoint.pt``.
-    scale : the images' global intensity scale, if already estimated (:func:`check_inputs`).
+    quiet : no progress bar or log lines.
+    argv : the command line, saved in checkpoints.
+    dist_info : this process's rank under torchrun.
+    scale : the images' intensity scale from :func:`check_inputs`; None: the inputs are
+        checked here.
     """
 
     def __init__(self, table: ParticleTable, cfg: TrainConfig, outdir: str | Path, *,
@@ -217,148 +163,278 @@ class Trainer:
                  dist_info: DistInfo | None = None, scale: float | None = None):
         self.dist = dist_info or DistInfo()
         self.is_main = self.dist.is_main
-        quiet = quiet or not self.is_main
-        self.table = table
-        self.cfg = cfg
-        self.outdir = Path(outdir)
-        self.device = device
-        self.quiet = quiet
+        self.quiet = quiet or not self.is_main
+        self.table, self.cfg, self.device = table, cfg, device
         self.argv = argv or sys.argv
+        self.mode = "given" if fixed_poses is not None else \
+            {"search": "search", "encoder": "amortized"}[cfg.ab_initio]
+        self.run_dir = RunDirectory(outdir, writes=self.is_main, tensorboard=cfg.tensorboard)
+        self.outdir = self.run_dir.path
+        # Model initialisation draws from the global generators.
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % (2**32))
         self.box = table.box_px
         self.pixel_size_a = table.median_pixel_size_a()
         self.source = ImageSource(table)
-        self.source.validate()
-
-        self.fixed = fixed_poses is not None
-        self.prior_lam: torch.Tensor | None = None
-        # Ab initio by pose search: poses come from the search, then the decoder is trained
-        # with them held fixed (as with --poses).
-        self.search_mode = not self.fixed and cfg.ab_initio == "search"
-        if self.fixed:
-            check_fixed_poses(table, fixed_poses)
-            self.fixed_rot = torch.as_tensor(fixed_poses.rotations, dtype=torch.float32)
-            sh = fixed_poses.shifts_a if fixed_poses.has_shifts else np.zeros((len(table), 2))
-            self.fixed_shift = torch.as_tensor(sh, dtype=torch.float32)
-
-        ckpt = None
-        if self.is_main:
-            remove_stale_temporaries(self.outdir)
-        if resume:
-            ckpt_path = self.outdir / "checkpoint.pt"
-            ckpt = load_checkpoint(ckpt_path, map_location=device)
+        ckpt = self.run_dir.load_checkpoint(device) if resume else None
+        if ckpt is not None:
             self.scale = float(ckpt["scale"])
+        elif scale is not None:
+            self.scale = scale
         else:
-            self.scale = scale if scale is not None else estimate_scale(
-                table, cfg.normalize_samples, cfg.seed, source=self.source)
+            self.scale = check_inputs(table, cfg, fixed_poses, source=self.source)
         self.dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=self.scale,
                                        source=self.source)
-        profile = None
-        if cfg.decoder == "voxel":
-            probe = CryoAI(self.box, self.pixel_size_a, torch.nn.Identity())
-            n_probe = min(len(table), 256)
-            profile = estimate_amplitude_profile(probe, self.dataset.__getitems__(np.arange(n_probe)))
-        self.model: CryoAI = build_model(cfg, self.box, self.pixel_size_a,
-                                         with_encoder=not (self.fixed or self.search_mode),
-                                         amplitude_profile=profile, device=device).to(device)
-        self.mask = None
+        self.poses: Poses | None = None
+        if fixed_poses is not None:
+            self.poses = Poses.from_arrays(fixed_poses.rotations,
+                                           fixed_poses.shifts_a if fixed_poses.has_shifts else None)
+        self.model = self._build_model()
+        self.prior_lam: torch.Tensor | None = None  # the voxel decoder's MAP prior (reconstruct)
+        self.mask = None  # the encoder input's circular mask
         if cfg.mask_radius_frac > 0:
             self.mask = circular_mask(self.box, cfg.mask_radius_frac * self.box, soft_edge_px=3,
                                       device=device)
-        groups = []
-        dec_lr = cfg.lr_voxel if cfg.decoder == "voxel" else cfg.lr_decoder
-        groups.append({"params": list(self.model.decoder.parameters()), "lr": dec_lr, "name": "decoder"})
+        self.optimizer = self._build_optimizer()
+        self.state = TrainState()
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.last_checkpoint_step = self.state.step
+        self.last_grad_norm = float("nan")
+        self.last_global_batch = 0
+        self.ddp = None
+        if self.dist.enabled:
+            unused = self.model.encoder is not None and not cfg.learn_shifts  # the shift head
+            self.ddp = data_parallel_loss(self.model, self.loss_on_batch, device,
+                                          find_unused_parameters=unused)
+
+    def _build_model(self) -> CryoAI:
+        profile = None
+        if self.cfg.decoder == "voxel":
+            # The voxel decoder's amplitude preconditioner, from the data's radial power.
+            sample = self.dataset.read(np.arange(min(len(self.table), 256)))
+            profile = estimate_amplitude_profile(ImageFormation(self.box, self.pixel_size_a), sample)
+        return build_model(self.cfg, self.box, self.pixel_size_a, with_encoder=self.mode == "amortized",
+                           amplitude_profile=profile, device=self.device).to(self.device)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        groups = [{"params": list(self.model.decoder.parameters()), "name": "decoder",
+                   "lr": cfg.lr_voxel if cfg.decoder == "voxel" else cfg.lr_decoder}]
         if self.model.encoder is not None:
             groups.append({"params": list(self.model.encoder.parameters()), "lr": cfg.lr_encoder,
                            "name": "encoder"})
-        self.optimizer = torch.optim.Adam(groups, amsgrad=cfg.amsgrad)
-        self.state = TrainState()
-        if ckpt is not None:
-            if "prior_lam" in ckpt:
-                self.prior_lam = ckpt["prior_lam"].to(device)
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.state = TrainState(**ckpt["state"])
-            if self.is_main:
-                for log_name in ("train_log.jsonl", "fsc_log.jsonl"):
-                    _truncate_log(self.outdir / log_name, self.state.step)
-            if "pose_rotations" in ckpt:
-                self.fixed_rot = ckpt["pose_rotations"].float().cpu()
-                self.fixed_shift = ckpt["pose_shifts_a"].float().cpu()
-                self.fixed = True
-        self.history: list[dict] = []
-        self.last_checkpoint_step = self.state.step
-        self.last_grad_norm = float("nan")
-        self.ddp = None
+        return torch.optim.Adam(groups, amsgrad=cfg.amsgrad)
+
+    def _restore(self, ckpt: dict) -> None:
+        if "prior_lam" in ckpt:
+            self.prior_lam = ckpt["prior_lam"].to(self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state = TrainState.from_dict(ckpt["state"])
+        self.run_dir.truncate_logs(self.state.step)
+        if "pose_rotations" in ckpt:  # the searched poses
+            self.poses = Poses(ckpt["pose_rotations"].float().cpu(), ckpt["pose_shifts_a"].float().cpu())
+
+    # ------------------------------------------------------------------ the run
+    def run(self, *, on_volume=None) -> dict:
+        """The run's stages, in order; returns the paths of its outputs and its figures.
+
+        ``on_volume(trainer)`` is called after each write of the map (e.g. to compute an FSC).
+        """
+        self.run_dir.write_config(self.cfg)
+        if self.mode == "search" and self.poses is None:
+            self.poses = self.search_poses()
+            self.checkpoint()
+        if self.poses is not None and self.state.step == 0 and self.cfg.wiener_init:
+            self.start_decoder_from_reconstruction()
+            self.checkpoint()
+        self._sync_from_rank0()
+        self.fit(on_volume)
+        return self.write_outputs(on_volume)
+
+    def search_poses(self) -> Poses:
+        """Stage 1 (default mode): the poses of every particle by the pose search."""
+        t0 = time.perf_counter()
+        poses = search_poses(self._spectra(), search_settings(self.cfg, self.box), log=self._log)
+        seconds = time.perf_counter() - t0
+        self.state.minutes += seconds / 60
         if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
+            broadcast_(poses.rotations, self.dist)
+            broadcast_(poses.shifts_a, self.dist)
+        self.run_dir.log({"stage": "search", "minutes": self.state.minutes, "search_seconds": seconds})
+        return poses
 
-            if device.type == "cuda":
-                # Batch statistics over the global batch (SyncBatchNorm needs CUDA; on CPU each
-                # rank normalises over its own shard, as plain DDP does).
-                torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            unused = self.model.encoder is not None and not cfg.learn_shifts  # the shift head
-            self.ddp = DistributedDataParallel(
-                _LossModule(self), device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=unused)
-        self.writer = None
-        if cfg.tensorboard and self.is_main:
+    @torch.no_grad()
+    def start_decoder_from_reconstruction(self) -> None:
+        """Stage 2: the half-map FSC-regularised (Wiener/MAP) reconstruction at the poses starts
+        the decoder, and its half maps are written. The voxel decoder is set to it and keeps its
+        regulariser as a prior in the loss; FourierNet is fitted to it by regression."""
+        t0 = time.perf_counter()
+        rec = reconstruct(self._spectra(), self.poses,
+                          mask_radius_px=map_mask_radius_px(self.box, self.cfg.mask_radius_frac),
+                          seed=self.cfg.seed)
+        decoder = self.model.decoder
+        fit_error = None
+        if self.cfg.decoder == "voxel":
+            fvol = rec.fourier_volume
+            decoder.grid.data.copy_(torch.stack([fvol.real, fvol.imag]) / decoder.scale)
+            self.prior_lam = rec.regulariser.float()
+        else:
+            fit_error = fit_decoder_to_fourier_volume(decoder, rec.fourier_volume,
+                                                      steps=self.cfg.wiener_fit_steps,
+                                                      seed=self.cfg.seed, log=self._log)
+        self.state.minutes += (time.perf_counter() - t0) / 60
+        res = resolution_px(rec.fsc_halves, 0.143)
+        self.run_dir.write_half_maps([(h * self.box).cpu().numpy().astype(np.float32) for h in rec.half_maps],
+                                     self.pixel_size_a)
+        self.run_dir.log({"stage": "reconstruction", "half_map_fsc_0.143_px": res,
+                          "half_map_fsc_0.143_a": res * self.pixel_size_a,
+                          "decoder_fit_relative_error": fit_error})
+
+    def fit(self, on_volume=None) -> None:
+        """Stage 3: mini-batch gradient descent on the images, until the epochs or the minutes
+        run out (or SIGINT); saves the state and re-raises on a diverged loss or a bad image."""
+        from tqdm.auto import tqdm
+
+        steps_per_epoch = max(1, math.ceil(len(self.dataset) / self.cfg.batch_size))
+        epochs = self.cfg.decoder_epochs if self.mode == "search" else self.cfg.max_epochs
+        total_steps = int(math.ceil(epochs * steps_per_epoch))
+        bar = tqdm(total=total_steps, initial=self.state.step, desc="train", unit="step",
+                   disable=self.quiet, dynamic_ncols=True)
+        with _StopOnSigint() as stop_flag:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                self._loop(total_steps, steps_per_epoch, bar, on_volume, stop_flag)
+            except TrainingDiverged as exc:
+                # Raised before the optimiser step: the parameters are still the last good ones.
+                bar.close()
+                self._save_state()
+                raise TrainingDiverged(
+                    f"{exc}; the last good state (step {self.state.step}) is saved in "
+                    f"{self.run_dir.checkpoint_path} and volume.mrc (lower the learning rate, then "
+                    "--resume)") from None
+            except InputError as exc:
+                # A bad image met mid-run (the start-up checks read only a sample): keep the work.
+                bar.close()
+                self._save_state()
+                msg = str(exc).strip().splitlines()[-1] if "Traceback" in str(exc) else str(exc)
+                msg = msg.split("InputError: ", 1)[-1]
+                raise InputError(f"{msg}; the state at step {self.state.step} is saved in "
+                                 f"{self.run_dir.checkpoint_path}") from None
+        bar.close()
+        if stop_flag.requested:
+            # Interrupted (SIGINT): the step in flight was finished; save and stop.
+            self._save_state()
+            if not self.quiet:
+                tqdm.write(f"interrupted at step {self.state.step}: checkpoint and map written to "
+                           f"{self.outdir}; continue with --resume")
+            raise KeyboardInterrupt
 
-                self.writer = SummaryWriter(str(self.outdir / "tensorboard"))
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
-                self.writer = None
+    def write_outputs(self, on_volume=None) -> dict:
+        """Stage 4: checkpoint, map, and the poses (searched or predicted by the encoder)."""
+        self.checkpoint()
+        vol_path = self.write_volume()
+        if on_volume is not None and self.is_main:
+            on_volume(self)
+        self.run_dir.flush()
+        outputs = {"volume": str(vol_path), "checkpoint": str(self.run_dir.checkpoint_path),
+                   "steps": self.state.step, "minutes": self.state.minutes,
+                   "images_seen": self.state.images_seen, "version": __version__}
+        if self.mode != "given":
+            outputs["poses"] = str(self.write_poses())
+        return outputs
 
-    # ----------------------------------------------------------------- steps
+    # ------------------------------------------------------------ the fit loop
+    def _loop(self, total_steps: int, steps_per_epoch: int, bar, on_volume,
+              stop_flag: _StopOnSigint) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter() - self.state.minutes * 60
+        last_vol = last_ckpt = time.perf_counter()
+        running = []  # (loss, images) since the last log record
+        while self.state.step < total_steps:
+            start = self.state.step - self.state.epoch * steps_per_epoch
+            loader = make_loader(self.dataset, cfg.batch_size, shuffle=True,
+                                 seed=cfg.seed + self.state.epoch, num_workers=cfg.num_workers,
+                                 start=start, rank=self.dist.rank, world_size=self.dist.world_size)
+            for batch in loader:
+                loss = self.train_step(batch)
+                running.append((loss, len(batch)))
+                self.state.step += 1
+                self.state.images_seen += self.last_global_batch
+                self.state.minutes = (time.perf_counter() - t0) / 60
+                bar.update(1)
+                if self.state.step % cfg.log_every == 0:
+                    mean_loss = self._log_loss(running)
+                    running = []
+                    bar.set_postfix(loss=f"{mean_loss:.4g}")
+                now = time.perf_counter()
+                if now - last_vol > cfg.volume_every_minutes * 60 and self.is_main:
+                    self.write_volume()
+                    if on_volume is not None:
+                        on_volume(self)
+                    last_vol = now
+                if now - last_ckpt > cfg.checkpoint_every_minutes * 60:
+                    self.checkpoint()
+                    last_ckpt = now
+                want_stop = (cfg.max_minutes is not None and self.state.minutes >= cfg.max_minutes) or \
+                    stop_flag.requested
+                # Every rank must stop at the same step.
+                if any_true(want_stop, self.dist, self.device) or self.state.step >= total_steps:
+                    return
+            self.state.epoch += 1
+
+    def _log_loss(self, running: list[tuple[float, int]]) -> float:
+        weight = float(sum(b for _, b in running))
+        mean_loss = float(sum(v * b for v, b in running)) / max(weight, 1.0)
+        mean_loss = weighted_mean(mean_loss, weight, self.dist, self.device)
+        self.run_dir.log({"step": self.state.step, "epoch": self.state.epoch, "loss": mean_loss,
+                          "grad_norm": self.last_grad_norm, "minutes": self.state.minutes,
+                          "images": self.state.images_seen})
+        self.run_dir.scalar("loss/train", mean_loss, self.state.step)
+        return mean_loss
+
     def _radius_keep(self) -> torch.Tensor | None:
         if self.cfg.max_radius_frac >= 1.0:
             return None
-        return self.model.radius <= self.cfg.max_radius_frac * (self.box // 2 - 1)
+        return self.model.formation.band(self.cfg.max_radius_frac * max_paired_radius_px(self.box))
 
-    def loss_on_batch(self, batch: dict) -> torch.Tensor:
-        """The training loss (mean over the batch) of one batch already on the device."""
-        model = self.model
+    def loss_on_batch(self, batch: ParticleBatch) -> torch.Tensor:
+        """The training loss (mean over the batch, divided by N^2) of one batch on the device:
+        :func:`cryoai.training.losses.pose_loss_terms` at the fixed poses (plus the MAP prior),
+        or at the encoder's hypotheses (minimum over heads and, with the symmetric loss, paths).
+        """
+        formation = self.model.formation
         keep = self._radius_keep()
-        target = model.image_spectra(batch["images"])
-        ctf = model.ctf(batch)
-        weight = model.hermitian_weight
+        target = formation.spectra(batch.images)
+        ctf = formation.ctf(batch)
         if keep is not None:
-            target, ctf, weight = target[:, keep], ctf[:, keep], weight[keep]
-        norm = float(self.box) ** 2
-        if self.fixed:
-            idx = batch["index"].cpu()
-            rot = self.fixed_rot[idx].to(self.device)
-            shifts = self.fixed_shift[idx].to(self.device)
-            pred = model.render(rot, shifts, None, keep)
-            pred = pred * ctf
-            loss = squared_error(target, pred, weight).mean()
+            target, ctf = target[:, keep], ctf[:, keep]
+        if self.poses is not None:
+            idx = batch.index.cpu()
+            rot = self.poses.rotations[idx].to(self.device)[:, None]
+            shifts = self.poses.shifts_a[idx].to(self.device)[:, None]
+            terms = pose_loss_terms(formation, self.model.decoder, target, ctf, rot, shifts,
+                                    symmetric=False, keep=keep)
+            loss = terms.mean()
             if self.prior_lam is not None:
                 # MAP prior (the Wiener regulariser), per particle of the data set.
-                v = model.decoder.fourier_volume()
+                v = self.model.decoder.fourier_volume()
                 loss = loss + (self.prior_lam * v.abs() ** 2).sum() / len(self.dataset)
-            return loss / norm
-        rot, shifts = model.encoder(encoder_input(batch["images"], self.mask))
-        if not self.cfg.learn_shifts:
-            shifts = torch.zeros_like(shifts)
-        b, h = rot.shape[:2]
-        pred = model.render(rot.reshape(b * h, 3, 3), shifts.reshape(b * h, 2), None, keep)
-        pred = pred * ctf.repeat_interleave(h, dim=0)
-        tgt = target.repeat_interleave(h, dim=0)
-        if self.cfg.loss == "symmetric":
-            terms = symmetric_loss_terms(tgt, pred, weight).reshape(b, 2 * h)
         else:
-            terms = squared_error(tgt, pred, weight).reshape(b, h)
-        return terms.min(dim=-1).values.mean() / norm
+            rot, shifts = encoder_hypotheses(self.model, batch.images, self.mask,
+                                             learn_shifts=self.cfg.learn_shifts)
+            terms = pose_loss_terms(formation, self.model.decoder, target, ctf, rot, shifts,
+                                    symmetric=self.cfg.loss == "symmetric", keep=keep)
+            loss = terms.flatten(1).min(dim=-1).values.mean()
+        return loss / float(self.box) ** 2
 
-    def train_step(self, batch: dict) -> float:
+    def train_step(self, batch: ParticleBatch) -> float:
         """One optimiser step on ``batch`` (this rank's shard of the global batch); returns the
         batch's mean loss (this rank's). Raises :class:`TrainingDiverged` (on every rank) before
         touching the parameters if the loss or the gradient is not finite."""
         self.model.train()
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        local_b = len(batch["index"])
+        batch = batch.to(self.device, non_blocking=True)
+        local_b = len(batch)
         self.last_global_batch = local_b
         if self.ddp is None:
             loss = self.loss_on_batch(batch)
@@ -391,32 +467,26 @@ class Trainer:
         self.optimizer.step()
         return float(loss.detach())
 
-    # --------------------------------------------------------------- outputs
+    # ------------------------------------------------------------------ outputs
     def volume(self) -> np.ndarray:
+        """The decoder's map, (N, N, N) float32."""
         self.model.eval()
         return decoder_to_volume(self.model.decoder, self.box).cpu().numpy().astype(np.float32)
 
     def write_volume(self) -> Path:
-        path = self.outdir / "volume.mrc"
         if not self.is_main:
-            return path
-        vol = self.volume()
-        write_volume(path, vol, self.pixel_size_a)
-        if self.writer is not None:
-            proj = vol.sum(0)
-            proj = (proj - proj.min()) / max(float(np.ptp(proj)), 1e-12)
-            self.writer.add_image("volume/projection_z", proj[None], self.state.step)
-        return path
+            return self.run_dir.volume_path
+        return self.run_dir.write_map(self.volume(), self.pixel_size_a, step=self.state.step)
 
     def checkpoint(self) -> None:
         if not self.is_main:
             return
         extra = {}
-        if self.search_mode and self.state.search_done:
-            extra = {"pose_rotations": self.fixed_rot, "pose_shifts_a": self.fixed_shift}
+        if self.mode == "search" and self.poses is not None:
+            extra = {"pose_rotations": self.poses.rotations, "pose_shifts_a": self.poses.shifts_a}
         if self.prior_lam is not None:
             extra["prior_lam"] = self.prior_lam.cpu()
-        save_checkpoint(self.outdir / "checkpoint.pt", {
+        self.run_dir.save_checkpoint({
             **extra,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -425,157 +495,35 @@ class Trainer:
             "box_px": self.box,
             "pixel_size_a": self.pixel_size_a,
             "scale": self.scale,
-            "fixed_poses": self.fixed or self.search_mode,
+            "fixed_poses": self.model.encoder is None,  # no encoder to predict poses with
             "argv": list(map(str, self.argv)),
         })
         self.last_checkpoint_step = self.state.step
 
-    def predict(self, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The encoder's poses of every particle: rotations (N, 3, 3), shifts_a (N, 2), losses (N,)."""
-        loader = make_loader(self.dataset, batch_size, shuffle=False, seed=0,
-                             num_workers=self.cfg.num_workers)
-        return predict_poses(self.model, loader, self.mask, self.device,
-                             use_symmetric=self.cfg.loss == "symmetric", learn_shifts=self.cfg.learn_shifts)
-
-    def iter_predictions(self, batch_size: int = 128):
-        """:meth:`predict` one batch at a time: yields (rotations, shifts_a) in particle order."""
-        loader = make_loader(self.dataset, batch_size, shuffle=False, seed=0,
-                             num_workers=self.cfg.num_workers)
-        for rot, shifts, _ in iter_poses(self.model, loader, self.mask, self.device,
-                                         use_symmetric=self.cfg.loss == "symmetric",
-                                         learn_shifts=self.cfg.learn_shifts):
-            yield rot, shifts
+    def _save_state(self) -> None:
+        self.checkpoint()
+        self.write_volume()
 
     def write_poses(self) -> Path:
-        path = self.outdir / "poses.star"
+        """``poses.star``: the searched poses, or the encoder's (streamed, batch by batch)."""
+        if self.poses is not None:
+            return self.run_dir.write_poses(self.table, self.poses)
         if not self.is_main:
-            return path
-        if self.search_mode:
-            poses = [(self.fixed_rot.numpy(), self.fixed_shift.numpy())]
-        else:
-            poses = self.iter_predictions()  # streamed: no O(N) pose arrays
-        write_star(path, self.table, poses=poses)
-        return path
+            return self.run_dir.poses_path
+        loader = make_loader(self.dataset, 128, shuffle=False, seed=0, num_workers=self.cfg.num_workers)
+        predicted = iter_poses(self.model, loader, self.mask, self.device,
+                               use_symmetric=self.cfg.loss == "symmetric", learn_shifts=self.cfg.learn_shifts)
+        return self.run_dir.write_poses(self.table, ((rot, shifts) for rot, shifts, _ in predicted))
 
-    # ------------------------------------------------------------------ loop
-    def run(self, *, on_volume=None) -> dict:
-        """Train until ``max_epochs`` or ``max_minutes``; write volume, checkpoint and poses.
+    # ------------------------------------------------------------------ helpers
+    def _spectra(self) -> ParticleSpectra:
+        return ParticleSpectra(self.dataset, self.model.formation, self.device)
 
-        ``on_volume(trainer)`` is called after each periodic volume write (e.g. to compute an FSC).
-        """
-        from tqdm.auto import tqdm
+    def _log(self, message: str) -> None:
+        if not self.quiet:
+            from tqdm.auto import tqdm
 
-        cfg = self.cfg
-        if self.is_main:
-            save_yaml(cfg, self.outdir / "config.yaml")
-        n = len(self.dataset)
-        if self.search_mode and not self.state.search_done:
-            self.run_search()
-            self.checkpoint()
-        elif self.fixed and self.state.step == 0 and cfg.wiener_init:
-            self.init_decoder_from_backprojection()
-        self._sync_from_rank0()
-        steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-        epochs = cfg.decoder_epochs if self.search_mode else cfg.max_epochs
-        total_steps = int(math.ceil(epochs * steps_per_epoch))
-        t0 = time.perf_counter() - self.state.minutes * 60
-        bar = tqdm(total=total_steps, initial=self.state.step, desc="train", unit="step",
-                   disable=self.quiet, dynamic_ncols=True)
-        with _StopOnSigint() as stop_flag:
-            try:
-                self._loop(total_steps, steps_per_epoch, t0, bar, on_volume, stop_flag)
-            except TrainingDiverged as exc:
-                # Raised before the optimiser step: the parameters are still the last good ones.
-                bar.close()
-                self.checkpoint()
-                self.write_volume()
-                raise TrainingDiverged(
-                    f"{exc}; the last good state (step {self.state.step}) is saved in "
-                    f"{self.outdir / 'checkpoint.pt'} and volume.mrc (lower the learning rate, then "
-                    "--resume)") from None
-            except InputError as exc:
-                # A bad image met mid-run (the start-up checks read only a sample): keep the work.
-                bar.close()
-                self.checkpoint()
-                self.write_volume()
-                msg = str(exc).strip().splitlines()[-1] if "Traceback" in str(exc) else str(exc)
-                msg = msg.split("InputError: ", 1)[-1]
-                raise InputError(f"{msg}; the state at step {self.state.step} is saved in "
-                                 f"{self.outdir / 'checkpoint.pt'}") from None
-        bar.close()
-        if stop_flag.requested:
-            # Interrupted (SIGINT): the step in flight was finished; save and stop.
-            self.checkpoint()
-            self.write_volume()
-            if not self.quiet:
-                tqdm.write(f"interrupted at step {self.state.step}: checkpoint and map written to "
-                           f"{self.outdir}; continue with --resume")
-            raise KeyboardInterrupt
-        self.checkpoint()
-        vol_path = self.write_volume()
-        if on_volume is not None and self.is_main:
-            on_volume(self)
-        if self.writer is not None:
-            self.writer.flush()
-        outputs = {"volume": str(vol_path), "checkpoint": str(self.outdir / "checkpoint.pt"),
-                   "steps": self.state.step, "minutes": self.state.minutes,
-                   "images_seen": self.state.images_seen, "version": __version__}
-        if not self.fixed or self.search_mode:
-            outputs["poses"] = str(self.write_poses())
-        return outputs
-
-    def _loop(self, total_steps: int, steps_per_epoch: int, t0: float, bar, on_volume,
-              stop_flag: _StopOnSigint) -> None:
-        cfg = self.cfg
-        last_vol = last_ckpt = time.perf_counter()
-        stop = False
-        running = []
-        log_path = self.outdir / "train_log.jsonl"
-        while not stop and self.state.step < total_steps:
-            start = self.state.step - self.state.epoch * steps_per_epoch
-            loader = make_loader(self.dataset, cfg.batch_size, shuffle=True,
-                                 seed=cfg.seed + self.state.epoch, num_workers=cfg.num_workers,
-                                 start=start, rank=self.dist.rank, world_size=self.dist.world_size)
-            for batch in loader:
-                loss = self.train_step(batch)
-                running.append((loss, len(batch["index"])))
-                self.state.step += 1
-                self.state.images_seen += self.last_global_batch
-                self.state.minutes = (time.perf_counter() - t0) / 60
-                bar.update(1)
-                if self.state.step % cfg.log_every == 0:
-                    weight = float(sum(b for _, b in running))
-                    mean_loss = float(sum(v * b for v, b in running)) / max(weight, 1.0)
-                    mean_loss = weighted_mean(mean_loss, weight, self.dist, self.device)
-                    running = []
-                    rec = {"step": self.state.step, "epoch": self.state.epoch, "loss": mean_loss,
-                           "grad_norm": self.last_grad_norm, "minutes": self.state.minutes,
-                           "images": self.state.images_seen}
-                    self.history.append(rec)
-                    if self.is_main:
-                        with open(log_path, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                    bar.set_postfix(loss=f"{mean_loss:.4g}")
-                    if self.writer is not None:
-                        self.writer.add_scalar("loss/train", mean_loss, self.state.step)
-                now = time.perf_counter()
-                if now - last_vol > cfg.volume_every_minutes * 60 and self.is_main:
-                    self.write_volume()
-                    if on_volume is not None:
-                        on_volume(self)
-                    last_vol = now
-                if now - last_ckpt > cfg.checkpoint_every_minutes * 60:
-                    self.checkpoint()
-                    last_ckpt = now
-                want_stop = (cfg.max_minutes is not None and self.state.minutes >= cfg.max_minutes) or \
-                    stop_flag.requested
-                # Every rank must stop at the same step.
-                want_stop = any_true(want_stop, self.dist, self.device)
-                if want_stop or self.state.step >= total_steps:
-                    stop = True
-                    break
-            else:
-                self.state.epoch += 1
+            tqdm.write(message)
 
     @torch.no_grad()
     def _sync_from_rank0(self) -> None:
@@ -587,67 +535,3 @@ class Trainer:
             broadcast_(p.data, self.dist)
         if self.prior_lam is not None:
             broadcast_(self.prior_lam, self.dist)
-
-    def run_search(self) -> None:
-        """The search stage of ab initio (see :mod:`cryoai.training.abinitio`)."""
-        from tqdm.auto import tqdm
-
-        from .abinitio import PoseSearch
-
-        log = (lambda msg: None) if self.quiet else tqdm.write
-        t0 = time.perf_counter()
-        res = PoseSearch(self.model, self.dataset, self.cfg, self.device, log=log).run()
-        self.fixed_rot = torch.as_tensor(res["rotations"], dtype=torch.float32)
-        self.fixed_shift = torch.as_tensor(res["shifts_a"], dtype=torch.float32)
-        self.fixed = True
-        self.state.search_done = True
-        self.state.minutes += (time.perf_counter() - t0) / 60
-        if self.dist.enabled:
-            broadcast_(self.fixed_rot, self.dist)
-            broadcast_(self.fixed_shift, self.dist)
-        if self.cfg.wiener_init:
-            self.init_decoder_from_backprojection()
-        if self.is_main:
-            with open(self.outdir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps({"stage": "search", "minutes": self.state.minutes,
-                                    "search_seconds": res["seconds"]}) + "\n")
-
-    @torch.no_grad()
-    def init_decoder_from_backprojection(self) -> None:
-        """Start the decoder from the half-set FSC-regularised (Wiener/MAP) reconstruction at the
-        fixed poses and write the half maps. The voxel decoder is set to it and keeps its
-        regulariser as a prior in the loss; FourierNet is fitted to it by regression
-        (:func:`fit_decoder_to_fourier_volume`)."""
-        from ..physics.fsc import resolution_px
-        from .reconstruct import wiener_reconstruction
-
-        t_start = time.perf_counter()
-        mask_r = self.cfg.mask_radius_frac * self.box if self.cfg.mask_radius_frac > 0 else 0.45 * self.box
-        rec = wiener_reconstruction(self.model, self.dataset, self.fixed_rot, self.fixed_shift, self.device,
-                                    mask_radius_px=mask_r, seed=self.cfg.seed)
-        dec = self.model.decoder
-        fit_error = None
-        if self.cfg.decoder == "voxel":
-            dec.grid.data.copy_(torch.stack([rec["fvol"].real, rec["fvol"].imag]) / dec.scale)
-            self.prior_lam = rec["lam"].float()
-        else:
-            from tqdm.auto import tqdm
-
-            from .reconstruct import fit_decoder_to_fourier_volume
-
-            log = None if self.quiet else tqdm.write
-            fit_error = fit_decoder_to_fourier_volume(dec, rec["fvol"], steps=self.cfg.wiener_fit_steps,
-                                                      seed=self.cfg.seed, log=log)
-        self.state.minutes += (time.perf_counter() - t_start) / 60
-        n = self.box
-        res = resolution_px(rec["fsc_halves"], 0.143)
-        self.half_map_resolution_px = res
-        if not self.is_main:
-            return
-        for k in ("half1", "half2"):
-            write_volume(self.outdir / f"volume_{k}.mrc", (rec[k] * n).cpu().numpy().astype(np.float32),
-                         self.pixel_size_a)
-        with open(self.outdir / "train_log.jsonl", "a") as f:
-            f.write(json.dumps({"stage": "reconstruction", "half_map_fsc_0.143_px": res,
-                                "half_map_fsc_0.143_a": res * self.pixel_size_a,
-                                "decoder_fit_relative_error": fit_error}) + "\n")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from cryoai.models.image_formation import ImageFormation
 from cryoai.physics.fft import fft3_c
-from cryoai.physics.grids import grid_2d, half_plane_mask
 from cryoai.physics.projection import sample_volume, slice_coords
-from cryoai.training import search
+from cryoai.reconstruction import em as search
 
 _PRODUCTS = {torch.matmul, torch.mm, torch.bmm, torch.Tensor.__matmul__, torch.Tensor.matmul,
              torch.Tensor.mm, torch.Tensor.bmm}
@@ -57,13 +57,12 @@ def _peaked_problem(n=24, n_images=40):
     vol = torch.randn(n, n, n, generator=gen)
     vol = torch.nn.functional.avg_pool3d(vol[None, None], 5, 1, 2)[0, 0]
     fvol = fft3_c(vol) / n
-    coords = grid_2d(n)[half_plane_mask(n)]
-    weight = torch.full((len(coords),), 2.0)
-    em = search.ExpectationMaximisation(coords, weight, n, n_rotations=576, max_shift_px=2.0,
-                                        shift_step_px=1.0, generator=gen)
-    em.fvol = fvol
+    formation = ImageFormation(n, 1.0)
+    em = search.ExpectationMaximisation(formation, n_rotations=576, max_shift_px=2.0,
+                                        shift_step_px=1.0, mask_radius_px=0.45 * n, generator=gen)
+    em.fourier_volume = fvol
     rot = em.grid[torch.randint(len(em.grid), (n_images,), generator=gen)]
-    spectra = sample_volume(fvol, slice_coords(rot, coords))
+    spectra = sample_volume(fvol, slice_coords(rot, formation.coords_px))
     # At this noise level a fifth of a plain softmax's probabilities are denormal.
     noise = 3.0 * spectra.abs().mean()
     spectra = spectra + noise * torch.randn(spectra.shape, generator=gen, dtype=spectra.dtype)
@@ -72,7 +71,7 @@ def _peaked_problem(n=24, n_images=40):
 
 def test_em_step_products_have_no_denormals(monkeypatch):
     em, y, c = _peaked_problem()
-    fvol = em.fvol
+    fvol = em.fourier_volume
     # Precondition (the test can fail): with a plain softmax these data put denormals into the
     # M-step products.
     monkeypatch.setattr(search, "posterior", lambda logits: torch.softmax(logits, dim=-1))
@@ -80,9 +79,13 @@ def test_em_step_products_have_no_denormals(monkeypatch):
         em.iterate(y, c, radius_px=8.0)
     assert spy.with_denormals > 0
     monkeypatch.undo()
-    em.fvol, em.num = fvol, None
+    em = search.ExpectationMaximisation(em.formation, n_rotations=576, max_shift_px=2.0,
+                                        shift_step_px=1.0, mask_radius_px=em.mask_radius_px)
+    em.fourier_volume = fvol
     with _DenormalSpy() as spy:
         out = em.iterate(y, c, radius_px=8.0)
-        em.refine_local(y, c, out["rotations"], out["shifts_px"], 8.0, n_candidates=8)
+        search.assign_global(em.formation, em.fourier_volume, y, c, 8.0, em.grid, em.shifts)
+        search.refine_local(em.formation, em.fourier_volume, y, c, out["rotations"], out["shifts_px"],
+                            8.0, max_angle_rad=0.2, n_candidates=8)
     assert spy.products > 0
     assert spy.with_denormals == 0

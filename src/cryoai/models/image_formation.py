@@ -1,0 +1,131 @@
+"""Image formation: how a Fourier volume and a pose make a particle image's spectrum.
+
+One object owns what every stage (pose search, reconstruction, training, pose prediction)
+needs to compare a volume with images, as cryojax's ``InstrumentConfig`` does:
+
+- the **coefficient layout**: the Hermitian half of the centred 2D spectrum inside the largest
+  paired radius (``N//2 - 1``), as frequency pixels ``coords_px`` (M, 2), their radius, their
+  Hermitian weights (2 for a coefficient whose mirror ``-k`` is left out, 1 for DC), and the
+  index that gathers them from a real FFT;
+- the **1/N Fourier scale** (CONVENTIONS.md): image spectra are ``fft2_c(image) / N`` and
+  decoder volumes ``fft3_c(volume) / N``, so a central slice of the volume equals the spectrum
+  of its projection, and by Parseval the weighted squared error over the kept coefficients is
+  the real-space squared error;
+- the **CTF** of a batch and the **phase shift** of a translation, at the kept frequencies;
+- **render**: slice a decoder at rotated coordinates (Fourier slice theorem), times the phase
+  shift, times the CTF.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..physics.ctf import compute_ctf
+from ..physics.fft import fft2_c, half_spectrum, half_spectrum_index
+from ..physics.grids import grid_2d, half_plane_mask
+from ..physics.projection import slice_coords
+from ..physics.shifts import phase_shift
+
+
+class ImageFormation(nn.Module):
+    """Coefficient layout, CTF, spectra and rendering for images of one box and pixel size.
+
+    A module only so that its buffers follow ``.to(device)``; it has no parameters and no
+    persistent state (nothing of it is saved in checkpoints).
+
+    Parameters
+    ----------
+    box_px : N, the (even) image box in pixels.
+    pixel_size_a : Angstrom per pixel.
+
+    Attributes
+    ----------
+    coords_px : (M, 2) float32, the kept frequencies ``(kx, ky)`` in frequency pixels (cycles
+        per box).
+    radius_px : (M,) their distance from DC, frequency pixels.
+    hermitian_weight : (M,) 2 for every coefficient but DC (1): sums over the kept half times
+        these weights are sums over the full spectrum.
+    fourier_scale : 1/N, the factor of every spectrum this object makes.
+    """
+
+    def __init__(self, box_px: int, pixel_size_a: float):
+        super().__init__()
+        self.box_px = int(box_px)
+        self.pixel_size_a = float(pixel_size_a)
+        self.fourier_scale = 1.0 / self.box_px
+        mask = half_plane_mask(box_px)
+        g = grid_2d(box_px)
+        coords = g[mask]
+        self.register_buffer("half_mask", mask, persistent=False)
+        self.register_buffer("coords_px", coords, persistent=False)
+        self.register_buffer("radius_px", coords.norm(dim=-1), persistent=False)
+        w = torch.full((len(coords),), 2.0)
+        w[(coords == 0).all(-1)] = 1.0
+        self.register_buffer("hermitian_weight", w, persistent=False)
+        self._real_fft = box_px % 2 == 0  # kept coefficients gathered from a real FFT
+        if self._real_fft:
+            flat_index, sign = half_spectrum_index(coords, box_px)
+            self.register_buffer("rfft_index", flat_index, persistent=False)
+            self.register_buffer("rfft_sign", sign / self.box_px, persistent=False)
+
+    @property
+    def freqs_a(self) -> torch.Tensor:
+        """Frequencies of the kept coefficients, cycles per Angstrom, (M, 2)."""
+        return self.coords_px / (self.box_px * self.pixel_size_a)
+
+    @property
+    def freqs_px(self) -> torch.Tensor:
+        """Frequencies of the kept coefficients, cycles per pixel (for shifts in pixels), (M, 2)."""
+        return self.coords_px / self.box_px
+
+    def band(self, radius_px: float) -> torch.Tensor:
+        """Boolean (M,): the kept coefficients within ``radius_px`` frequency pixels of DC."""
+        return self.radius_px <= radius_px
+
+    def spectra(self, images: torch.Tensor) -> torch.Tensor:
+        """Kept coefficients of real images: (B, N, N) -> (B, M) complex ``fft2_c(img) / N``."""
+        if self._real_fft:
+            return half_spectrum(images, self.rfft_index, self.rfft_sign)
+        return fft2_c(images)[:, self.half_mask] / self.box_px
+
+    def ctf(self, batch) -> torch.Tensor:
+        """CTF of each image of a batch at the kept coefficients, (B, M).
+
+        ``batch`` is a :class:`cryoai.data.dataset.ParticleBatch` (or any object with its CTF
+        fields as (B,) tensors).
+        """
+        return compute_ctf(self.freqs_a, batch.defocus_u_a, batch.defocus_v_a, batch.defocus_angle_rad,
+                           batch.voltage_kv, batch.cs_mm, batch.amplitude_contrast,
+                           batch.phase_shift_rad, batch.bfactor_a2)
+
+    def phase(self, shifts_a: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Phase factors (B, M') that translate images by ``shifts_a`` (B, 2) Angstrom."""
+        freqs = self.freqs_a if keep is None else self.freqs_a[keep]
+        return phase_shift(freqs, shifts_a)
+
+    def render(self, decoder: nn.Module, rotations: torch.Tensor, shifts_a: torch.Tensor | None,
+               ctf: torch.Tensor | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted spectra (B, M') of images of a volume with poses, shifts and CTF.
+
+        Parameters
+        ----------
+        decoder : a module mapping (..., 3) frequency pixels to complex values (1/N scale).
+        rotations : (B, 3, 3), image frame -> volume frame (CONVENTIONS.md).
+        shifts_a : (B, 2) Angstrom, or None (no translation).
+        ctf : (B, M') at the selected coefficients, or None (no CTF).
+        keep : optional boolean (M,) selecting coefficients (e.g. a frequency band); M' = its
+            count, or M.
+
+        Returns
+        -------
+        (B, M') complex: ``CTF * T_shift * V(R @ (kx, ky, 0))``, multiplied in that order
+        (slice, then phase, then CTF).
+        """
+        coords = self.coords_px if keep is None else self.coords_px[keep]
+        values = decoder(slice_coords(rotations, coords))
+        if shifts_a is not None:
+            values = values * self.phase(shifts_a, keep)
+        if ctf is not None:
+            values = values * ctf
+        return values

@@ -1,0 +1,24 @@
+"""Poses and maps without a network: pose search, back-projection, regularised reconstruction.
+
+The default ab initio path of ``cryoai train`` reads, as a sequence:
+
+>>> particles = ParticleSpectra(dataset, formation, device)                    # doctest: +SKIP
+>>> mask_px = map_mask_radius_px(formation.box_px, 0.45)                       # doctest: +SKIP
+>>> poses = search_poses(particles, SearchSettings(mask_radius_px=mask_px))    # doctest: +SKIP
+>>> rec = reconstruct(particles, poses, mask_radius_px=mask_px)                # doctest: +SKIP
+
+- :mod:`.em`: scores of images against a map on a rotation x shift grid, the stochastic EM,
+  global assignment and local refinement;
+- :mod:`.pose_search`: the search stage built from them (:func:`search_poses`);
+- :mod:`.backproject`: the one back-projection ``sum C conj(T) Y`` and ``sum C^2``;
+- :mod:`.regularised`: the regularised (Wiener/MAP) solve and the half-map FSC-regularised
+  reconstruction (:func:`reconstruct`).
+"""
+
+from .backproject import backproject
+from .pose_search import SearchSettings, search_poses
+from .regularised import Reconstruction, reconstruct
+from .spectra import ParticleSpectra
+
+__all__ = ["ParticleSpectra", "Reconstruction", "SearchSettings", "backproject", "reconstruct",
+           "search_poses"]

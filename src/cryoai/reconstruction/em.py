@@ -1,0 +1,317 @@
+"""Pose search on a grid: scores of images against a map, stochastic EM, global and local search.
+
+The squared error of an image ``Y`` (spectrum, CTF ``C``) against the projection ``P_r`` of a
+rotation ``r`` shifted by ``s`` (phase ``T_s``) expands as
+``||Y||^2 - 2 Re <Y, C T_s P_r> + <C^2, |P_r|^2>`` (sums weighted by the Hermitian weights),
+so the errors of all images x shifts x rotations are two matrix products. That makes an
+exhaustive search over a few thousand rotations cheap at low resolution, and the posterior
+weighted back-projection (the M step) is again two matrix products plus the insertion of one
+slice per rotation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..models.image_formation import ImageFormation
+from ..physics.backprojection import insert_slices
+from ..physics.projection import sample_volume, slice_coords
+from ..physics.rotations import random_rotations, so3_grid
+from ..physics.shifts import phase_shift
+from .backproject import backproject
+from .regularised import regularised_volume
+
+#: Posterior probabilities below this are set to exactly zero. Softmax of sharply peaked logits
+#: otherwise underflows into denormal floats (below 1.2e-38), and matrix products with denormal
+#: operands run several times slower on some CPUs (microcode assists); nothing that matters
+#: depends on probabilities this small.
+POSTERIOR_FLOOR = 1e-30
+
+
+def posterior(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis with every probability below :data:`POSTERIOR_FLOOR` set to 0.
+
+    The logits are floored *before* the exponential (at ``max + log(POSTERIOR_FLOOR)``), so no
+    denormal float is ever formed: a kept term is at least ``POSTERIOR_FLOOR / K`` after
+    normalisation over ``K`` entries, far above the smallest normal float for any grid size.
+
+    Parameters
+    ----------
+    logits : (..., K) real.
+
+    Returns
+    -------
+    (..., K) probabilities summing to 1 over the last axis, exact zeros or >= 1e-30 / K.
+    """
+    top = logits.max(dim=-1, keepdim=True).values
+    logits = logits.masked_fill(logits < top + math.log(POSTERIOR_FLOOR), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def shift_grid(max_shift_px: float, step_px: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Square grid of 2D shifts (S, 2) in pixels within a disk of radius ``max_shift_px``."""
+    k = int(math.floor(max_shift_px / step_px + 1e-9))
+    r = torch.arange(-k, k + 1, device=device, dtype=dtype) * step_px
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)
+    return pts[pts.norm(dim=-1) <= max_shift_px + 1e-6]
+
+
+@dataclass
+class SearchData:
+    """Images' coefficients on a set of P half-plane frequencies (a band of the layout).
+
+    Attributes
+    ----------
+    spectra : (B, P) complex image coefficients (1/N scale).
+    ctf : (B, P) real CTFs.
+    weight : (P,) Hermitian weights.
+    coords_px : (P, 2) frequency pixels.
+    freqs_px : (P, 2) cycles per pixel (for shifts in pixels).
+    """
+
+    spectra: torch.Tensor
+    ctf: torch.Tensor
+    weight: torch.Tensor
+    coords_px: torch.Tensor
+    freqs_px: torch.Tensor
+
+    @classmethod
+    def in_band(cls, formation: ImageFormation, spectra: torch.Tensor, ctf: torch.Tensor,
+                radius_px: float) -> SearchData:
+        """The coefficients of (B, M) ``spectra`` and ``ctf`` within ``radius_px`` of DC."""
+        keep = formation.band(radius_px)
+        return cls(spectra[:, keep], ctf[:, keep], formation.hermitian_weight[keep],
+                   formation.coords_px[keep], formation.freqs_px[keep])
+
+    def rows(self, start: int, stop: int) -> SearchData:
+        """Images ``start:stop`` on the same frequencies."""
+        return SearchData(self.spectra[start:stop], self.ctf[start:stop], self.weight,
+                          self.coords_px, self.freqs_px)
+
+
+def score_grid(data: SearchData, projections: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+    """Squared errors ``||Y - C T_s P_r||^2`` (B, S, R) of every image against every shifted
+    projection, as two matrix products (see the module docstring).
+
+    Parameters
+    ----------
+    data : B images on P frequencies.
+    projections : (R, P) complex, central slices of the map at R rotations.
+    shifts_px : (S, 2) shifts in pixels.
+
+    Returns
+    -------
+    (B, S, R) real, Hermitian-weighted sums over the P coefficients.
+    """
+    y, c, w = data.spectra, data.ctf, data.weight
+    phases = phase_shift(data.freqs_px, shifts_px)  # (S, P)
+    z = (y.conj() * c * w)[:, None, :] * phases[None]  # (B, S, P)
+    b, s, p = z.shape
+    cross = z.real.reshape(b * s, p) @ projections.real.T - z.imag.reshape(b * s, p) @ projections.imag.T
+    norm = (c * c * w) @ (projections.abs() ** 2).T  # (B, R)
+    y2 = ((y.abs() ** 2) * w).sum(-1)  # (B,)
+    return y2[:, None, None] - 2 * cross.reshape(b, s, -1) + norm[:, None, :]
+
+
+def local_rotations(n: int, max_angle_rad: float, *, generator=None, device=None,
+                    dtype=torch.float32) -> torch.Tensor:
+    """``n`` rotations within roughly ``max_angle_rad`` of the identity (the first is the identity)."""
+    axis = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    axis = axis / axis.norm(dim=-1, keepdim=True)
+    angle = max_angle_rad * torch.rand(n, 1, generator=generator, dtype=torch.float64) ** (1 / 3)
+    v = axis * angle
+    theta = v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    k = v / theta
+    kx = torch.zeros(n, 3, 3, dtype=torch.float64)
+    kx[:, 0, 1], kx[:, 0, 2], kx[:, 1, 2] = -k[:, 2], k[:, 1], -k[:, 0]
+    kx = kx - kx.transpose(1, 2)
+    eye = torch.eye(3, dtype=torch.float64).expand(n, 3, 3)
+    s, c = torch.sin(theta)[..., None], torch.cos(theta)[..., None]
+    r = eye + s * kx + (1 - c) * (kx @ kx)
+    r[0] = torch.eye(3, dtype=torch.float64)
+    return r.to(device=device, dtype=dtype)
+
+
+class ExpectationMaximisation:
+    """Stochastic EM over a rotation grid x shift grid at low resolution, with frequency marching.
+
+    Holds the current map (``fourier_volume``, (N, N, N) complex, 1/N scale) and the decayed
+    running back-projection sums. Each :meth:`iterate` scores a mini-batch of images against
+    every grid rotation and shift (E step) and back-projects them weighted by their posterior
+    (M step).
+
+    Parameters
+    ----------
+    formation : the coefficient layout (frequencies, Hermitian weights, bands).
+    n_rotations : size of the SO(3) grid.
+    max_shift_px, shift_step_px : the shift grid (a disk), pixels.
+    mask_radius_px : radius of the soft real-space mask applied to each map.
+    generator : torch Generator for the random initial poses.
+    """
+
+    def __init__(self, formation: ImageFormation, *, n_rotations: int = 4608, max_shift_px: float = 6.0,
+                 shift_step_px: float = 1.5, mask_radius_px: float,
+                 generator: torch.Generator | None = None):
+        self.formation = formation
+        self.n = formation.box_px
+        self.device = formation.coords_px.device
+        self.grid = so3_grid(n_rotations, device=self.device)
+        self.grid_step_rad = (8 * math.pi**2 / len(self.grid)) ** (1 / 3)
+        self.shifts = shift_grid(max_shift_px, shift_step_px, device=self.device)
+        self.mask_radius_px = mask_radius_px
+        self.generator = generator
+        self.fourier_volume: torch.Tensor | None = None
+        self._num: torch.Tensor | None = None
+        self._den: torch.Tensor | None = None
+
+    def set_map(self, numerator: torch.Tensor, denominator: torch.Tensor, radius_px: float) -> None:
+        """Make the current map from back-projected sums (:func:`regularised_volume`)."""
+        self.fourier_volume = regularised_volume(numerator, denominator, radius_px=radius_px,
+                                                 mask_radius_px=self.mask_radius_px)
+
+    def initialise(self, spectra: torch.Tensor, ctf: torch.Tensor, radius_px: float) -> None:
+        """Initial map: back-projection of the images at random poses (a blob of the right size)."""
+        d = SearchData.in_band(self.formation, spectra, ctf, radius_px)
+        rot = random_rotations(len(spectra), generator=self.generator, device=self.device)
+        self.set_map(*backproject(d.spectra, d.ctf, rot, d.coords_px, self.n), radius_px)
+
+    @torch.no_grad()
+    def iterate(self, spectra: torch.Tensor, ctf: torch.Tensor, radius_px: float, *,
+                temperature: float = 1.0, chunk: int = 128, ema: float = 0.0) -> dict:
+        """One EM iteration (E: posterior over grid x shifts; M: weighted back-projection).
+
+        Parameters
+        ----------
+        spectra, ctf : (B, M) the mini-batch's coefficients and CTFs (the full layout).
+        radius_px : the band used, frequency pixels.
+        temperature : anneals the posterior (1: the noise model's).
+        chunk : images scored at a time.
+        ema : decay of the running sums (0: this mini-batch only).
+
+        Returns
+        -------
+        dict with the best grid ``rotations`` (B, 3, 3), ``shifts_px`` (B, 2), the
+        ``posterior_max`` (B,), the best ``error`` (B,) and the noise variance ``sigma2``.
+        """
+        d_all = SearchData.in_band(self.formation, spectra, ctf, radius_px)
+        proj = sample_volume(self.fourier_volume, slice_coords(self.grid, d_all.coords_px))  # (R, P)
+        m, p = proj.shape
+        num_slices = torch.zeros(m, p, dtype=proj.dtype, device=self.device)
+        den_slices = torch.zeros(m, p, dtype=proj.real.dtype, device=self.device)
+        best_r, best_s, best_p, errs = [], [], [], []
+        phases = phase_shift(d_all.freqs_px, self.shifts)  # (S, P)
+        # Noise variance per coefficient, from the best fit of a first chunk (model mismatch for
+        # noise-free data); the temperature anneals the posterior.
+        sigma2 = None
+        for start in range(0, len(spectra), chunk):
+            d = d_all.rows(start, start + chunk)
+            y, c = d.spectra, d.ctf
+            err = score_grid(d, proj, self.shifts)  # (B, S, R)
+            b, s, _ = err.shape
+            flat = err.reshape(b, -1)
+            emin, arg = flat.min(dim=-1)
+            if sigma2 is None:
+                sigma2 = float(emin.mean() / d_all.weight.sum().clamp_min(1)) + 1e-12
+            logits = -(flat - emin[:, None]) / (2 * sigma2 * temperature)
+            post = posterior(logits).reshape(b, s, m)
+            best_p.append(post.reshape(b, -1).max(dim=-1).values)
+            best_r.append(arg % m)
+            best_s.append(arg // m)
+            errs.append(emin)
+            # M step: the back-projection sums of backproject(), each image at every grid
+            # rotation and shift weighted by its posterior: X_bs = C Y conj(T_s);
+            # A_r = sum_{b,s} post * X_bs; D_r = sum_b post_b C^2, then one insertion per rotation.
+            x = (c * y)[:, None, :] * phases.conj()[None]  # (B, S, P)
+            pt = post.reshape(b * s, m).T  # (R, B*S)
+            xr = x.reshape(b * s, p)
+            num_slices += torch.complex(pt @ xr.real, pt @ xr.imag)
+            den_slices += post.sum(1).T @ (c * c)
+        pts = slice_coords(self.grid, d_all.coords_px)
+        num, den = insert_slices(num_slices, den_slices, pts, self.n)
+        if ema > 0 and self._num is not None:
+            # Stochastic EM: decayed running sums over mini-batches.
+            num, den = ema * self._num + num, ema * self._den + den
+        self._num, self._den = num, den
+        self.set_map(num, den, radius_px)
+        idx_r = torch.cat(best_r)
+        return {"rotations": self.grid[idx_r], "shifts_px": self.shifts[torch.cat(best_s)],
+                "posterior_max": torch.cat(best_p), "error": torch.cat(errs), "sigma2": sigma2}
+
+
+@torch.no_grad()
+def assign_global(formation: ImageFormation, fourier_volume: torch.Tensor, spectra: torch.Tensor,
+                  ctf: torch.Tensor, radius_px: float, grid: torch.Tensor, shifts_px: torch.Tensor,
+                  chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best grid rotation and shift of each image against a map (the E step's argmin).
+
+    Parameters
+    ----------
+    formation : the coefficient layout.
+    fourier_volume : (N, N, N) complex map, 1/N scale.
+    spectra, ctf : (B, M) the images' coefficients and CTFs.
+    radius_px : the band used.
+    grid : (R, 3, 3) rotations tried; shifts_px : (S, 2) shifts tried, pixels.
+
+    Returns
+    -------
+    rotations (B, 3, 3) and shifts (B, 2) pixels.
+    """
+    d_all = SearchData.in_band(formation, spectra, ctf, radius_px)
+    proj = sample_volume(fourier_volume, slice_coords(grid, d_all.coords_px))
+    rots, shs = [], []
+    for start in range(0, len(spectra), chunk):
+        d = d_all.rows(start, start + chunk)
+        err = score_grid(d, proj, shifts_px).reshape(len(d.spectra), -1)
+        arg = err.argmin(dim=-1)
+        rots.append(grid[arg % len(grid)])
+        shs.append(shifts_px[arg // len(grid)])
+    return torch.cat(rots), torch.cat(shs)
+
+
+@torch.no_grad()
+def refine_local(formation: ImageFormation, fourier_volume: torch.Tensor, spectra: torch.Tensor,
+                 ctf: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tensor, radius_px: float, *,
+                 max_angle_rad: float, n_candidates: int = 64, shift_step_px: float = 0.5,
+                 generator: torch.Generator | None = None,
+                 chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local search: each image's best of ``n_candidates`` rotations within ``max_angle_rad`` of
+    its current one (the current one included: :func:`local_rotations`, the same perturbations
+    for every image) times a 3x3 grid of shifts ``shift_step_px`` apart around its current shift.
+
+    Parameters
+    ----------
+    formation, fourier_volume, spectra, ctf, radius_px : as :func:`assign_global`.
+    rotations : (B, 3, 3), shifts_px : (B, 2) the current poses.
+
+    Returns
+    -------
+    rotations (B, 3, 3) and shifts (B, 2) pixels, never worse-scoring than the current ones.
+    """
+    d_all = SearchData.in_band(formation, spectra, ctf, radius_px)
+    pert = local_rotations(n_candidates, max_angle_rad, generator=generator, device=rotations.device)
+    local_shift = shift_grid(shift_step_px * 1.01, shift_step_px, device=rotations.device)  # 3x3
+    out_r, out_s = [], []
+    for start in range(0, len(spectra), chunk):
+        d = d_all.rows(start, start + chunk)
+        y, c = d.spectra, d.ctf
+        r0 = rotations[start:start + chunk]
+        s0 = shifts_px[start:start + chunk]
+        b = len(y)
+        cand = r0[:, None] @ pert[None]  # (B, K, 3, 3)
+        proj = sample_volume(fourier_volume, slice_coords(cand.reshape(-1, 3, 3), d.coords_px))
+        proj = proj.reshape(b, n_candidates, -1)  # (B, K, P)
+        sh = s0[:, None, :] + local_shift[None]  # (B, S, 2)
+        ph = phase_shift(d.freqs_px, sh.reshape(-1, 2)).reshape(b, -1, proj.shape[-1])
+        pred = c[:, None, None, :] * proj[:, None] * ph[:, :, None]  # (B, S, K, P)
+        err = ((y[:, None, None] - pred).abs() ** 2 * d.weight).sum(-1).reshape(b, -1)
+        arg = err.argmin(dim=-1)
+        k = arg % n_candidates
+        si = arg // n_candidates
+        ar = torch.arange(b, device=y.device)
+        out_r.append(cand[ar, k])
+        out_s.append(sh[ar, si])
+    return torch.cat(out_r), torch.cat(out_s)

@@ -1,0 +1,134 @@
+"""The run directory: one writer for everything a run leaves on disk.
+
+``config.yaml`` (the resolved options), ``checkpoint.pt``, ``volume.mrc`` and the half maps
+``volume_half1.mrc``/``volume_half2.mrc``, ``poses.star``, the JSON-lines logs
+(``train_log.jsonl``: loss records and one record per stage; ``fsc_log.jsonl``: FSC against a
+reference) and TensorBoard. Every file is written atomically (a temporary file, then a rename).
+Under torch.distributed only rank 0 writes: on the other ranks every write is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from ..io import write_text_atomic
+from ..io.mrc import write_volume
+from ..io.particles import ParticleTable
+from ..io.star import write_star
+from ..physics.poses import Poses
+from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .config import TrainConfig, save_yaml
+
+#: The JSON-lines logs of a run.
+TRAIN_LOG = "train_log.jsonl"
+FSC_LOG = "fsc_log.jsonl"
+
+
+class RunDirectory:
+    """Writes a run's outputs to ``path``.
+
+    Parameters
+    ----------
+    path : the run directory (created by the caller).
+    writes : whether this process writes (rank 0); False makes every write a no-op.
+    tensorboard : open a TensorBoard writer in ``path/tensorboard``.
+    """
+
+    def __init__(self, path: str | Path, *, writes: bool = True, tensorboard: bool = False):
+        self.path = Path(path)
+        self.writes = writes
+        self.tensorboard = None
+        if writes:
+            remove_stale_temporaries(self.path)  # left by a killed run
+        if tensorboard and writes:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(self.path / "tensorboard"))
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    @property
+    def volume_path(self) -> Path:
+        return self.path / "volume.mrc"
+
+    @property
+    def poses_path(self) -> Path:
+        return self.path / "poses.star"
+
+    # ----------------------------------------------------------------- logs
+    def log(self, record: dict, name: str = TRAIN_LOG) -> None:
+        """Append one JSON record to the log ``name``."""
+        if self.writes:
+            with open(self.path / name, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """A TensorBoard scalar (if TensorBoard is on)."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar(tag, value, step)
+
+    def truncate_logs(self, step: int) -> None:
+        """Drop the log records of steps after ``step`` (work lost by a crash and about to be
+        redone by ``--resume``); stage records (without a step) are kept."""
+        if not self.writes:
+            return
+        for name in (TRAIN_LOG, FSC_LOG):
+            path = self.path / name
+            if not path.exists():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the crash
+                if rec.get("step", 0) <= step:
+                    kept.append(line)
+            write_text_atomic(path, "".join(k + "\n" for k in kept))
+
+    def flush(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    # -------------------------------------------------------------- outputs
+    def write_config(self, cfg: TrainConfig) -> None:
+        if self.writes:
+            save_yaml(cfg, self.path / "config.yaml")
+
+    def write_map(self, volume: np.ndarray, pixel_size_a: float, *, step: int | None = None) -> Path:
+        """``volume.mrc`` (and its z projection in TensorBoard at ``step``)."""
+        if self.writes:
+            write_volume(self.volume_path, volume, pixel_size_a)
+            if self.tensorboard is not None and step is not None:
+                proj = volume.sum(0)
+                proj = (proj - proj.min()) / max(float(np.ptp(proj)), 1e-12)
+                self.tensorboard.add_image("volume/projection_z", proj[None], step)
+        return self.volume_path
+
+    def write_half_maps(self, half_maps: Iterable[np.ndarray], pixel_size_a: float) -> None:
+        """``volume_half1.mrc`` and ``volume_half2.mrc``."""
+        if self.writes:
+            for k, half in enumerate(half_maps, start=1):
+                write_volume(self.path / f"volume_half{k}.mrc", half, pixel_size_a)
+
+    def write_poses(self, table: ParticleTable,
+                    poses: Poses | Iterable[tuple[np.ndarray, np.ndarray]]) -> Path:
+        """``poses.star``: every input column of ``table`` with the poses (a :class:`Poses`, or
+        (rotations, shifts_a) blocks in particle order, streamed)."""
+        if self.writes:
+            write_star(self.poses_path, table, poses=poses.chunks() if isinstance(poses, Poses) else poses)
+        return self.poses_path
+
+    # ---------------------------------------------------------- checkpoints
+    def save_checkpoint(self, payload: dict) -> None:
+        if self.writes:
+            save_checkpoint(self.checkpoint_path, payload)
+
+    def load_checkpoint(self, map_location) -> dict:
+        return load_checkpoint(self.checkpoint_path, map_location=map_location)
