@@ -279,6 +279,7 @@ def test_broken_pipe_real_process(sim_set, buffered):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     proc.stdout.close()
     err = proc.stderr.read().decode()
+    proc.stderr.close()
     rc = proc.wait(timeout=120)
     assert err == "", err
     assert rc == 141

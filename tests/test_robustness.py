@@ -88,7 +88,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(sim, reference, tmp_path)
         p = _spawn(args)
         _wait_for_step(p, out, kill_at)
         p.send_signal(signal.SIGKILL)
-        p.wait()
+        p.communicate()  # waits, and closes the pipes
         assert p.returncode == -signal.SIGKILL
         ckpt = load_checkpoint(out / "checkpoint.pt")  # always a whole checkpoint
         assert 0 < ckpt["state"]["step"] < TOTAL_STEPS

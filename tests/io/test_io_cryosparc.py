@@ -67,6 +67,32 @@ def test_pose_convention_matches_pyem_and_cryodrgn():
                                pose_to_matrix(poses), atol=1e-12)
 
 
+def test_pose_conversions_are_scipys_rotvec():
+    # pose_to_matrix / matrix_to_pose are cryoai.physics.rotations' axis-angle functions in
+    # float64; scipy's from_rotvec / as_rotvec are the independent reference.
+    rng = np.random.default_rng(8)
+    u = rng.normal(size=(2000, 3))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    poses = np.concatenate([rng.normal(size=(2000, 3)) * 2, u * 10.0 ** rng.uniform(-9, -4, (2000, 1)),
+                            u * (np.pi - rng.uniform(0, 1e-9, (2000, 1))), np.zeros((1, 3))])
+    r = pose_to_matrix(poses)
+    assert r.dtype == np.float64 and r.shape == (len(poses), 3, 3)
+    np.testing.assert_allclose(r, Rotation.from_rotvec(poses).as_matrix(), rtol=0, atol=1e-14)
+    back = matrix_to_pose(r)
+    assert back.dtype == np.float64 and back.shape == (len(poses), 3)
+    np.testing.assert_allclose(back, Rotation.from_matrix(r).as_rotvec(), rtol=0, atol=1e-14)
+    # float32 poses, a single pose, and a read-only strided field of a structured array.
+    p32 = poses[:100].astype(np.float32)
+    np.testing.assert_allclose(pose_to_matrix(p32), Rotation.from_rotvec(p32.astype(np.float64))
+                               .as_matrix(), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(pose_to_matrix(poses[0]), r[:1], rtol=0, atol=0)
+    rec = np.zeros(100, dtype=[("x", "u1"), ("alignments3D/pose", "<f8", (3,))])
+    rec["alignments3D/pose"] = poses[:100]
+    field = rec["alignments3D/pose"]
+    field.flags.writeable = False
+    np.testing.assert_allclose(pose_to_matrix(field), r[:100], rtol=0, atol=0)
+
+
 def test_empiar10076_star_and_cs_agree(particles_dir):
     d = particles_dir / "cryodrgn_empiar10076_7"
     cs = load_particles(d / "empiar_10076_7.cs")

@@ -12,11 +12,13 @@ from scipy import stats
 from scipy.spatial.transform import Rotation
 
 from cryoai.physics.rotations import (
+    axis_angle_to_matrix,
     euler_zyz_to_matrix,
     frobenius_distance_sq,
     frobenius_sq_to_angle,
     geodesic_distance,
     in_plane_180,
+    matrix_to_axis_angle,
     matrix_to_euler_zyz,
     matrix_to_rotation_6d,
     procrustes_rotation,
@@ -180,6 +182,100 @@ def test_quaternion_to_matrix_matches_scipy():
     ours = quaternion_to_matrix(torch.from_numpy(q)).numpy()
     ref = Rotation.from_quat(np.concatenate([q[:, 1:], q[:, :1]], axis=1)).as_matrix()
     np.testing.assert_allclose(ours, ref, atol=1e-14, err_msg="quaternion_to_matrix != scipy")
+
+
+# ----------------------------------------------------------------------------- axis-angle
+
+
+def _axis_angle_cases() -> dict[str, np.ndarray]:
+    """Rotation vectors (n, 3): random, tiny, around the 1e-3 series switch, and near pi."""
+    rng = np.random.default_rng(11)
+    u = rng.standard_normal((4000, 3))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    return {
+        "random": rng.standard_normal((4000, 3)) * 2.0,  # lengths beyond pi too
+        "angle in [0, pi]": u * rng.uniform(0, np.pi, (4000, 1)),
+        "tiny (1e-9..1e-4)": u * 10.0 ** rng.uniform(-9, -4, (4000, 1)),
+        "near 1e-3": u * rng.uniform(0.9e-3, 1.1e-3, (4000, 1)),
+        "near pi (pi - 1e-9 .. pi)": u * (np.pi - rng.uniform(0, 1e-9, (4000, 1))),
+        "pi - (1e-6 .. 1e-3)": u * (np.pi - 10.0 ** rng.uniform(-6, -3, (4000, 1))),
+        "exactly pi": np.concatenate([u * np.pi, np.eye(3) * np.pi, -np.eye(3) * np.pi]),
+        "zero": np.zeros((2, 3)),
+    }
+
+
+def test_axis_angle_to_matrix_matches_scipy():
+    for name, v in _axis_angle_cases().items():
+        ours = axis_angle_to_matrix(torch.from_numpy(v))
+        assert ours.dtype == F64 and ours.shape == (len(v), 3, 3)
+        np.testing.assert_allclose(ours.numpy(), Rotation.from_rotvec(v).as_matrix(), rtol=0,
+                                   atol=1e-14, err_msg=f"axis_angle_to_matrix != scipy ({name})")
+        _assert_rotations(ours, atol=1e-14, what=f"axis_angle_to_matrix ({name})")
+    # R v is v rotated right-handedly about the axis: a quarter turn about z takes x to y.
+    r = axis_angle_to_matrix(torch.tensor([0.0, 0.0, math.pi / 2], dtype=F64))
+    torch.testing.assert_close(r @ torch.tensor([1.0, 0, 0], dtype=F64),
+                               torch.tensor([0.0, 1, 0], dtype=F64), rtol=0, atol=1e-16)
+    # Exactly the identity at 0, batch shapes and dtype kept.
+    assert torch.equal(axis_angle_to_matrix(torch.zeros(3, dtype=F64)), torch.eye(3, dtype=F64))
+    v32 = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    r32 = axis_angle_to_matrix(v32)
+    assert r32.shape == (2, 5, 3, 3) and r32.dtype == torch.float32
+    torch.testing.assert_close(r32, axis_angle_to_matrix(v32.double()).float(), rtol=0, atol=1e-6)
+
+
+def test_axis_angle_to_matrix_gradients():
+    # Finite at 0, where dR/dv_i is the cross-product matrix of e_i.
+    jac = torch.autograd.functional.jacobian(axis_angle_to_matrix, torch.zeros(3, dtype=F64))
+    gens = torch.tensor([[[0, 0, 0], [0, 0, -1], [0, 1, 0]], [[0, 0, 1], [0, 0, 0], [-1, 0, 0]],
+                         [[0, -1, 0], [1, 0, 0], [0, 0, 0]]], dtype=F64)
+    torch.testing.assert_close(jac.permute(2, 0, 1), gens, rtol=0, atol=0)
+    g = torch.Generator().manual_seed(3)
+    for scale in (2.0, 1e-5):
+        v = (scale * torch.randn(6, 3, generator=g, dtype=F64)).requires_grad_()
+        assert torch.autograd.gradcheck(axis_angle_to_matrix, (v,))
+
+
+def test_matrix_to_axis_angle_matches_scipy():
+    for name, v in _axis_angle_cases().items():
+        mats = Rotation.from_rotvec(v).as_matrix()
+        ours = matrix_to_axis_angle(torch.from_numpy(mats))
+        assert ours.dtype == F64 and ours.shape == (len(v), 3)
+        # Also at an angle of exactly pi, where v and -v are the same rotation: the same
+        # arithmetic as scipy's on the same matrix resolves the sign the same way.
+        np.testing.assert_allclose(ours.numpy(), Rotation.from_matrix(mats).as_rotvec(), rtol=0,
+                                   atol=1e-14, err_msg=f"matrix_to_axis_angle != scipy ({name})")
+        assert float(torch.linalg.vector_norm(ours, dim=-1).max()) <= math.pi + 1e-15
+    assert torch.equal(matrix_to_axis_angle(torch.eye(3, dtype=F64)), torch.zeros(3, dtype=F64))
+    assert matrix_to_axis_angle(torch.eye(3).expand(2, 4, 3, 3)).shape == (2, 4, 3)
+
+
+def test_axis_angle_round_trips():
+    cases = _axis_angle_cases()
+    for name, v in cases.items():
+        vt = torch.from_numpy(v)
+        mats = axis_angle_to_matrix(vt)
+        # Matrix -> vector -> matrix, everywhere (also at pi, whatever sign comes back).
+        torch.testing.assert_close(axis_angle_to_matrix(matrix_to_axis_angle(mats)), mats,
+                                   rtol=0, atol=1e-14, msg=f"R -> v -> R ({name})")
+        back = matrix_to_axis_angle(mats)
+        angle = np.linalg.norm(v, axis=1)
+        inside = angle < np.pi - 1e-12  # the vector itself comes back
+        torch.testing.assert_close(back[inside], vt[inside], rtol=0, atol=1e-12,
+                                   msg=f"v -> R -> v ({name})")
+        at_pi = np.abs(angle - np.pi) <= 1e-12  # up to the sign of the axis
+        err = torch.minimum((back[at_pi] - vt[at_pi]).abs().amax(-1),
+                            (back[at_pi] + vt[at_pi]).abs().amax(-1))
+        assert bool((err <= 1e-12).all()), f"v -> R -> +-v at pi ({name})"
+    # Longer vectors come back wrapped into [0, pi]: v - 2 pi v / |v| for |v| in (pi, 2 pi).
+    v = torch.from_numpy(cases["random"])
+    t = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    sel = ((t > math.pi + 1e-6) & (t < 2 * math.pi - 1e-6)).squeeze(-1)
+    assert sel.sum() > 100
+    torch.testing.assert_close(matrix_to_axis_angle(axis_angle_to_matrix(v[sel])),
+                               (v - 2 * math.pi * v / t)[sel], rtol=0, atol=1e-12)
+    m = torch.from_numpy(_scipy_rotations(500, 12))
+    torch.testing.assert_close(axis_angle_to_matrix(matrix_to_axis_angle(m)), m, rtol=0,
+                               atol=1e-14)
 
 
 # ----------------------------------------------------------------------------- sampling

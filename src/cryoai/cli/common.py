@@ -27,7 +27,8 @@ def prepare_outdir(outdir: str | Path, *, marker: str, force: bool = False, resu
                    resumable: bool = True) -> Path:
     """Create ``outdir``; refuse to reuse one that holds ``marker`` (a previous run's file)
     unless ``force`` or ``resume``. ``resumable``: whether the command has ``--resume`` (named
-    in the message)."""
+    in the message).
+    """
     path = Path(outdir)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a directory")

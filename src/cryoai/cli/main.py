@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 def _one_line_message(exc: BaseException) -> str:
     """The message of ``exc`` on one line. An error raised in a DataLoader worker arrives with
     the worker's traceback inside its message; only its last line (the original message) is
-    kept."""
+    kept.
+    """
     text = str(exc).strip()
     if "Traceback" in text:
         last = text.splitlines()[-1].strip()

@@ -87,7 +87,8 @@ def main(args) -> int:
 
 def _prepare_outdir_once(args, dist_info, device):
     """Rank 0 checks and creates the output directory; the other ranks wait for its verdict
-    (each checking on its own would race with rank 0's first writes)."""
+    (each checking on its own would race with rank 0's first writes).
+    """
     from pathlib import Path
 
     from ..errors import CryoaiError, OutputError
@@ -134,7 +135,8 @@ def _fsc_logger(truth, trainer, aligned: bool):
     """A callback that logs the FSC of the current map against a reference map. ``aligned``:
     whether the map is in the reference's frame (poses given with --poses); ab initio maps are
     in an arbitrary frame, so their logged FSC is only a rough guide (use cryoai evaluate with
-    the true poses for the final figure)."""
+    the true poses for the final figure).
+    """
     from ..evaluation.metrics import best_flip_fsc
     from ..training.run_dir import FSC_LOG
 

@@ -1,1 +1,2 @@
-"""Datasets and transforms: lazy particle stacks, normalisation, masks."""
+"""Particles as batches: a lazy dataset over the image stacks, the typed batch, epoch batching
+and reading ahead of the step."""

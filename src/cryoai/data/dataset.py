@@ -80,6 +80,7 @@ class ParticleDataset(Dataset):
         return len(self.table)
 
     def read_images(self, indices: np.ndarray) -> torch.Tensor:
+        """Images (B, N, N) float32 of the particles ``indices``, sign-corrected and scaled."""
         images = self.source.read(np.asarray(indices))  # raises InputError on NaN/inf pixels
         return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)) * (self.sign / self.scale)
 
@@ -98,7 +99,8 @@ class ParticleDataset(Dataset):
 def estimate_scale(table: ParticleTable, n_samples: int = 1000, seed: int = 0,
                    source: ImageSource | None = None) -> float:
     """Global intensity scale: the standard deviation of the pixels of up to ``n_samples``
-    images drawn at random (one number for the whole data set, so the noise model is kept)."""
+    images drawn at random (one number for the whole data set, so the noise model is kept).
+    """
     source = source or ImageSource(table)
     rng = np.random.default_rng(seed)
     n = min(n_samples, len(table))

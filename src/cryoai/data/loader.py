@@ -60,7 +60,8 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_worke
     """A DataLoader over :class:`EpochBatches` that reads whole batches at once
     (:meth:`ParticleDataset.read`), reading ahead: with ``num_workers`` background processes (4 batches
     each), or, with ``num_workers=0``, in one background thread ``prefetch`` batches ahead
-    (:class:`cryoai.data.prefetch.ThreadPrefetcher`; ``prefetch=0``: no read-ahead)."""
+    (:class:`cryoai.data.prefetch.ThreadPrefetcher`; ``prefetch=0``: no read-ahead).
+    """
     sampler = EpochBatches(len(dataset), batch_size, seed=seed if shuffle else None, start=start,
                            rank=rank, world_size=world_size)
     loader = DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=_whole_batch,

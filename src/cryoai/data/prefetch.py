@@ -31,6 +31,7 @@ class ThreadPrefetcher:
 
     @property
     def dataset(self):
+        """The wrapped loader's dataset."""
         return self.loader.dataset
 
     def __len__(self) -> int:

@@ -64,7 +64,8 @@ def _error_histogram(errors: np.ndarray, bins, xlabel: str, median_label: str, p
 
 def _zoomed(errors: np.ndarray, floor: float, ceiling: float | None = None) -> tuple[np.ndarray, float]:
     """Errors clipped to a range that shows the bulk (1.2 x the 99th percentile, at least
-    ``floor``, at most ``ceiling``): larger values land in the last bin."""
+    ``floor``, at most ``ceiling``): larger values land in the last bin.
+    """
     errors = np.asarray(errors, dtype=float)
     hi = max(floor, 1.2 * float(np.percentile(errors, 99)))
     if ceiling is not None:
@@ -74,7 +75,8 @@ def _zoomed(errors: np.ndarray, floor: float, ceiling: float | None = None) -> t
 
 def plot_rotation_errors(errors_deg: np.ndarray, path: str | Path) -> None:
     """Histogram of per-particle rotation errors (degrees); errors beyond the plotted range are
-    counted in the last bin."""
+    counted in the last bin.
+    """
     clipped, hi = _zoomed(errors_deg, 5.0, 180.0)
     _error_histogram(clipped, np.linspace(0, hi, 61), f"rotation error (degrees; last bin: >= {hi:.3g})",
                      f"median {np.median(errors_deg):.2f} deg", path)
@@ -103,7 +105,8 @@ def plot_training_curves(loss_steps: np.ndarray, losses: np.ndarray, path: str |
                          resolution_minutes: np.ndarray | None = None,
                          resolution_px: np.ndarray | None = None, pixel_size_a: float | None = None) -> None:
     """The training loss against the step and, when logged, the FSC=0.5 resolution against the
-    ground truth over the run's minutes."""
+    ground truth over the run's minutes.
+    """
     plt = _pyplot()
     two = resolution_px is not None and len(resolution_px) > 0
     fig, axes = plt.subplots(1, 2 if two else 1, figsize=(9 if two else 5, 3.5), dpi=110, squeeze=False)
@@ -160,7 +163,8 @@ def viewing_directions(rotations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def plot_viewing_directions(rotations: np.ndarray, path: str | Path,
                             title: str = "viewing directions") -> None:
     """A sky map (Mollweide) of the particles' viewing directions, as a 2D histogram of counts
-    per equal-area cell."""
+    per equal-area cell.
+    """
     plt = _pyplot()
     az, el = viewing_directions(rotations)
     # Equal-area cells, uniform in azimuth and in sin(elevation), about 5 particles per cell

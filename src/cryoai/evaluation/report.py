@@ -21,7 +21,6 @@ from .. import __version__
 from ..errors import InputError
 from ..io import load_particles, read_volume, write_json_atomic, write_text_atomic
 from ..physics.fsc import fsc, resolution_px
-from ..physics.masks import map_mask_radius_px, spherical_mask
 from . import plots
 from .metrics import evaluate
 
@@ -38,7 +37,11 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def _masked_half_map_fsc(run: Path, mask_radius_frac: float) -> np.ndarray | None:
+def _half_map_fsc(run: Path) -> np.ndarray | None:
+    """FSC of the run's half maps as written. They are already masked by the reconstruction
+    (:func:`cryoai.reconstruction.reconstruct`, the map mask), so this is the same curve as the
+    run's own ``half_map_fsc_0.143_px`` in ``train_log.jsonl``: one definition, one key.
+    """
     h1, h2 = run / "volume_half1.mrc", run / "volume_half2.mrc"
     if not (h1.exists() and h2.exists()):
         return None
@@ -46,11 +49,7 @@ def _masked_half_map_fsc(run: Path, mask_radius_frac: float) -> np.ndarray | Non
     b, _ = read_volume(h2)
     if a.shape != b.shape:
         raise InputError(f"{h2}: box {b.shape} differs from {h1} {a.shape}")
-    n = a.shape[-1]
-    mask = spherical_mask(n, map_mask_radius_px(n, mask_radius_frac), soft_edge_px=3, dtype=torch.float64)
-    ta = torch.as_tensor(a, dtype=torch.float64) * mask
-    tb = torch.as_tensor(b, dtype=torch.float64) * mask
-    return fsc(ta, tb).numpy()
+    return fsc(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy()
 
 
 def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_map: str | None = None,
@@ -79,12 +78,6 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     volume, pixel_size_a = read_volume(vol_path)
     box = volume.shape[-1]
     config_text = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
-    try:
-        import yaml
-
-        config = yaml.safe_load(config_text) or {}
-    except Exception:  # noqa: BLE001 - a damaged config only loses its table, not the report
-        config = {}
     outputs = json.loads((run / "outputs.json").read_text()) if (run / "outputs.json").exists() else {}
     log = _read_jsonl(run / "train_log.jsonl")
     # Only FSCs of maps in the reference's frame (known poses) mean something over time.
@@ -140,11 +133,9 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
         shown = res["aligned_volume"]
         if "fsc" in res["metrics"]:
             curves["map vs ground truth"] = np.asarray(res["metrics"]["fsc"])
-    # A missing or 0 mask_radius_frac means the default map mask (map_mask_radius_px).
-    mask_frac = float(config.get("mask_radius_frac") or 0.0) if isinstance(config, dict) else 0.0
-    half = _masked_half_map_fsc(run, mask_frac)
+    half = _half_map_fsc(run)
     if half is not None:
-        curves["half map 1 vs 2 (masked)"] = half
+        curves["half map 1 vs 2 (masked by the reconstruction)"] = half
         metrics["half_map_fsc_0.143_px"] = resolution_px(torch.as_tensor(half), 0.143)
         metrics["half_map_fsc_0.143_a"] = metrics["half_map_fsc_0.143_px"] * pixel_size_a
     if curves:

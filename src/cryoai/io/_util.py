@@ -122,7 +122,8 @@ def resolve_stack_path(raw: str, base_dirs: Sequence[Path],
 
 def box_from_first_stack(p: Path, stack_files: Sequence[str], missing_label: str) -> int:
     """The image size in the header of the first existing stack of ``stack_files``, for a
-    metadata file ``p`` that lacks ``missing_label``; :class:`InputError` if none exists."""
+    metadata file ``p`` that lacks ``missing_label``; :class:`InputError` if none exists.
+    """
     from .mrc import read_header
 
     first = next((s for s in stack_files if os.path.isfile(s)), None)

@@ -20,7 +20,8 @@ Fields used (per particle):
 ==========================  ==============================================================
 
 Pose convention (verified, see :func:`pose_to_matrix`): cryoai's pose is
-``R = Rotation.from_rotvec(pose).as_matrix()``; RELION's own matrix is its transpose.
+``R = axis_angle_to_matrix(pose)`` (``exp([pose]_x)``, Rodrigues; scipy's
+``Rotation.from_rotvec(pose).as_matrix()``); RELION's own matrix is its transpose.
 Shift convention: ``alignments3D/shift`` has the sign of RELION's origin, in pixels, so
 ``shifts_a = -shift * blob/psize_A``.
 """
@@ -32,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.spatial.transform import Rotation
+import torch
 
 from cryoai.errors import InputError
+from cryoai.physics.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
 from ._util import box_from_first_stack, one_line, require_file, resolve_stack_path
 from .particles import ParticleTable, compact_column
@@ -50,10 +52,11 @@ _CTF_FIELDS = (
 
 
 def pose_to_matrix(pose: np.ndarray) -> np.ndarray:
-    """cryoSPARC ``alignments3D/pose`` (n, 3) rotation vectors -> cryoai poses (n, 3, 3).
+    """CryoSPARC ``alignments3D/pose`` (n, 3) rotation vectors -> cryoai poses (n, 3, 3).
 
-    ``R = Rotation.from_rotvec(pose).as_matrix()`` (Rodrigues' formula
-    ``I + sin(t) K + (1 - cos(t)) K^2`` with ``K`` the cross-product matrix of the unit axis).
+    ``R = axis_angle_to_matrix(pose)`` (Rodrigues' formula ``I + sin(t) K + (1 - cos(t)) K^2``
+    with ``t = |pose|`` and ``K`` the cross-product matrix of the unit axis; the same as scipy's
+    ``Rotation.from_rotvec(pose).as_matrix()``, written ``from_rotvec`` below), in float64.
 
     How this was verified (no ``.cs`` with poses ships with the shared data, so against the two
     public converters, independently written):
@@ -72,13 +75,20 @@ def pose_to_matrix(pose: np.ndarray) -> np.ndarray:
       ``euler2rot``/``expmap`` and cryoDRGN's ``R_from_relion``. Hence
       ``R = A.T = from_rotvec(pose)``, with no transpose.
     """
-    return Rotation.from_rotvec(np.asarray(pose, dtype=np.float64).reshape(-1, 3)).as_matrix()
+    pose64 = torch.from_numpy(np.array(pose, dtype=np.float64).reshape(-1, 3))  # a copy
+    return axis_angle_to_matrix(pose64).numpy()
 
 
 def matrix_to_pose(rotations: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`pose_to_matrix`: (n, 3, 3) -> (n, 3) rotation vectors."""
-    return Rotation.from_matrix(np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
-                                ).as_rotvec()
+    """Inverse of :func:`pose_to_matrix`: (n, 3, 3) -> (n, 3) rotation vectors, float64.
+
+    :func:`~cryoai.physics.rotations.matrix_to_axis_angle` (angle in [0, pi]; scipy's
+    ``as_rotvec``). ``rotations`` must be rotations: unlike scipy, matrices that are not
+    orthonormal to 1e-12 (float32 poses) are not projected onto the nearest rotation first, so
+    there the result differs from scipy's by about the matrices' own error (1e-7).
+    """
+    rot64 = torch.from_numpy(np.array(rotations, dtype=np.float64).reshape(-1, 3, 3))  # a copy
+    return matrix_to_axis_angle(rot64).numpy()
 
 
 #: Records read at a time.
@@ -87,7 +97,8 @@ CHUNK_RECORDS = 65536
 
 class _Records:
     """A ``.cs`` file (NumPy ``.npy`` format, a 1D structured array) read in chunks of records,
-    so that a file of millions of particles with dozens of fields is never held whole."""
+    so that a file of millions of particles with dozens of fields is never held whole.
+    """
 
     def __init__(self, p: Path):
         self.p = p

@@ -1,5 +1,6 @@
 """Lazy access to the particle images of a :class:`ParticleTable` (only the images asked for
-are read, with ``pread``; see :class:`cryoai.io.mrc.StackReader`)."""
+are read, with ``pread``; see :class:`cryoai.io.mrc.StackReader`).
+"""
 
 from __future__ import annotations
 

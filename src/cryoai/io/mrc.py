@@ -270,7 +270,8 @@ def open_stack(path: str | os.PathLike) -> np.memmap:
 
 def check_stack_box(info: MrcInfo, expected_box: int | None = None) -> None:
     """Raise :class:`InputError` unless the images of ``info`` are square, even-sized and (when
-    given) ``expected_box`` pixels wide."""
+    given) ``expected_box`` pixels wide.
+    """
     _, ny, nx = info.shape
     if nx != ny:
         raise InputError(f"{info.path}: images are {nx} x {ny} pixels, cryoai needs square images")
@@ -319,7 +320,7 @@ _POOL: tuple[int, ThreadPoolExecutor] | None = None
 
 
 def _read_pool() -> ThreadPoolExecutor:
-    """This process's read pool (a pool inherited through ``fork`` has no threads: remade)."""
+    """Return this process's read pool (a pool inherited through ``fork`` has no threads: remade)."""
     global _POOL
     if _POOL is None or _POOL[0] != os.getpid():
         _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="cryoai-read"))
@@ -386,6 +387,7 @@ class StackReader:
                              f"{start + got // self._row_bytes + 1})")
 
     def close(self) -> None:
+        """Close the file (reads after this fail)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

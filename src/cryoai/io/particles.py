@@ -147,10 +147,12 @@ class ParticleTable:
 
     @property
     def has_poses(self) -> bool:
+        """Whether the table holds a rotation for every particle."""
         return self.rotations is not None
 
     @property
     def has_shifts(self) -> bool:
+        """Whether the table holds a shift for every particle."""
         return self.shifts_a is not None
 
     @property

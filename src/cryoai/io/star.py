@@ -306,7 +306,8 @@ class _Optics:
 
 class _Columns:
     """The table's columns, allocated once for all rows and filled chunk by chunk (holding
-    per-chunk pieces until the end would fragment the heap)."""
+    per-chunk pieces until the end would fragment the heap).
+    """
 
     def __init__(self, n: int):
         self.n = n
@@ -509,7 +510,8 @@ def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
 
 def _release_freed_memory() -> None:
     """Hand the heap pages freed by the parser back to the OS (glibc's ``malloc_trim``; a
-    no-op elsewhere), so that they do not add to the resident memory of a long run."""
+    no-op elsewhere), so that they do not add to the resident memory of a long run.
+    """
     import ctypes
     import ctypes.util
 
@@ -591,7 +593,8 @@ def _text(values: np.ndarray) -> np.ndarray:
 
 def _text9(values: np.ndarray) -> np.ndarray:
     """Numbers converted from the table's units (e.g. radians to degrees) with 9 significant
-    digits, so that converting back and rounding to single precision gives the same value."""
+    digits, so that converting back and rounding to single precision gives the same value.
+    """
     return np.char.mod("%.9g", np.asarray(values, dtype=np.float64))
 
 
@@ -661,7 +664,8 @@ def _build_optics(table: ParticleTable) -> tuple[pd.DataFrame, np.ndarray]:
 class _PoseChunks:
     """Regroups an iterable of pose chunks ``(rotations (k, 3, 3), shifts_a (k, 2) or None)``
     into blocks of the sizes asked for, copied into one buffer per block (holding many small
-    arrays while large temporaries come and go would fragment the heap)."""
+    arrays while large temporaries come and go would fragment the heap).
+    """
 
     def __init__(self, chunks: Iterable[tuple[np.ndarray, np.ndarray | None]]):
         self.it = iter(chunks)

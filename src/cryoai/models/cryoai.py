@@ -1,5 +1,6 @@
 """The cryoAI model: encoder (image -> pose), physics decoder (pose -> image spectrum) and the
-image formation between them (:mod:`cryoai.models.image_formation`: layout, CTF, 1/N scale)."""
+image formation between them (:mod:`cryoai.models.image_formation`: layout, CTF, 1/N scale).
+"""
 
 from __future__ import annotations
 
@@ -36,10 +37,12 @@ class CryoAI(nn.Module):
 
     @property
     def box_px(self) -> int:
+        """N, the image box in pixels."""
         return self.formation.box_px
 
     @property
     def pixel_size_a(self) -> float:
+        """Angstrom per pixel."""
         return self.formation.pixel_size_a
 
     def image_spectra(self, images: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ class SineLayer(nn.Module):
             self.linear.weight.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
         return torch.sin(self.omega_0 * self.linear(x))
 
 
@@ -68,6 +69,7 @@ class Siren(nn.Module):
             self.out.weight.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
         return self.out(self.net(x))
 
 
@@ -135,6 +137,7 @@ class VoxelDecoder(nn.Module):
         self.grid = nn.Parameter(grid)
 
     def fourier_volume(self) -> torch.Tensor:
+        """The whole grid as a complex (N, N, N) Fourier volume, 1/N scale."""
         return torch.complex(self.grid[0] * self.scale, self.grid[1] * self.scale)
 
     def half_space_values(self, coords: torch.Tensor) -> torch.Tensor:
@@ -144,6 +147,7 @@ class VoxelDecoder(nn.Module):
         return torch.complex(out[0], out[1])
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        """(..., 3) frequency pixels -> (...) complex Fourier values (Hermitian)."""
         return hermitian_eval(self.half_space_values, coords)
 
 

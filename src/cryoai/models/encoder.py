@@ -68,6 +68,7 @@ class GaussianFilterBank(nn.Module):
 
     @property
     def n_channels(self) -> int:
+        """Number of filters (output channels)."""
         return self.weight.shape[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -159,7 +160,8 @@ class PoseEncoder(nn.Module):
     def _features_folded(self, x: torch.Tensor) -> torch.Tensor:
         """The CNN in inference: each BatchNorm (running statistics) folded into the convolution
         before it, as a scale of its weights and a bias; ReLU in place. Same function as
-        ``self.features`` in eval mode, without the normalisation passes over the activations."""
+        ``self.features`` in eval mode, without the normalisation passes over the activations.
+        """
         layers = list(self.features)
         i = 0
         while i < len(layers):
@@ -178,6 +180,7 @@ class PoseEncoder(nn.Module):
         return x
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, N, N) -> rotations (B, H, 3, 3) and shifts (B, H, 2) Angstrom, H heads."""
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             feats = self.embed(images)
             six = self.rotation_head(feats)
@@ -188,6 +191,7 @@ class PoseEncoder(nn.Module):
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters of ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 

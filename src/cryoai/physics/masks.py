@@ -33,7 +33,8 @@ def map_mask_radius_px(box_px: int, mask_radius_frac: float) -> float:
 def circular_mask(n: int, radius_px: float | None = None, *, soft_edge_px: float = 0.0,
                   device=None, dtype=torch.float32) -> torch.Tensor:
     """Disk mask (n, n): 1 inside ``radius_px`` (default ``n/2``), raised-cosine edge of width
-    ``soft_edge_px`` outside it, 0 beyond."""
+    ``soft_edge_px`` outside it, 0 beyond.
+    """
     r = radius_grid_2d(n, device=device, dtype=dtype)
     return _radial_window(r, n / 2 if radius_px is None else radius_px, soft_edge_px)
 
@@ -54,7 +55,8 @@ def _radial_window(r: torch.Tensor, radius: float, soft: float) -> torch.Tensor:
 
 def soft_edge_window_2d(n: int, width_px: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """Separable window (n, n) that is 1 in the interior and falls to 0 at the box edge by a
-    raised cosine over ``width_px`` pixels (to suppress edge artefacts before an FFT)."""
+    raised cosine over ``width_px`` pixels (to suppress edge artefacts before an FFT).
+    """
     i = torch.arange(n, device=device, dtype=dtype)
     d = torch.minimum(i, n - 1 - i)
     t = (d / max(width_px, 1e-6)).clamp(0.0, 1.0)

@@ -65,7 +65,8 @@ class Poses:
 
     def chunks(self, size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(rotations (k, 3, 3), shifts_a (k, 2)) float32 numpy blocks in order, as the STAR and
-        .cs writers take them."""
+        .cs writers take them.
+        """
         for start in range(0, len(self), size):
             yield (self.rotations[start:start + size].cpu().numpy(),
                    self.shifts_a[start:start + size].cpu().numpy())

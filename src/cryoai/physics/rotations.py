@@ -1,4 +1,4 @@
-"""Rotations: RELION ZYZ Euler angles, the 6D representation, uniform sampling, distances.
+"""Rotations: RELION ZYZ Euler angles, axis-angle vectors, the 6D representation, sampling, distances.
 
 A pose ``R`` maps the image frame to the volume frame and acts on column vectors of
 ``(x, y, z)``. RELION angles ``(rot, tilt, psi)`` give ``R = Rz(rot) @ Ry(tilt) @ Rz(psi)``
@@ -88,6 +88,92 @@ def _matrix_to_unit_quaternion_xyzw(m: torch.Tensor) -> torch.Tensor:
     for k in (2, 1, 0):
         q = torch.where(choice == k, candidates[k], q)
     return q / torch.linalg.vector_norm(q, dim=-1, keepdim=True)
+
+
+def axis_angle_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
+    """Rotation vectors (axis-angle) to rotation matrices (Rodrigues' formula).
+
+    ``R = exp([v]_x) = cos(t) I + (sin(t) / t) [v]_x + ((1 - cos(t)) / t^2) v v^T`` with
+    ``t = |v|``: the right-handed rotation by ``t`` radians about the axis ``v / |v|``, acting
+    on column vectors (``R @ u`` is ``u`` rotated). The zero vector gives the identity. Below
+    ``t = 1e-3`` the three coefficients are their Taylor series (to ``t^4``), so tiny angles
+    keep full precision and the gradient is finite at zero (``dR/dv_i = [e_i]_x`` there). The
+    same matrices as scipy's ``Rotation.from_rotvec(v).as_matrix()``.
+
+    Parameters
+    ----------
+    rotvec : (..., 3) tensor
+        Rotation vectors ``v = axis * angle``, angle in radians (any real length; lengths
+        beyond pi wrap around).
+
+    Returns
+    -------
+    (..., 3, 3) tensor
+        Rotation matrices, same dtype and device as ``rotvec``.
+    """
+    x, y, z = rotvec.unbind(-1)
+    t2 = x * x + y * y + z * z
+    small = t2 < 1e-6  # t < 1e-3
+    # No sqrt of 0 either, whose infinite derivative would make the gradient NaN at 0.
+    t = torch.sqrt(torch.where(small, torch.ones_like(t2), t2))
+    # cos t, sin(t) / t and (1 - cos t) / t^2 = 2 sin^2(t / 2) / t^2 (no cancellation), with
+    # their Taylor series near 0 (the next terms, t^6 / 720, t^6 / 5040 and t^6 / 40320, are
+    # below 2e-21 there).
+    c = torch.where(small, 1 - t2 / 2 + t2 * t2 / 24, torch.cos(t))
+    a = torch.where(small, 1 - t2 / 6 + t2 * t2 / 120, torch.sin(t) / t)
+    b = torch.where(small, 0.5 - t2 / 24 + t2 * t2 / 720, 2 * (torch.sin(t / 2) / t) ** 2)
+    return torch.stack(
+        [
+            c + b * x * x, b * x * y - a * z, b * x * z + a * y,
+            b * x * y + a * z, c + b * y * y, b * y * z - a * x,
+            b * x * z - a * y, b * y * z + a * x, c + b * z * z,
+        ],
+        dim=-1,
+    ).reshape(*rotvec.shape[:-1], 3, 3)
+
+
+def matrix_to_axis_angle(matrices: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`axis_angle_to_matrix`: rotations (..., 3, 3) to rotation vectors (..., 3).
+
+    The same algorithm and conventions as scipy's ``Rotation.from_matrix(R).as_rotvec()`` for
+    orthonormal ``R`` (scipy also projects matrices that are not orthonormal to 1e-12 onto the
+    nearest rotation first, and rejects determinants <= 0; neither is done here: pass
+    rotations. Float32 poses cast to float64, for example, give vectors within about 1e-7 of
+    scipy's).
+
+    The vector comes from the rotation's unit quaternion ``(x, y, z, w)``, built from the
+    largest of ``R00, R11, R22, trace`` (stable everywhere, including near pi), with the sign
+    chosen as scipy's canonical form: ``w >= 0``, and at ``w == 0`` the first non-zero of
+    ``x, y, z`` positive. Then ``angle = 2 atan2(|(x, y, z)|, w)`` in [0, pi] and
+    ``v = angle / sin(angle / 2) * (x, y, z)``, with the Taylor series
+    ``2 + angle^2 / 12 + 7 angle^4 / 2880`` of that factor for ``angle <= 1e-3``.
+
+    At an angle of exactly pi, ``v`` and ``-v`` are the same rotation; which one is returned
+    follows the rounding of ``w`` (about 1e-16 either side of 0), as in scipy (the same
+    arithmetic, so the same sign on the same float64 matrix). Once ``pi - angle`` is well above
+    that rounding, the sign of ``w`` and so the vector are determined.
+
+    Parameters
+    ----------
+    matrices : (..., 3, 3) tensor
+        Rotation matrices (orthonormal, determinant +1).
+
+    Returns
+    -------
+    (..., 3) tensor
+        Rotation vectors ``axis * angle``, angle in radians in [0, pi].
+    """
+    q = _matrix_to_unit_quaternion_xyzw(matrices)
+    x, y, z, w = q.unbind(-1)
+    flip = (w < 0) | ((w == 0) & ((x < 0) | ((x == 0) & ((y < 0) | ((y == 0) & (z < 0))))))
+    q = torch.where(flip[..., None], -q, q)
+    xyz, w = q[..., :3], q[..., 3:]
+    angle = 2 * torch.atan2(torch.linalg.vector_norm(xyz, dim=-1, keepdim=True), w)
+    small = angle <= 1e-3
+    a2 = angle * angle
+    sin_half = torch.where(small, torch.ones_like(angle), torch.sin(angle / 2))
+    scale = torch.where(small, 2 + a2 / 12 + 7 * a2 * a2 / 2880, angle / sin_half)
+    return scale * xyz
 
 
 def rotation_6d_to_matrix(six_d: torch.Tensor) -> torch.Tensor:

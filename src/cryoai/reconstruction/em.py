@@ -19,7 +19,7 @@ import torch
 from ..models.image_formation import ImageFormation
 from ..physics.backprojection import insert_slices
 from ..physics.projection import sample_volume, slice_coords
-from ..physics.rotations import random_rotations, so3_grid
+from ..physics.rotations import axis_angle_to_matrix, random_rotations, so3_grid
 from ..physics.shifts import phase_shift
 from .backproject import backproject
 from .regularised import regularised_volume
@@ -123,15 +123,7 @@ def local_rotations(n: int, max_angle_rad: float, *, generator=None, device=None
     axis = torch.randn(n, 3, generator=generator, dtype=torch.float64)
     axis = axis / axis.norm(dim=-1, keepdim=True)
     angle = max_angle_rad * torch.rand(n, 1, generator=generator, dtype=torch.float64) ** (1 / 3)
-    v = axis * angle
-    theta = v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    k = v / theta
-    kx = torch.zeros(n, 3, 3, dtype=torch.float64)
-    kx[:, 0, 1], kx[:, 0, 2], kx[:, 1, 2] = -k[:, 2], k[:, 1], -k[:, 0]
-    kx = kx - kx.transpose(1, 2)
-    eye = torch.eye(3, dtype=torch.float64).expand(n, 3, 3)
-    s, c = torch.sin(theta)[..., None], torch.cos(theta)[..., None]
-    r = eye + s * kx + (1 - c) * (kx @ kx)
+    r = axis_angle_to_matrix(axis * angle)
     r[0] = torch.eye(3, dtype=torch.float64)
     return r.to(device=device, dtype=dtype)
 

@@ -78,7 +78,8 @@ class SearchSettings:
 
 def centre_of_mass(volume: torch.Tensor) -> torch.Tensor:
     """Centre of mass ``(x, y, z)`` in pixels from the box centre of the positive part of a
-    (N, N, N) volume."""
+    (N, N, N) volume.
+    """
     w = volume.clamp_min(0)
     g = grid_3d(volume.shape[-1], device=volume.device, dtype=volume.dtype)
     return (g * w[..., None]).sum(dim=(0, 1, 2)) / w.sum().clamp_min(1e-12)

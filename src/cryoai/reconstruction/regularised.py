@@ -35,7 +35,8 @@ def regularised_solve(numerator: torch.Tensor, denominator: torch.Tensor, lam: t
                       *, radius_px: float, mask: torch.Tensor) -> torch.Tensor:
     """``numerator / (denominator + lam)`` inside ``radius_px``, zero outside, then multiplied by
     ``mask`` in real space. Returns the (N, N, N) complex Fourier volume (not band-limited again
-    after the mask)."""
+    after the mask).
+    """
     inside = radius_grid_3d(numerator.shape[-1], device=numerator.device,
                             dtype=denominator.dtype) <= radius_px
     f = torch.where(inside, numerator / (denominator + lam), torch.zeros_like(numerator))
@@ -46,7 +47,8 @@ def regularised_volume(numerator: torch.Tensor, denominator: torch.Tensor, *, ra
                        mask_radius_px: float, reg_fraction: float = 0.01) -> torch.Tensor:
     """The pose search's map from back-projected sums: ``num / (den + lambda)`` with a constant
     ``lambda = reg_fraction * mean(den)`` inside ``radius_px``, masked by a soft sphere (4 px
-    edge), band-limited to ``radius_px`` again. Returns (N, N, N) complex."""
+    edge), band-limited to ``radius_px`` again. Returns (N, N, N) complex.
+    """
     n = numerator.shape[-1]
     inside = radius_grid_3d(n, device=numerator.device, dtype=denominator.dtype) <= radius_px
     lam = reg_fraction * denominator[inside].mean().clamp_min(1e-12)
@@ -86,7 +88,8 @@ def half_sets(n_particles: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def backproject_particles(particles: ParticleSpectra, indices: np.ndarray,
                           poses: Poses) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`backproject` of the particles ``indices`` at their ``poses`` (all N particles'
-    poses, CPU), summed over batches."""
+    poses, CPU), summed over batches.
+    """
     formation, device = particles.formation, particles.device
     n = formation.box_px
     num = torch.zeros(n, n, n, dtype=torch.complex64, device=device)

@@ -21,7 +21,8 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary files (``.NAME.XXXX.tmp``) that a killed process left in ``folder``
-    while writing an output atomically; returns them."""
+    while writing an output atomically; returns them.
+    """
     removed = []
     for p in Path(folder).glob(".*.tmp"):
         if p.is_file():

@@ -73,6 +73,7 @@ class TrainConfig:
     tensorboard: bool = True
 
     def validate(self) -> None:
+        """Raise :class:`InputError` (one line) for an option out of its range."""
         if self.decoder not in ("voxel", "fouriernet"):
             raise InputError(f"decoder must be 'voxel' or 'fouriernet' (got {self.decoder!r})")
         if self.loss not in ("symmetric", "l2"):
@@ -92,10 +93,12 @@ class TrainConfig:
             raise InputError(f"encoder_heads must be at least 1 (got {self.encoder_heads})")
 
     def to_dict(self) -> dict:
+        """The options as a plain dict (YAML, checkpoints)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
+        """Options from a dict; an unknown name is an :class:`InputError` naming ``source``."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -109,11 +112,11 @@ PRESETS: dict[str, dict] = {
                   encoder_heads=1, encoder_input_px=0,
                   loss="symmetric", batch_size=64, lr_encoder=1e-4, lr_decoder=1e-4, amsgrad=True,
                   grad_clip=1.0, max_radius_frac=1.0),
-    "fast": dict(decoder="voxel", encoder_width=0.25),
 }
 
 
 def load_yaml(path: str | Path) -> dict:
+    """The options of a YAML file (a mapping); errors name the file."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such config file")
@@ -127,6 +130,7 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    """Write ``cfg`` to ``path`` as YAML (atomically)."""
     from ..io import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

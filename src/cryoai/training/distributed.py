@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process's place in the job."""
+    """The place of this process in the job."""
 
     rank: int = 0
     world_size: int = 1
@@ -29,10 +29,12 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
+        """Whether there is more than one process."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0 (the one that writes)."""
         return self.rank == 0
 
 
@@ -106,7 +108,8 @@ def weighted_mean(value: float, weight: float, info: DistInfo, device: torch.dev
 
 def broadcast_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Overwrite ``tensor`` in place with rank 0's (returns it). CPU tensors go through the
-    GPU when the backend is NCCL."""
+    GPU when the backend is NCCL.
+    """
     if not info.enabled:
         return tensor
     if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
@@ -119,13 +122,15 @@ def broadcast_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for one process)."""
     if info.enabled:
         dist.barrier()
 
 
 class _LossModule(torch.nn.Module):
     """A loss as a module, so that DistributedDataParallel can wrap it: its forward is
-    ``loss(batch)`` and its parameters are ``model``'s."""
+    ``loss(batch)`` and its parameters are ``model``'s.
+    """
 
     def __init__(self, model: torch.nn.Module, loss):
         super().__init__()

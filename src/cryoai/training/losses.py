@@ -24,7 +24,7 @@ def symmetric_loss_terms(target: torch.Tensor, prediction: torch.Tensor,
 
 
 def symmetric_loss(target: torch.Tensor, prediction: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """cryoAI's symmetric loss per image: min over {image, image rotated by pi}; (B,)."""
+    """CryoAI's symmetric loss per image: min over {image, image rotated by pi}; (B,)."""
     return symmetric_loss_terms(target, prediction, weight).min(dim=-1).values
 
 

@@ -19,7 +19,8 @@ def encoder_input(images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
 def encoder_hypotheses(model: CryoAI, images: torch.Tensor, mask: torch.Tensor | None, *,
                        learn_shifts: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's pose hypotheses: rotations (B, H, 3, 3) and shifts_a (B, H, 2) (zero
-    unless ``learn_shifts``)."""
+    unless ``learn_shifts``).
+    """
     rot, shifts = model.encoder(encoder_input(images, mask))
     if not learn_shifts:
         shifts = torch.zeros_like(shifts)

@@ -51,14 +51,17 @@ class RunDirectory:
 
     @property
     def checkpoint_path(self) -> Path:
+        """``checkpoint.pt``."""
         return self.path / "checkpoint.pt"
 
     @property
     def volume_path(self) -> Path:
+        """``volume.mrc``, the map."""
         return self.path / "volume.mrc"
 
     @property
     def poses_path(self) -> Path:
+        """``poses.star``."""
         return self.path / "poses.star"
 
     # ----------------------------------------------------------------- logs
@@ -75,7 +78,8 @@ class RunDirectory:
 
     def truncate_logs(self, step: int) -> None:
         """Drop the log records of steps after ``step`` (work lost by a crash and about to be
-        redone by ``--resume``); stage records (without a step) are kept."""
+        redone by ``--resume``); stage records (without a step) are kept.
+        """
         if not self.writes:
             return
         for name in (TRAIN_LOG, FSC_LOG):
@@ -93,11 +97,13 @@ class RunDirectory:
             write_text_atomic(path, "".join(k + "\n" for k in kept))
 
     def flush(self) -> None:
+        """Flush TensorBoard's events to disk."""
         if self.tensorboard is not None:
             self.tensorboard.flush()
 
     # -------------------------------------------------------------- outputs
     def write_config(self, cfg: TrainConfig) -> None:
+        """``config.yaml``: the resolved options."""
         if self.writes:
             save_yaml(cfg, self.path / "config.yaml")
 
@@ -120,15 +126,18 @@ class RunDirectory:
     def write_poses(self, table: ParticleTable,
                     poses: Poses | Iterable[tuple[np.ndarray, np.ndarray]]) -> Path:
         """``poses.star``: every input column of ``table`` with the poses (a :class:`Poses`, or
-        (rotations, shifts_a) blocks in particle order, streamed)."""
+        (rotations, shifts_a) blocks in particle order, streamed).
+        """
         if self.writes:
             write_star(self.poses_path, table, poses=poses.chunks() if isinstance(poses, Poses) else poses)
         return self.poses_path
 
     # ---------------------------------------------------------- checkpoints
     def save_checkpoint(self, payload: dict) -> None:
+        """Write ``checkpoint.pt`` (atomically, with the cryoai version)."""
         if self.writes:
             save_checkpoint(self.checkpoint_path, payload)
 
     def load_checkpoint(self, map_location) -> dict:
+        """Read ``checkpoint.pt`` (tensors only: a file holding code is refused)."""
         return load_checkpoint(self.checkpoint_path, map_location=map_location)

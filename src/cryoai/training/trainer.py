@@ -65,6 +65,7 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainState:
+        """The state of a checkpoint (keys of older versions ignored)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -72,7 +73,8 @@ class TrainState:
 class _StopOnSigint:
     """While active, the first SIGINT (Ctrl-C) only sets ``requested`` so that the training
     loop stops at the end of the step in flight; a second one interrupts at once. Does
-    nothing outside the main thread."""
+    nothing outside the main thread.
+    """
 
     def __init__(self):
         self.requested = False
@@ -269,7 +271,8 @@ class Trainer:
     def start_decoder_from_reconstruction(self) -> None:
         """Stage 2: the half-map FSC-regularised (Wiener/MAP) reconstruction at the poses starts
         the decoder, and its half maps are written. The voxel decoder is set to it and keeps its
-        regulariser as a prior in the loss; FourierNet is fitted to it by regression."""
+        regulariser as a prior in the loss; FourierNet is fitted to it by regression.
+        """
         t0 = time.perf_counter()
         rec = reconstruct(self._spectra(), self.poses,
                           mask_radius_px=map_mask_radius_px(self.box, self.cfg.mask_radius_frac),
@@ -294,7 +297,8 @@ class Trainer:
 
     def fit(self, on_volume=None) -> None:
         """Stage 3: mini-batch gradient descent on the images, until the epochs or the minutes
-        run out (or SIGINT); saves the state and re-raises on a diverged loss or a bad image."""
+        run out (or SIGINT); saves the state and re-raises on a diverged loss or a bad image.
+        """
         from tqdm.auto import tqdm
 
         steps_per_epoch = max(1, math.ceil(len(self.dataset) / self.cfg.batch_size))
@@ -431,7 +435,8 @@ class Trainer:
     def train_step(self, batch: ParticleBatch) -> float:
         """One optimiser step on ``batch`` (this rank's shard of the global batch); returns the
         batch's mean loss (this rank's). Raises :class:`TrainingDiverged` (on every rank) before
-        touching the parameters if the loss or the gradient is not finite."""
+        touching the parameters if the loss or the gradient is not finite.
+        """
         self.model.train()
         batch = batch.to(self.device, non_blocking=True)
         local_b = len(batch)
@@ -474,11 +479,13 @@ class Trainer:
         return decoder_to_volume(self.model.decoder, self.box).cpu().numpy().astype(np.float32)
 
     def write_volume(self) -> Path:
+        """Write the decoder's map to ``volume.mrc`` (rank 0); returns its path."""
         if not self.is_main:
             return self.run_dir.volume_path
         return self.run_dir.write_map(self.volume(), self.pixel_size_a, step=self.state.step)
 
     def checkpoint(self) -> None:
+        """Save model, optimiser, state, options and searched poses to ``checkpoint.pt``."""
         if not self.is_main:
             return
         extra = {}
@@ -528,7 +535,8 @@ class Trainer:
     @torch.no_grad()
     def _sync_from_rank0(self) -> None:
         """Make every rank hold rank 0's parameters and prior (after an initialisation that each
-        rank computed on its own)."""
+        rank computed on its own).
+        """
         if not self.dist.enabled:
             return
         for p in self.model.parameters():
