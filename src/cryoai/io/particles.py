@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import pandas as pd
 
+from ..physics.poses import Poses
+
 CTF_FIELDS = (
     "defocus_u_a",
     "defocus_v_a",
@@ -181,6 +183,14 @@ class ParticleTable:
             if isinstance(value, np.ndarray) and f.name != "source_rows":
                 changes[f.name] = value[idx]
         return replace(self, **changes)
+
+    def poses(self) -> Poses | None:
+        """The table's poses as :class:`cryoai.physics.poses.Poses` (float32; zero shifts when
+        the file has none), or None when it has no rotations.
+        """
+        if not self.has_poses:
+            return None
+        return Poses.from_arrays(self.rotations, self.shifts_a if self.has_shifts else None)
 
     def with_poses(self, rotations: np.ndarray | None, shifts_a: np.ndarray | None) -> ParticleTable:
         """A copy with poses replaced: rotations (N, 3, 3), shifts_a (N, 2) or None."""

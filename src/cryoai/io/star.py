@@ -39,6 +39,7 @@ import torch
 
 from cryoai import __version__
 from cryoai.errors import InputError
+from cryoai.physics.poses import Poses
 from cryoai.physics.rotations import euler_zyz_to_matrix, matrix_to_euler_zyz
 
 from ._util import atomic_path, box_from_first_stack, one_line, require_file, resolve_stack_path
@@ -732,7 +733,7 @@ def _loop_header(name: str, labels: list[str]) -> str:
 
 
 def write_star(path: str | os.PathLike, table: ParticleTable, *,
-               poses: Iterable[tuple[np.ndarray, np.ndarray | None]] | None = None,
+               poses: Poses | Iterable[tuple[np.ndarray, np.ndarray | None]] | None = None,
                chunk_rows: int = WRITE_CHUNK_ROWS) -> None:
     """Write ``table`` as a RELION 3.1 particle STAR file (atomically, streaming).
 
@@ -740,9 +741,10 @@ def write_star(path: str | os.PathLike, table: ParticleTable, *,
     ----------
     path : output ``.star``.
     table : the particles.
-    poses : optional iterable of ``(rotations (k, 3, 3), shifts_a (k, 2) or None)`` chunks, in
-        row order and ``len(table)`` rows in all, written instead of the table's own poses
-        (so that the poses of a million particles need not be held at once).
+    poses : optional :class:`cryoai.physics.poses.Poses` of every row, or an iterable of
+        ``(rotations (k, 3, 3), shifts_a (k, 2) or None)`` chunks, in row order and
+        ``len(table)`` rows in all (so that the poses of a million particles need not be held at
+        once), written instead of the table's own poses.
     chunk_rows : rows formatted at a time.
 
     Notes
@@ -762,6 +764,8 @@ def write_star(path: str | os.PathLike, table: ParticleTable, *,
       value (the table's precision).
     """
     out = Path(path)
+    if isinstance(poses, Poses):
+        poses = poses.chunks()
     n = len(table)
     source = _carry_source(table)
     src_labels = source[1].labels if source else []

@@ -1,3 +1,4 @@
 """The run of ``cryoai train``: its stages (:mod:`.trainer`), options (:mod:`.config`), loss,
 decoder fitting, pose prediction with the encoder, run directory, checkpoints and
-torch.distributed."""
+torch.distributed.
+"""

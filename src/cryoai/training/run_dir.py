@@ -129,7 +129,7 @@ class RunDirectory:
         (rotations, shifts_a) blocks in particle order, streamed).
         """
         if self.writes:
-            write_star(self.poses_path, table, poses=poses.chunks() if isinstance(poses, Poses) else poses)
+            write_star(self.poses_path, table, poses=poses)
         return self.poses_path
 
     # ---------------------------------------------------------- checkpoints

@@ -187,10 +187,8 @@ class Trainer:
             self.scale = check_inputs(table, cfg, fixed_poses, source=self.source)
         self.dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=self.scale,
                                        source=self.source)
-        self.poses: Poses | None = None
-        if fixed_poses is not None:
-            self.poses = Poses.from_arrays(fixed_poses.rotations,
-                                           fixed_poses.shifts_a if fixed_poses.has_shifts else None)
+        # The poses: given now, searched in stage 1, or None (the encoder predicts them).
+        self.poses: Poses | None = fixed_poses.poses() if fixed_poses is not None else None
         self.model = self._build_model()
         self.prior_lam: torch.Tensor | None = None  # the voxel decoder's MAP prior (reconstruct)
         self.mask = None  # the encoder input's circular mask
