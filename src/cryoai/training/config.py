@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import InputError
+from ..physics.masks import MAP_MASK_RADIUS_FRAC
 
 
 @dataclass
@@ -18,7 +19,8 @@ class TrainConfig:
 
     # --- data and preprocessing
     invert_contrast: bool = False  # flip the sign of the images (particles dark -> bright)
-    mask_radius_frac: float = 0.45  # mask radius (encoder input, maps), fraction of the box (0: none)
+    mask_radius_frac: float = MAP_MASK_RADIUS_FRAC  # mask radius (encoder input, maps), fraction of
+    #                                                 the box; 0: no encoder-input mask, maps 0.45
     normalize_samples: int = 1000  # images used to estimate the global intensity scale
     # --- model
     decoder: str = "voxel"  # "voxel" (explicit Fourier grid) or "fouriernet" (the paper)
