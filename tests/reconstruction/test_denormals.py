@@ -14,8 +14,9 @@ from cryoai.physics.fft import fft3_c
 from cryoai.physics.projection import sample_volume, slice_coords
 from cryoai.reconstruction import em as search
 
-_PRODUCTS = {torch.matmul, torch.mm, torch.bmm, torch.Tensor.__matmul__, torch.Tensor.matmul,
-             torch.Tensor.mm, torch.Tensor.bmm}
+_PRODUCTS = {torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.Tensor.__matmul__,
+             torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.addmm,
+             torch.Tensor.addmm_, torch.Tensor.baddbmm, torch.Tensor.baddbmm_}
 
 
 class _DenormalSpy(TorchFunctionMode):
@@ -50,6 +51,9 @@ def test_posterior_has_no_denormals_where_softmax_has():
     assert torch.allclose(post[:, :2], plain[:, :2])
     assert (post[:, 2:] == 0).all() and (post[:, :2] > 0).all()
     assert search.POSTERIOR_FLOOR > 0 and math.log(search.POSTERIOR_FLOOR) > -80
+    # The in-place kernel of the E step gives the same probabilities from squared errors.
+    errors = -logits * 0.5 + 3.0
+    torch.testing.assert_close(search.posterior_from_errors_(errors.clone(), 2.0), post)
 
 
 def _peaked_problem(n=24, n_images=40):
@@ -74,7 +78,11 @@ def test_em_step_products_have_no_denormals(monkeypatch):
     fvol = em.fourier_volume
     # Precondition (the test can fail): with a plain softmax these data put denormals into the
     # M-step products.
-    monkeypatch.setattr(search, "posterior", lambda logits: torch.softmax(logits, dim=-1))
+    def plain_softmax_(errors, scale):
+        logits = -(errors - errors.min(dim=-1, keepdim=True).values) * scale
+        return errors.copy_(torch.softmax(logits, dim=-1))
+
+    monkeypatch.setattr(search, "posterior_from_errors_", plain_softmax_)
     with _DenormalSpy() as spy:
         em.iterate(y, c, radius_px=8.0)
     assert spy.with_denormals > 0

@@ -54,6 +54,10 @@ def main(args) -> int:
         cfg = resolve_config(args) if base is None else _override(base, args)
     else:
         cfg = resolve_config(args)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     table = load_particles(args.particles, datadir=args.datadir, read_poses=False)  # not used
     fixed = load_particles(args.poses, datadir=args.datadir) if args.poses else None
     # Under torchrun: join the process group; each rank trains on its shard of every batch.

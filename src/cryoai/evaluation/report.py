@@ -160,9 +160,11 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
         plots.plot_shift_errors(per_particle["shift_error_a"], out / "shift_errors.png")
         figures.append(("Shift errors", "shift_errors.png", "Distance between predicted and true shifts."))
 
-    for r in log:
+    for r in log:  # the time of each stage (the last record of each, after resumes)
         if r.get("stage") == "search":
-            metrics["search_minutes"] = r.get("minutes")
+            metrics["search_minutes"] = r.get("search_seconds", 60 * r.get("minutes", 0)) / 60
+        elif r.get("stage") in ("reconstruction", "fit") and "seconds" in r:
+            metrics[f"{r['stage']}_minutes"] = r["seconds"] / 60
     metrics.update({k: outputs[k] for k in ("steps", "minutes", "images_seen") if k in outputs})
     write_json_atomic(out / "report.json", metrics)
     page = _html(run, figures, metrics, config_text, out, box, pixel_size_a)

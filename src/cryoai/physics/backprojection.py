@@ -22,29 +22,30 @@ def insert_slices(values: torch.Tensor, weights: torch.Tensor, points_px: torch.
     inserted at ``k`` and its conjugate at ``-k``, so ``numerator / denominator`` is Hermitian.
     """
     pts = points_px.reshape(-1, 3)
-    vals = values.reshape(-1)
-    wts = weights.reshape(-1).to(pts.dtype)
-    pts = torch.cat([pts, -pts])
-    vals = torch.cat([vals, vals.conj()])
-    wts = torch.cat([wts, wts])
+    # Real part, imaginary part and weight, accumulated together (one scatter per corner).
+    data = torch.stack([values.reshape(-1).real.to(pts.dtype), values.reshape(-1).imag.to(pts.dtype),
+                        weights.reshape(-1).to(pts.dtype)], dim=-1)  # (P, 3)
+    # The points are inserted once, into a grid of indices 0..N; the Hermitian mates then follow
+    # by reflecting that grid (index i -> N - i is -k: a flip) and conjugating, which gives the
+    # same sums as inserting every -k (same trilinear weights, mirrored) at half the scatter
+    # work. Index N (+N/2, outside the box) is kept until the reflection so that its mate at
+    # index 0 (-N/2) is not lost; it is cropped after.
+    m = n + 1
     idx = pts + n // 2
     base = torch.floor(idx)
     frac = idx - base
     base = base.long()
-    num_r = torch.zeros(n**3, dtype=pts.dtype, device=pts.device)
-    num_i = torch.zeros_like(num_r)
-    den = torch.zeros_like(num_r)
+    out = torch.zeros(m**3, 3, dtype=pts.dtype, device=pts.device)
     for dz in (0, 1):
         for dy in (0, 1):
             for dx in (0, 1):
                 cx, cy, cz = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
                 w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
                      * (frac[:, 2] if dz else 1 - frac[:, 2]))
-                ok = (cx >= 0) & (cx < n) & (cy >= 0) & (cy < n) & (cz >= 0) & (cz < n)
-                flat = (cz * n + cy) * n + cx
-                flat, w_ok = flat[ok], w[ok]
-                num_r.index_add_(0, flat, w_ok * vals.real[ok].to(pts.dtype))
-                num_i.index_add_(0, flat, w_ok * vals.imag[ok].to(pts.dtype))
-                den.index_add_(0, flat, w_ok * wts[ok])
-    shape = (n, n, n)
-    return torch.complex(num_r, num_i).reshape(shape), den.reshape(shape)
+                ok = (cx >= 0) & (cx <= n) & (cy >= 0) & (cy <= n) & (cz >= 0) & (cz <= n)
+                flat = torch.where(ok, (cz * m + cy) * m + cx, 0)
+                out.index_add_(0, flat, data * (w * ok)[:, None])
+    out = out.reshape(m, m, m, 3)
+    mate = out.flip(0, 1, 2)
+    numerator = torch.complex(out[..., 0] + mate[..., 0], out[..., 1] - mate[..., 1])[:n, :n, :n]
+    return numerator.contiguous(), (out[..., 2] + mate[..., 2])[:n, :n, :n].contiguous()

@@ -46,9 +46,52 @@ def posterior(logits: torch.Tensor) -> torch.Tensor:
     -------
     (..., K) probabilities summing to 1 over the last axis, exact zeros or >= 1e-30 / K.
     """
-    top = logits.max(dim=-1, keepdim=True).values
-    logits = logits.masked_fill(logits < top + math.log(POSTERIOR_FLOOR), float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    return posterior_from_errors_(-logits.clone(), 1.0)
+
+
+def posterior_from_errors_(errors: torch.Tensor, scale: float) -> torch.Tensor:
+    """In place: squared errors (B, K) -> posterior ``softmax(-scale * errors)`` over the last
+    axis, each probability below :data:`POSTERIOR_FLOOR` exactly zero (the :func:`posterior` of
+    the logits ``-scale * errors``, with no temporary of the tensor's size and no denormal).
+
+    Parameters
+    ----------
+    errors : (B, K) real, overwritten.
+    scale : ``1 / (2 sigma^2 T)``, the inverse temperature of the errors.
+
+    Returns
+    -------
+    ``errors``, now the probabilities.
+    """
+    low = math.log(POSTERIOR_FLOOR)
+    errors.sub_(errors.min(dim=-1, keepdim=True).values).mul_(-scale)  # logits, maximum 0
+    errors.clamp_(min=low).exp_()  # >= POSTERIOR_FLOOR: never denormal
+    torch.nn.functional.threshold_(errors, POSTERIOR_FLOOR * (1 + 1e-6), 0.0)  # the floor -> 0
+    return errors.div_(errors.sum(dim=-1, keepdim=True))
+
+
+class Workspace:
+    """Buffers reused by the search's hot loops, so that they allocate nothing large per call.
+
+    A buffer of more than glibc's mmap threshold (at most 32 MB) is otherwise a fresh mapping
+    each time it is made, and every page of it is faulted in and zeroed by the kernel, every
+    chunk of every iteration; reusing one costs its page faults once.
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], *, dtype=torch.float32, device=None) -> torch.Tensor:
+        """An uninitialised tensor of ``shape``, the same memory at every call with ``name``."""
+        size = math.prod(shape)
+        device = torch.device(device if device is not None else "cpu")
+        buf = self._buffers.get(name)
+        same_device = buf is not None and buf.device.type == device.type and \
+            (device.index is None or buf.device.index == device.index)
+        if not same_device or buf.numel() < size or buf.dtype != dtype:
+            buf = torch.empty(size, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:size].view(shape)
 
 
 def shift_grid(max_shift_px: float, step_px: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -93,7 +136,8 @@ class SearchData:
                           self.coords_px, self.freqs_px)
 
 
-def score_grid(data: SearchData, projections: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+def score_grid(data: SearchData, projections: torch.Tensor, shifts_px: torch.Tensor, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Squared errors ``||Y - C T_s P_r||^2`` (B, S, R) of every image against every shifted
     projection, as two matrix products (see the module docstring).
 
@@ -102,6 +146,8 @@ def score_grid(data: SearchData, projections: torch.Tensor, shifts_px: torch.Ten
     data : B images on P frequencies.
     projections : (R, P) complex, central slices of the map at R rotations.
     shifts_px : (S, 2) shifts in pixels.
+    out : optional (B * S * R,) or larger float32 buffer to compute into (no allocation of the
+        result).
 
     Returns
     -------
@@ -111,10 +157,16 @@ def score_grid(data: SearchData, projections: torch.Tensor, shifts_px: torch.Ten
     phases = phase_shift(data.freqs_px, shifts_px)  # (S, P)
     z = (y.conj() * c * w)[:, None, :] * phases[None]  # (B, S, P)
     b, s, p = z.shape
-    cross = z.real.reshape(b * s, p) @ projections.real.T - z.imag.reshape(b * s, p) @ projections.imag.T
+    r = projections.shape[0]
+    if out is None or out.dtype != y.real.dtype:
+        out = torch.empty(b * s * r, dtype=y.real.dtype, device=y.device)
+    err = out.reshape(-1)[:b * s * r].view(b * s, r)
+    torch.matmul(z.real.reshape(b * s, p), projections.real.T, out=err)
+    err.addmm_(z.imag.reshape(b * s, p), projections.imag.T, alpha=-1)  # cross = Re <Y C w, T_s P_r>
     norm = (c * c * w) @ (projections.abs() ** 2).T  # (B, R)
     y2 = ((y.abs() ** 2) * w).sum(-1)  # (B,)
-    return y2[:, None, None] - 2 * cross.reshape(b, s, -1) + norm[:, None, :]
+    err = err.view(b, s, r)
+    return err.mul_(-2).add_(y2[:, None, None]).add_(norm[:, None, :])
 
 
 def local_rotations(n: int, max_angle_rad: float, *, generator=None, device=None,
@@ -159,6 +211,7 @@ class ExpectationMaximisation:
         self.fourier_volume: torch.Tensor | None = None
         self._num: torch.Tensor | None = None
         self._den: torch.Tensor | None = None
+        self.workspace = Workspace()
 
     def set_map(self, numerator: torch.Tensor, denominator: torch.Tensor, radius_px: float) -> None:
         """Make the current map from back-projected sums (:func:`regularised_volume`)."""
@@ -192,8 +245,11 @@ class ExpectationMaximisation:
         d_all = SearchData.in_band(self.formation, spectra, ctf, radius_px)
         proj = sample_volume(self.fourier_volume, slice_coords(self.grid, d_all.coords_px))  # (R, P)
         m, p = proj.shape
-        num_slices = torch.zeros(m, p, dtype=proj.dtype, device=self.device)
-        den_slices = torch.zeros(m, p, dtype=proj.real.dtype, device=self.device)
+        n_s = len(self.shifts)
+        ws = self.workspace
+        num_re = torch.zeros(m, p, dtype=proj.real.dtype, device=self.device)
+        num_im = torch.zeros_like(num_re)
+        den_slices = torch.zeros_like(num_re)
         best_r, best_s, best_p, errs = [], [], [], []
         phases = phase_shift(d_all.freqs_px, self.shifts)  # (S, P)
         # Noise variance per coefficient, from the best fit of a first chunk (model mismatch for
@@ -202,15 +258,16 @@ class ExpectationMaximisation:
         for start in range(0, len(spectra), chunk):
             d = d_all.rows(start, start + chunk)
             y, c = d.spectra, d.ctf
-            err = score_grid(d, proj, self.shifts)  # (B, S, R)
-            b, s, _ = err.shape
-            flat = err.reshape(b, -1)
+            b = len(y)
+            err = score_grid(d, proj, self.shifts,
+                             out=ws.get("scores", (chunk * n_s * m,), dtype=proj.real.dtype,
+                                        device=self.device))  # (B, S, R)
+            flat = err.view(b, n_s * m)
             emin, arg = flat.min(dim=-1)
             if sigma2 is None:
                 sigma2 = float(emin.mean() / d_all.weight.sum().clamp_min(1)) + 1e-12
-            logits = -(flat - emin[:, None]) / (2 * sigma2 * temperature)
-            post = posterior(logits).reshape(b, s, m)
-            best_p.append(post.reshape(b, -1).max(dim=-1).values)
+            post = posterior_from_errors_(flat, 1.0 / (2 * sigma2 * temperature))  # in place
+            best_p.append(post.max(dim=-1).values)
             best_r.append(arg % m)
             best_s.append(arg // m)
             errs.append(emin)
@@ -218,10 +275,11 @@ class ExpectationMaximisation:
             # rotation and shift weighted by its posterior: X_bs = C Y conj(T_s);
             # A_r = sum_{b,s} post * X_bs; D_r = sum_b post_b C^2, then one insertion per rotation.
             x = (c * y)[:, None, :] * phases.conj()[None]  # (B, S, P)
-            pt = post.reshape(b * s, m).T  # (R, B*S)
-            xr = x.reshape(b * s, p)
-            num_slices += torch.complex(pt @ xr.real, pt @ xr.imag)
-            den_slices += post.sum(1).T @ (c * c)
+            pt = post.view(b * n_s, m).T  # (R, B*S)
+            num_re.addmm_(pt, x.real.reshape(b * n_s, p))
+            num_im.addmm_(pt, x.imag.reshape(b * n_s, p))
+            den_slices.addmm_(post.view(b, n_s, m).sum(1).T, c * c)
+        num_slices = torch.complex(num_re, num_im)
         pts = slice_coords(self.grid, d_all.coords_px)
         num, den = insert_slices(num_slices, den_slices, pts, self.n)
         if ema > 0 and self._num is not None:
@@ -237,7 +295,7 @@ class ExpectationMaximisation:
 @torch.no_grad()
 def assign_global(formation: ImageFormation, fourier_volume: torch.Tensor, spectra: torch.Tensor,
                   ctf: torch.Tensor, radius_px: float, grid: torch.Tensor, shifts_px: torch.Tensor,
-                  chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk: int = 128, workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best grid rotation and shift of each image against a map (the E step's argmin).
 
     Parameters
@@ -247,6 +305,8 @@ def assign_global(formation: ImageFormation, fourier_volume: torch.Tensor, spect
     spectra, ctf : (B, M) the images' coefficients and CTFs.
     radius_px : the band used.
     grid : (R, 3, 3) rotations tried; shifts_px : (S, 2) shifts tried, pixels.
+    chunk : images scored at a time.
+    workspace : buffers to reuse (e.g. the EM's).
 
     Returns
     -------
@@ -254,10 +314,13 @@ def assign_global(formation: ImageFormation, fourier_volume: torch.Tensor, spect
     """
     d_all = SearchData.in_band(formation, spectra, ctf, radius_px)
     proj = sample_volume(fourier_volume, slice_coords(grid, d_all.coords_px))
+    workspace = workspace or Workspace()
     rots, shs = [], []
     for start in range(0, len(spectra), chunk):
         d = d_all.rows(start, start + chunk)
-        err = score_grid(d, proj, shifts_px).reshape(len(d.spectra), -1)
+        buf = workspace.get("scores", (chunk * len(shifts_px) * len(grid),), dtype=proj.real.dtype,
+                            device=spectra.device)
+        err = score_grid(d, proj, shifts_px, out=buf).view(len(d.spectra), -1)
         arg = err.argmin(dim=-1)
         rots.append(grid[arg % len(grid)])
         shs.append(shifts_px[arg // len(grid)])
@@ -269,15 +332,20 @@ def refine_local(formation: ImageFormation, fourier_volume: torch.Tensor, spectr
                  ctf: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tensor, radius_px: float, *,
                  max_angle_rad: float, n_candidates: int = 64, shift_step_px: float = 0.5,
                  generator: torch.Generator | None = None,
-                 chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Local search: each image's best of ``n_candidates`` rotations within ``max_angle_rad`` of
     its current one (the current one included: :func:`local_rotations`, the same perturbations
     for every image) times a 3x3 grid of shifts ``shift_step_px`` apart around its current shift.
+
+    The errors are ranked by ``-2 Re <Y, C T_s P_k> + <C^2, |P_k|^2>`` (the squared error less
+    the image's own ``||Y||^2``, which does not change the ranking): a batched matrix product of
+    (S, P) by (P, K) per image, with no (S, K, P) prediction made.
 
     Parameters
     ----------
     formation, fourier_volume, spectra, ctf, radius_px : as :func:`assign_global`.
     rotations : (B, 3, 3), shifts_px : (B, 2) the current poses.
+    chunk : images refined at a time.
 
     Returns
     -------
@@ -289,17 +357,20 @@ def refine_local(formation: ImageFormation, fourier_volume: torch.Tensor, spectr
     out_r, out_s = [], []
     for start in range(0, len(spectra), chunk):
         d = d_all.rows(start, start + chunk)
-        y, c = d.spectra, d.ctf
+        y, c, w = d.spectra, d.ctf, d.weight
         r0 = rotations[start:start + chunk]
         s0 = shifts_px[start:start + chunk]
-        b = len(y)
+        b, p = y.shape
         cand = r0[:, None] @ pert[None]  # (B, K, 3, 3)
         proj = sample_volume(fourier_volume, slice_coords(cand.reshape(-1, 3, 3), d.coords_px))
-        proj = proj.reshape(b, n_candidates, -1)  # (B, K, P)
+        proj = proj.reshape(b, n_candidates, p)  # (B, K, P)
         sh = s0[:, None, :] + local_shift[None]  # (B, S, 2)
-        ph = phase_shift(d.freqs_px, sh.reshape(-1, 2)).reshape(b, -1, proj.shape[-1])
-        pred = c[:, None, None, :] * proj[:, None] * ph[:, :, None]  # (B, S, K, P)
-        err = ((y[:, None, None] - pred).abs() ** 2 * d.weight).sum(-1).reshape(b, -1)
+        ph = phase_shift(d.freqs_px, sh.reshape(-1, 2)).reshape(b, -1, p)  # (B, S, P)
+        z = (y.conj() * c * w)[:, None, :] * ph  # (B, S, P)
+        cross = torch.bmm(z.real, proj.real.transpose(1, 2))  # (B, S, K)
+        cross.baddbmm_(z.imag, proj.imag.transpose(1, 2), alpha=-1)
+        norm = torch.bmm((c * c * w)[:, None, :], (proj.abs() ** 2).transpose(1, 2))  # (B, 1, K)
+        err = cross.mul_(-2).add_(norm).reshape(b, -1)
         arg = err.argmin(dim=-1)
         k = arg % n_candidates
         si = arg // n_candidates

@@ -86,7 +86,7 @@ def centre_of_mass(volume: torch.Tensor) -> torch.Tensor:
 
 
 def search_poses(particles: ParticleSpectra, settings: SearchSettings, *,
-                 log: Callable[[str], None] = print) -> Poses:
+                 log: Callable[[str], None] = print, deadline: float | None = None) -> Poses:
     """Poses of every particle from the images alone (see the module docstring).
 
     Parameters
@@ -94,20 +94,25 @@ def search_poses(particles: ParticleSpectra, settings: SearchSettings, *,
     particles : the particles' spectra and CTFs.
     settings : the search's options.
     log : progress lines.
+    deadline : a ``time.perf_counter()`` time: past it, the EM stops and the remaining local
+        refinement rounds are skipped (every particle still gets its global assignment), and
+        the log says so.
 
     Returns
     -------
     :class:`Poses` of every particle (CPU), shifts in Angstrom, for the map centred on its
     centre of mass.
     """
-    return _Search(particles, settings, log).run()
+    return _Search(particles, settings, log, deadline).run()
 
 
 class _Search:
     """The state of one :func:`search_poses` run: the EM (map and grids) and the generator."""
 
-    def __init__(self, particles: ParticleSpectra, settings: SearchSettings, log):
+    def __init__(self, particles: ParticleSpectra, settings: SearchSettings, log, deadline=None):
         self.particles = particles
+        self.deadline = deadline
+        self.deadline_said = False
         self.formation = particles.formation
         self.settings = settings
         self.log = log
@@ -144,6 +149,8 @@ class _Search:
                          f"{post:.2f}, {time.perf_counter() - t0:.0f} s")
             if converged:
                 break
+            if self._past_deadline(f"EM stopped after {it + 1} iterations"):
+                break
         # Assign every subset image on the final low-resolution map, then refine locally.
         rot, shifts = self._assign(y, c, r1)
         rot, shifts = self._refine(y, c, rot, shifts, start_radius=r1, update_map=True)
@@ -169,15 +176,29 @@ class _Search:
                  f"(map centred by {d.cpu().numpy().round(2)} px)")
         return Poses.from_arrays(rotations, shifts_px * self.formation.pixel_size_a)
 
+    def _past_deadline(self, what: str) -> bool:
+        """Whether the deadline has passed (said once, with what the search cuts short)."""
+        if self.deadline is None or time.perf_counter() < self.deadline:
+            return False
+        if not self.deadline_said:
+            self.log(f"search: time limit (--max-minutes) reached: {what}; the search goes on with "
+                     "what it has (every particle is still assigned)")
+            self.deadline_said = True
+        return True
+
     def _assign(self, y, c, radius):
         return assign_global(self.formation, self.em.fourier_volume, y, c, radius, self.em.grid,
-                             self.em.shifts)
+                             self.em.shifts, workspace=self.em.workspace)
 
-    def _hard_backprojection(self, y, c, rot, shifts_px, radius):
+    def _hard_backprojection(self, y, c, rot, shifts_px, radius, chunk: int = 512):
         keep = self.formation.band(radius)
-        coords = self.formation.coords_px[keep]
-        phases = phase_shift(self.formation.freqs_px[keep], shifts_px)
-        num, den = backproject(y[:, keep], c[:, keep], rot, coords, self.n, phases)
+        coords, freqs = self.formation.coords_px[keep], self.formation.freqs_px[keep]
+        num = den = None
+        for start in range(0, len(y), chunk):  # in blocks: bounded temporaries
+            rows = slice(start, start + chunk)
+            phases = phase_shift(freqs, shifts_px[rows])
+            a, b = backproject(y[rows][:, keep], c[rows][:, keep], rot[rows], coords, self.n, phases)
+            num, den = (a, b) if num is None else (num + a, den + b)
         self.em.set_map(num, den, radius)
 
     def _refine(self, y, c, rot, shifts, *, start_radius: float, update_map: bool):
@@ -187,6 +208,8 @@ class _Search:
         angle = self.em.grid_step_rad
         shift_step = st.shift_step_px / 2
         for k in range(st.refine_rounds):
+            if self._past_deadline(f"local refinement stopped after {k} of {st.refine_rounds} rounds"):
+                break
             r = start_radius + (r_end - start_radius) * (k + 1) / st.refine_rounds
             rot, shifts = refine_local(self.formation, self.em.fourier_volume, y, c, rot, shifts, r,
                                        max_angle_rad=angle, n_candidates=st.refine_candidates,

@@ -66,6 +66,8 @@ class TrainConfig:
     max_minutes: float | None = None
     seed: int = 0
     num_workers: int = 0
+    threads: int | None = None  # CPU threads of torch's operators (None: torch's default, one per
+    #                             core); set it on a node shared with other jobs
     precision: str = "auto"  # encoder arithmetic: "fp32", "bf16" (autocast), or "auto" = bf16 where
     #                          the hardware has native bf16 (CUDA; CPUs with AVX512-BF16/AMX)
     # --- outputs
@@ -91,6 +93,8 @@ class TrainConfig:
             raise InputError(f"max_radius_frac must be in (0, 1] (got {self.max_radius_frac})")
         if self.ab_initio not in ("search", "encoder"):
             raise InputError(f"ab_initio must be 'search' or 'encoder' (got {self.ab_initio!r})")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be at least 1 (got {self.threads})")
         if self.encoder_heads < 1:
             raise InputError(f"encoder_heads must be at least 1 (got {self.encoder_heads})")
 
@@ -154,7 +158,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
             typ = type(default) if default is not None else float
             if f.name in ("max_shift_a", "max_minutes", "search_max_shift_px"):
                 typ = float
-            elif f.name == "encoder_input_px":
+            elif f.name in ("encoder_input_px", "threads"):
                 typ = int
             group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", type=typ, default=None,
                                metavar=typ.__name__.upper(), help=f"(default {default})")

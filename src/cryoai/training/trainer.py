@@ -256,7 +256,10 @@ class Trainer:
     def search_poses(self) -> Poses:
         """Stage 1 (default mode): the poses of every particle by the pose search."""
         t0 = time.perf_counter()
-        poses = search_poses(self._spectra(), search_settings(self.cfg, self.box), log=self._log)
+        deadline = None if self.cfg.max_minutes is None else \
+            t0 + (self.cfg.max_minutes - self.state.minutes) * 60
+        poses = search_poses(self._spectra(), search_settings(self.cfg, self.box), log=self._log,
+                             deadline=deadline)
         seconds = time.perf_counter() - t0
         self.state.minutes += seconds / 60
         if self.dist.enabled:
@@ -285,13 +288,14 @@ class Trainer:
             fit_error = fit_decoder_to_fourier_volume(decoder, rec.fourier_volume,
                                                       steps=self.cfg.wiener_fit_steps,
                                                       seed=self.cfg.seed, log=self._log)
-        self.state.minutes += (time.perf_counter() - t0) / 60
+        seconds = time.perf_counter() - t0
+        self.state.minutes += seconds / 60
         res = resolution_px(rec.fsc_halves, 0.143)
         self.run_dir.write_half_maps([(h * self.box).cpu().numpy().astype(np.float32) for h in rec.half_maps],
                                      self.pixel_size_a)
         self.run_dir.log({"stage": "reconstruction", "half_map_fsc_0.143_px": res,
                           "half_map_fsc_0.143_a": res * self.pixel_size_a,
-                          "decoder_fit_relative_error": fit_error})
+                          "decoder_fit_relative_error": fit_error, "seconds": seconds})
 
     def fit(self, on_volume=None) -> None:
         """Stage 3: mini-batch gradient descent on the images, until the epochs or the minutes
@@ -299,6 +303,7 @@ class Trainer:
         """
         from tqdm.auto import tqdm
 
+        t_start, step_start = time.perf_counter(), self.state.step
         steps_per_epoch = max(1, math.ceil(len(self.dataset) / self.cfg.batch_size))
         epochs = self.cfg.decoder_epochs if self.mode == "search" else self.cfg.max_epochs
         total_steps = int(math.ceil(epochs * steps_per_epoch))
@@ -331,6 +336,8 @@ class Trainer:
                 tqdm.write(f"interrupted at step {self.state.step}: checkpoint and map written to "
                            f"{self.outdir}; continue with --resume")
             raise KeyboardInterrupt
+        self.run_dir.log({"stage": "fit", "steps": self.state.step - step_start,
+                          "seconds": time.perf_counter() - t_start, "minutes": self.state.minutes})
 
     def write_outputs(self, on_volume=None) -> dict:
         """Stage 4: checkpoint, map, and the poses (searched or predicted by the encoder)."""
