@@ -1,7 +1,12 @@
-"""Predict the pose of every particle with a trained cryoAI checkpoint (batched, none dropped).
+"""Give every particle a pose from a trained cryoai run (batched, streamed, none dropped).
 
-Writes a RELION 3.1 STAR with every input column kept and rlnAngleRot/Tilt/Psi (degrees) and
-rlnOriginXAngst/YAngst from the encoder.
+A run that trained an encoder (``--ab-initio encoder``, e.g. ``--preset paper``) predicts the
+poses with it. A run without one (the default search, or ``--poses``) assigns them against its
+map, as its search assigns the particles outside its subset: the best rotation of the SO(3)
+grid and the best shift of the shift grid, then local refinement rounds; the map stays fixed,
+so the poses are in its frame (the run's map plus these poses reconstruct) and every particle
+costs the same. Writes a RELION 3.1 STAR with every input column kept and rlnAngleRot/Tilt/Psi
+(degrees) and rlnOriginXAngst/YAngst.
 
 Example: cryoai predict-poses run/checkpoint.pt particles.star --out poses.star
 """
@@ -55,13 +60,16 @@ def main(args) -> int:
         raise OutputError(f"{args.out}: exists; use --force to overwrite")
     device = pick_device(args.device)
     model, cfg, ckpt = load_model(args.checkpoint, device)
-    if model.encoder is None:
-        raise InputError(f"{args.checkpoint}: trained with fixed poses, it has no encoder")
     table = load_particles(args.particles, datadir=args.datadir, read_poses=False)
     if table.box_px != model.box_px:
         raise InputError(f"{args.particles}: box {table.box_px} differs from the model's {model.box_px}")
     dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=float(ckpt["scale"]))
     dataset.source.validate()
+    if model.encoder is None:
+        poses = _assign_against_map(model, cfg, dataset, device, len(table), args.quiet)
+        write_star(args.out, table, poses=poses)
+        print(f"wrote poses of {len(table)} particles to {args.out} (assigned against the run's map)")
+        return 0
     mask = None
     if cfg.mask_radius_frac > 0:
         mask = circular_mask(model.box_px, cfg.mask_radius_frac * model.box_px, soft_edge_px=3, device=device)
@@ -75,3 +83,23 @@ def main(args) -> int:
         bar.close()
     print(f"wrote poses of {len(table)} particles to {args.out}")
     return 0
+
+
+def _assign_against_map(model, cfg, dataset, device, n_particles: int, quiet: bool):
+    """(rotations, shifts_a) blocks of every particle, assigned against the model's map."""
+    from ..models.decoders import decoder_to_volume
+    from ..physics.fft import fft3_c
+    from ..reconstruction import ParticleSpectra, assign_poses
+    from ..training.trainer import search_settings
+
+    n = model.box_px
+    fourier_volume = fft3_c(decoder_to_volume(model.decoder, n)) / n  # the decoders' 1/N scale
+    particles = ParticleSpectra(dataset, model.formation, device)
+    bar = progress_bar(n_particles, "assign", disable=quiet)
+    try:
+        for rotations, shifts_a in assign_poses(particles, fourier_volume, search_settings(cfg, n),
+                                                block=1024):
+            bar.update(len(rotations))
+            yield rotations, shifts_a
+    finally:
+        bar.close()

@@ -9,16 +9,17 @@ The default ab initio path of ``cryoai train`` reads, as a sequence:
 
 - :mod:`.em`: scores of images against a map on a rotation x shift grid, the stochastic EM,
   global assignment and local refinement;
-- :mod:`.pose_search`: the search stage built from them (:func:`search_poses`);
+- :mod:`.pose_search`: the search stage built from them (:func:`search_poses`), and the
+  assignment of particles against a given map (:func:`assign_poses`: new particles, a run's map);
 - :mod:`.backproject`: the one back-projection ``sum C conj(T) Y`` and ``sum C^2``;
 - :mod:`.regularised`: the regularised (Wiener/MAP) solve and the half-map FSC-regularised
   reconstruction (:func:`reconstruct`).
 """
 
 from .backproject import backproject
-from .pose_search import SearchSettings, search_poses
+from .pose_search import SearchSettings, assign_poses, search_poses
 from .regularised import Reconstruction, reconstruct
 from .spectra import ParticleSpectra
 
-__all__ = ["ParticleSpectra", "Reconstruction", "SearchSettings", "backproject", "reconstruct",
-           "search_poses"]
+__all__ = ["ParticleSpectra", "Reconstruction", "SearchSettings", "assign_poses", "backproject",
+           "reconstruct", "search_poses"]

@@ -106,6 +106,31 @@ def search_poses(particles: ParticleSpectra, settings: SearchSettings, *,
     return _Search(particles, settings, log, deadline).run()
 
 
+def assign_poses(particles: ParticleSpectra, fourier_volume: torch.Tensor, settings: SearchSettings, *,
+                 block: int = 4096):
+    """Poses of particles against a given map: for each, the best rotation of the search's SO(3)
+    grid and the best shift of its shift grid, then the search's local refinement rounds (the
+    assignment :func:`search_poses` gives the particles outside its subset). The map is not
+    changed, so the poses are in its frame; every particle costs the same.
+
+    Parameters
+    ----------
+    particles : the particles' spectra and CTFs.
+    fourier_volume : (N, N, N) complex map in the 1/N scale (e.g. a run's decoder).
+    settings : the search's options (grid, shifts, bands, refinement).
+    block : particles read and assigned at a time (memory is bounded by it).
+
+    Yields
+    ------
+    (rotations (b, 3, 3), shifts_a (b, 2)) float32 numpy blocks, in particle order.
+    """
+    search = _Search(particles, settings, log=lambda message: None)
+    search.em.fourier_volume = fourier_volume.to(particles.device)
+    for _, rot, shifts_px in search.assign_against_map(np.arange(len(particles)), block=block):
+        yield (rot.float().cpu().numpy(),
+               (shifts_px * particles.formation.pixel_size_a).float().cpu().numpy())
+
+
 class _Search:
     """The state of one :func:`search_poses` run: the EM (map and grids) and the generator."""
 
@@ -159,14 +184,12 @@ class _Search:
         rotations[subset] = rot.double().cpu().numpy()
         shifts_px[subset] = shifts.double().cpu().numpy()
         rest = np.setdiff1d(np.arange(n_total), subset)
-        for start in range(0, len(rest), 4096):
-            part = rest[start:start + 4096]
-            yp, cp = self.particles.read(part)
-            rp, sp = self._assign(yp, cp, r1)
-            rp, sp = self._refine(yp, cp, rp, sp, start_radius=r1, update_map=False)
+        done = 0
+        for part, rp, sp in self.assign_against_map(rest):
             rotations[part] = rp.double().cpu().numpy()
             shifts_px[part] = sp.double().cpu().numpy()
-            self.log(f"search: assigned {min(start + 4096, len(rest))}/{len(rest)} remaining particles")
+            done += len(part)
+            self.log(f"search: assigned {done}/{len(rest)} remaining particles")
         volume = ifft3_c(em.fourier_volume).real
         # Centre the map on its centre of mass d (px) and move the shifts to match:
         # projections of V are projections of the centred map shifted by (R^T d)_xy.
@@ -175,6 +198,22 @@ class _Search:
         self.log(f"search done in {time.perf_counter() - t0:.0f} s "
                  f"(map centred by {d.cpu().numpy().round(2)} px)")
         return Poses.from_arrays(rotations, shifts_px * self.formation.pixel_size_a)
+
+    def assign_against_map(self, indices: np.ndarray, block: int = 4096):
+        """Global assignment then local refinement of the particles ``indices`` against the
+        current map, which stays fixed (constant cost per particle).
+
+        Yields
+        ------
+        (indices of a block, rotations (b, 3, 3), shifts (b, 2) px) block by block.
+        """
+        r1 = self._radius(self.settings.radius_end_px)
+        for start in range(0, len(indices), block):
+            part = indices[start:start + block]
+            y, c = self.particles.read(part)
+            rot, shifts = self._assign(y, c, r1)
+            rot, shifts = self._refine(y, c, rot, shifts, start_radius=r1, update_map=False)
+            yield part, rot, shifts
 
     def _past_deadline(self, what: str) -> bool:
         """Whether the deadline has passed (said once, with what the search cuts short)."""
