@@ -124,6 +124,21 @@ def c_zero_pixel_size(case):
     return _train(case, p), ["zero_apix.star", "pixel size"]
 
 
+def c_phase_flipped_optics(case):
+    blocks = _star(case)
+    blocks["optics"]["rlnCtfDataArePhaseFlipped"] = 1
+    p = _write_star(case, blocks, "flipped.star")
+    return _train(case, p), ["flipped.star", "phase-flipped", "rlnCtfDataArePhaseFlipped"]
+
+
+def c_ctf_premultiplied_particles(case):
+    blocks = _star(case)
+    blocks["particles"]["rlnCtfDataAreCtfPremultiplied"] = 0
+    blocks["particles"].loc[5, "rlnCtfDataAreCtfPremultiplied"] = 1  # one particle is enough
+    p = _write_star(case, blocks, "premultiplied.star")
+    return _train(case, p), ["premultiplied.star", "rlnCtfDataAreCtfPremultiplied"]
+
+
 def c_nan_defocus(case):
     blocks = _star(case)
     blocks["particles"].loc[3, "rlnDefocusU"] = np.nan

@@ -397,3 +397,27 @@ def test_stack_found_by_basename(small_dataset):
     t = read_star(star)
     assert t.stack_paths[0] == str(star.parent / "stack.mrcs")
     validate_images(t)
+
+
+def test_unflipped_flags_are_read_and_flipped_ones_refused(tmp_path):
+    """rlnCtfDataArePhaseFlipped / rlnCtfDataAreCtfPremultiplied = 0 reads as usual; = 1 is a
+    one-line error naming the flag."""
+    import pandas as pd
+
+    from cryoai.errors import InputError
+
+    def star(flag_in_optics: int) -> Path:
+        path = tmp_path / f"flags{flag_in_optics}.star"
+        optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnVoltage": [300.0],
+                               "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                               "rlnImagePixelSize": [2.0], "rlnImageSize": [16],
+                               "rlnCtfDataArePhaseFlipped": [flag_in_optics]})
+        parts = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@x.mrcs" for i in range(3)],
+                              "rlnDefocusU": [1e4] * 3, "rlnDefocusV": [1e4] * 3,
+                              "rlnDefocusAngle": [0.0] * 3, "rlnOpticsGroup": [1] * 3})
+        starfile.write({"optics": optics, "particles": parts}, path)
+        return path
+
+    assert len(read_star(star(0))) == 3
+    with pytest.raises(InputError, match="phase-flipped.*rlnCtfDataArePhaseFlipped"):
+        read_star(star(1))

@@ -68,6 +68,15 @@ OPTICS_LEVEL_LABELS = (
     "rlnMagnification",
     "rlnDetectorPixelSize",
 )
+#: Flags of images whose CTF was already applied or undone; cryoai models raw images (the
+#: microscope's CTF, once), so a file that sets one is refused, naming the flag.
+CTF_STATE_LABELS = {
+    "rlnCtfDataArePhaseFlipped": "phase-flipped (rlnCtfDataArePhaseFlipped = 1); cryoai needs the "
+                                 "images as recorded: extract them without phase flipping",
+    "rlnCtfDataAreCtfPremultiplied": "multiplied by their CTF (rlnCtfDataAreCtfPremultiplied = 1); "
+                                     "cryoai needs the images as recorded: extract them without "
+                                     "CTF premultiplication",
+}
 #: Rows parsed at a time.
 CHUNK_ROWS = 50_000
 #: Rows formatted at a time when writing (small: many short-lived strings per row).
@@ -283,7 +292,7 @@ class _Optics:
             raise InputError(f"{p}: data_particles has no rlnOpticsGroup column but data_optics "
                              f"has {len(optics)} groups")
         for label in optics.columns:
-            if label in OPTICS_LEVEL_LABELS and label not in particle_labels:
+            if (label in OPTICS_LEVEL_LABELS or label in CTF_STATE_LABELS) and label not in particle_labels:
                 self.values[label] = _numeric(p, optics, label)
 
     def positions(self, chunk: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
@@ -377,7 +386,8 @@ def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
     ------
     InputError
         Not a STAR file, no particle table, no rlnImageName, missing CTF columns, no or
-        non-positive pixel size, mixed or odd box sizes, malformed values.
+        non-positive pixel size, mixed or odd box sizes, malformed values, images flagged as
+        phase-flipped or CTF-premultiplied (:data:`CTF_STATE_LABELS`).
     """
     p = require_file(path, "STAR file")
     stat = p.stat()
@@ -413,7 +423,8 @@ def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
     else:
         origin_labels, origin_in_px = (), False
     wanted = {"rlnImageName", "rlnOpticsGroup", *CTF_LABELS, "rlnPhaseShift", "rlnCtfBfactor",
-              *apix_labels, "rlnImageSize", *(ANGLE_LABELS if has_angles else ()), *origin_labels}
+              *apix_labels, "rlnImageSize", *(ANGLE_LABELS if has_angles else ()), *origin_labels,
+              *CTF_STATE_LABELS}
 
     cols = _Columns(block.n_rows if block.is_loop else 1)
     raw_ids: dict[str, int] = {}
@@ -428,6 +439,9 @@ def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
                 return _numeric(p, chunk, label)
             return optics.values[label][located[0]]
 
+        for label, what in CTF_STATE_LABELS.items():
+            if label in available and (value(label) != 0).any():
+                raise InputError(f"{p}: the images are {what}")
         index, raw = parse_image_names(p, chunk["rlnImageName"], first)
         codes, uniques = pd.factorize(raw)
         ids = np.array([raw_ids.setdefault(str(u), len(raw_ids)) for u in uniques], dtype=np.int32)
