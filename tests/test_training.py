@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -209,6 +210,25 @@ def test_fixed_poses_voxel_reconstruction(sim, tmp_path):
                       "--outdir", str(out), "--max-epochs", "1", *FAST])
     assert rc == 0
     assert _fsc05(out / "volume.mrc", sim / "ground_truth.mrc") <= 2.5
+    rec = _stage_record(out, "reconstruction")
+    assert not rec["contrast_inverted"] and rec["map_density_skewness"] > 0.5
+
+
+def _stage_record(run: Path, stage: str) -> dict:
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("stage") == stage][-1]
+
+
+def test_inverted_contrast_is_said(sim, tmp_path, capsys):
+    """Images of the other contrast sign make a negative map: the run says so (never silently)."""
+    out = tmp_path / "inverted"
+    rc = cryoai_main(["train", str(sim / "particles.star"), "--poses", str(sim / "particles.star"),
+                      "--outdir", str(out), "--max-epochs", "0.1", "--invert-contrast", *FAST])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "contrast looks inverted" in err and "without --invert-contrast" in err
+    rec = _stage_record(out, "reconstruction")
+    assert rec["contrast_inverted"] and rec["map_density_skewness"] < -0.5
 
 
 @pytest.mark.parametrize("wiener,bar_px", [(True, 2.5), (False, 3.0)])

@@ -86,6 +86,8 @@ def main(args) -> int:
     print(f"map:   {outputs['volume']}")
     if "poses" in outputs:
         print(f"poses: {outputs['poses']}")
+    for warning in outputs.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

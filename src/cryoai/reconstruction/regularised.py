@@ -151,3 +151,31 @@ def reconstruct(particles: ParticleSpectra, poses: Poses, *, mask_radius_px: flo
     half2 = ifft3_c(solve(*sums[1], lam / 2)).real
     return Reconstruction(fourier_volume=fvol, regulariser=lam, fsc_halves=fsc(half1, half2),
                           half_maps=(half1, half2))
+
+
+#: A map whose density skewness inside the mask is below this is taken for a negative map.
+INVERTED_SKEWNESS = -0.5
+
+
+def density_skewness(volume: torch.Tensor, mask_radius_px: float) -> float:
+    """Skewness of a real map's values inside a sphere: the sign of its contrast.
+
+    A molecule is sparse positive density on a flat solvent, so its map's values are strongly
+    right-skewed (1.2 to 5.9 for the maps of ../shared/data and cryoai's reconstructions of
+    them); the map of images whose contrast is inverted is the negative map, left-skewed. Below
+    :data:`INVERTED_SKEWNESS` the map is taken for a negative one.
+
+    Parameters
+    ----------
+    volume : (N, N, N) real map.
+    mask_radius_px : radius of the sphere, pixels.
+
+    Returns
+    -------
+    The skewness ``E[(v - mean)^3] / std^3`` of the values inside the sphere.
+    """
+    n = volume.shape[-1]
+    inside = radius_grid_3d(n, device=volume.device) <= mask_radius_px
+    v = volume[inside].double()
+    v = v - v.mean()
+    return float((v**3).mean() / (v**2).mean().clamp_min(1e-300) ** 1.5)

@@ -37,11 +37,13 @@ from ..io.particles import ParticleTable
 from ..models.cryoai import CryoAI, build_model, estimate_amplitude_profile
 from ..models.decoders import decoder_to_volume
 from ..models.image_formation import ImageFormation
+from ..physics.fft import ifft3_c
 from ..physics.fsc import resolution_px
 from ..physics.grids import max_paired_radius_px
 from ..physics.masks import circular_mask, map_mask_radius_px
 from ..physics.poses import Poses
 from ..reconstruction import ParticleSpectra, SearchSettings, reconstruct, search_poses
+from ..reconstruction.regularised import INVERTED_SKEWNESS, density_skewness
 from .config import TrainConfig
 from .decoder_fit import fit_decoder_to_fourier_volume
 from .distributed import DistInfo, any_true, broadcast_, data_parallel_loss, weighted_mean
@@ -201,6 +203,7 @@ class Trainer:
             self._restore(ckpt)
         self.last_checkpoint_step = self.state.step
         self.last_grad_norm = float("nan")
+        self.warnings: list[str] = []  # said on stderr as they happen, and in outputs.json
         self.last_global_batch = 0
         self.ddp = None
         if self.dist.enabled:
@@ -291,11 +294,22 @@ class Trainer:
         seconds = time.perf_counter() - t0
         self.state.minutes += seconds / 60
         res = resolution_px(rec.fsc_halves, 0.143)
+        mask_px = map_mask_radius_px(self.box, self.cfg.mask_radius_frac)
+        skewness = density_skewness(ifft3_c(rec.fourier_volume).real, mask_px)
+        if skewness < INVERTED_SKEWNESS:
+            # Never hand over a negative map without saying so (here and in outputs.json).
+            flag = "without" if self.cfg.invert_contrast else "with"
+            self.warnings.append(f"the reconstructed map is mostly negative (density skewness "
+                                 f"{skewness:.2f}): the images' contrast looks inverted (protein "
+                                 f"dark); run again {flag} --invert-contrast")
+            if self.is_main:
+                print(f"warning: {self.warnings[-1]}", file=sys.stderr)
         self.run_dir.write_half_maps([(h * self.box).cpu().numpy().astype(np.float32) for h in rec.half_maps],
                                      self.pixel_size_a)
         self.run_dir.log({"stage": "reconstruction", "half_map_fsc_0.143_px": res,
                           "half_map_fsc_0.143_a": res * self.pixel_size_a,
-                          "decoder_fit_relative_error": fit_error, "seconds": seconds})
+                          "decoder_fit_relative_error": fit_error, "map_density_skewness": skewness,
+                          "contrast_inverted": skewness < INVERTED_SKEWNESS, "seconds": seconds})
 
     def fit(self, on_volume=None) -> None:
         """Stage 3: mini-batch gradient descent on the images, until the epochs or the minutes
@@ -351,6 +365,8 @@ class Trainer:
                    "images_seen": self.state.images_seen, "version": __version__}
         if self.mode != "given":
             outputs["poses"] = str(self.write_poses())
+        if self.warnings:
+            outputs["warnings"] = list(self.warnings)
         return outputs
 
     # ------------------------------------------------------------ the fit loop
