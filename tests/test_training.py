@@ -353,3 +353,19 @@ def test_epoch_batches_shards_and_resume():
     ordered = [list(EpochBatches(25, 10, seed=None, rank=r, world_size=2)) for r in range(2)]
     assert ordered[0] == [[0, 2, 4, 6, 8], [10, 12, 14, 16, 18], [20, 22, 24]]
     assert ordered[1][2] == [21, 23]
+
+
+def test_max_minutes_bounds_the_search(sim, tmp_path, capsys):
+    """--max-minutes reaches into the search: a limit shorter than the search's EM cuts it
+    short (and says so), and the run still ends with a map and a pose for every particle."""
+    out = tmp_path / "limited"
+    rc = cryoai_main(["train", str(sim / "particles.star"), "--outdir", str(out), "--max-minutes", "0.005",
+                      "--search-iterations", "50", "--search-batch", "100", "--no-tensorboard",
+                      "--device", "cpu"])
+    assert rc == 0
+    said = capsys.readouterr()
+    assert "time limit (--max-minutes) reached: EM stopped after" in said.out + said.err
+    rec = _stage_record(out, "search")
+    assert rec["time_limit_reached"] and rec["search_seconds"] < 60
+    assert len(load_particles(out / "poses.star")) == N_PARTICLES
+    assert (out / "volume.mrc").is_file()

@@ -268,7 +268,8 @@ class Trainer:
         if self.dist.enabled:
             broadcast_(poses.rotations, self.dist)
             broadcast_(poses.shifts_a, self.dist)
-        self.run_dir.log({"stage": "search", "minutes": self.state.minutes, "search_seconds": seconds})
+        self.run_dir.log({"stage": "search", "minutes": self.state.minutes, "search_seconds": seconds,
+                          "time_limit_reached": deadline is not None and time.perf_counter() >= deadline})
         return poses
 
     @torch.no_grad()
