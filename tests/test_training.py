@@ -250,8 +250,13 @@ def test_fixed_poses_fouriernet_reconstruction(sim, tmp_path, wiener, bar_px):
 # ------------------------------------------------------------------ train / predict-poses CLI
 def test_train_ab_initio_outputs(abinitio_run, no_pose_star):
     out = abinitio_run
-    for name in ("volume.mrc", "poses.star", "config.yaml", "checkpoint.pt"):
+    for name in ("volume.mrc", "poses.star", "poses.cs", "config.yaml", "checkpoint.pt"):
         assert (out / name).is_file(), name
+    # poses.cs holds the same particles and poses as poses.star (for cryoSPARC).
+    star, cs = load_particles(out / "poses.star"), load_particles(out / "poses.cs")
+    np.testing.assert_array_equal(cs.stack_indices, star.stack_indices)
+    np.testing.assert_allclose(cs.rotations, star.rotations, atol=2e-6)
+    np.testing.assert_allclose(cs.shifts_a, star.shifts_a, atol=1e-4)
     info = read_header(out / "volume.mrc")
     vol, voxel = read_volume(out / "volume.mrc")
     assert vol.shape == (N, N, N) and np.isfinite(vol).all()

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.transform import Rotation
 
 from cryoai.io import ImageSource, load_particles, read_cs, read_star, write_star
 from cryoai.io.cryosparc import matrix_to_pose, pose_to_matrix
+from cryoai.io.particles import CTF_FIELDS
 
 
 def relion_euler_angles2matrix(rot_deg, tilt_deg, psi_deg) -> np.ndarray:
@@ -259,3 +261,62 @@ def test_cs_truncated(tmp_path, expect_input_error):
     (tmp_path / "cut.cs").write_bytes(raw[: len(raw) - 100])
     with expect_input_error(tmp_path / "cut.cs", "truncated"):
         load_particles(tmp_path / "cut.cs")
+
+
+@pytest.fixture(scope="module")
+def posed_set(tmp_path_factory):
+    from cryoai.cli.main import main as cli
+
+    out = tmp_path_factory.mktemp("cs_sim")
+    assert cli(["simulate", "--box", "16", "--n", "70", "--outdir", str(out), "--quiet", "--seed", "4",
+                "--shift-sigma-a", "8"]) == 0
+    return out
+
+
+def test_write_cs_round_trip_through_cryoai_and_cryosparc_tools(posed_set, tmp_path):
+    """poses.cs for cryoSPARC: cryoai reads back the same particles, CTF and poses, and
+    cryoSPARC's own toolkit loads the file with the fields it expects."""
+    from cryoai.io import write_cs
+
+    table = load_particles(posed_set / "particles.star")
+    out = tmp_path / "sub" / "poses.cs"
+    out.parent.mkdir()
+    write_cs(out, table, chunk_records=16)  # several blocks
+    back = read_cs(out)
+    assert len(back) == len(table) and back.box_px == table.box_px
+    assert [str(Path(s).resolve()) for s in back.stack_files] == \
+        [str(Path(s).resolve()) for s in table.stack_files]
+    np.testing.assert_array_equal(back.stack_indices, table.stack_indices)
+    for name in CTF_FIELDS:
+        np.testing.assert_allclose(getattr(back, name), getattr(table, name), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(back.rotations, table.rotations, atol=2e-6)
+    np.testing.assert_allclose(back.shifts_a, table.shifts_a, atol=1e-4)
+    assert np.abs(table.shifts_a).max() > 1.0  # the shifts are not all zero: their sign is tested
+
+    cryosparc_dataset = pytest.importorskip("cryosparc.dataset")
+    ds = cryosparc_dataset.Dataset.load(str(out))
+    assert len(ds) == len(table)
+    for field in ("uid", "blob/path", "blob/idx", "blob/shape", "blob/psize_A", "ctf/df1_A",
+                  "alignments3D/pose", "alignments3D/shift", "alignments3D/psize_A"):
+        assert field in ds.fields(), field
+    np.testing.assert_allclose(ds["alignments3D/pose"], matrix_to_pose(table.rotations), atol=1e-6)
+    np.testing.assert_allclose(ds["alignments3D/shift"],
+                               -table.shifts_a / table.pixel_size_a[:, None], atol=1e-5)
+    assert len(set(ds["uid"].tolist())) == len(table)
+
+
+def test_write_cs_takes_streamed_poses_and_refuses_a_wrong_count(posed_set, tmp_path):
+    from cryoai.io import write_cs
+    from cryoai.physics.rotations import random_rotations
+
+    table = load_particles(posed_set / "particles.star", read_poses=False)
+    rot = random_rotations(len(table), generator=torch.Generator().manual_seed(0)).numpy()
+    shifts = np.full((len(table), 2), 3.0)
+    out = tmp_path / "streamed.cs"
+    write_cs(out, table, poses=((rot[i:i + 9], shifts[i:i + 9]) for i in range(0, len(table), 9)))
+    back = read_cs(out)
+    np.testing.assert_allclose(back.rotations, rot, atol=2e-6)
+    np.testing.assert_allclose(back.shifts_a, shifts, atol=1e-4)
+    with pytest.raises(ValueError, match="fewer rows"):
+        write_cs(tmp_path / "short.cs", table, poses=[(rot[:5], shifts[:5])])
+    assert not (tmp_path / "short.cs").exists() and not list(tmp_path.glob(".*.tmp"))

@@ -22,7 +22,8 @@ from .common import pick_device, progress_bar
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint.pt written by cryoai train")
     parser.add_argument("particles", help=".star or .cs particle file (same box and pixel size)")
-    parser.add_argument("--out", required=True, help="output STAR file")
+    parser.add_argument("--out", required=True,
+                        help="output particle file: .star (RELION) or .cs (cryoSPARC)")
     parser.add_argument("--datadir", default=None, help="folder to look for image stacks in")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)
@@ -52,7 +53,6 @@ def main(args) -> int:
     from ..data.loader import make_loader
     from ..errors import OutputError
     from ..io import load_particles
-    from ..io.star import write_star
     from ..physics.masks import circular_mask
     from ..training.poses import iter_poses
 
@@ -67,7 +67,7 @@ def main(args) -> int:
     dataset.source.validate()
     if model.encoder is None:
         poses = _assign_against_map(model, cfg, dataset, device, len(table), args.quiet)
-        write_star(args.out, table, poses=poses)
+        _write(args.out, table, poses)
         print(f"wrote poses of {len(table)} particles to {args.out} (assigned against the run's map)")
         return 0
     mask = None
@@ -78,7 +78,7 @@ def main(args) -> int:
     poses = iter_poses(model, loader, mask, device, use_symmetric=cfg.loss == "symmetric",
                        learn_shifts=cfg.learn_shifts, progress=bar.update)
     try:  # streamed: the poses are written as they are predicted
-        write_star(args.out, table, poses=((rot, shifts) for rot, shifts, _ in poses))
+        _write(args.out, table, ((rot, shifts) for rot, shifts, _ in poses))
     finally:
         bar.close()
     print(f"wrote poses of {len(table)} particles to {args.out}")
@@ -103,3 +103,15 @@ def _assign_against_map(model, cfg, dataset, device, n_particles: int, quiet: bo
             yield rotations, shifts_a
     finally:
         bar.close()
+
+
+def _write(path, table, poses) -> None:
+    """Write the poses as RELION STAR or cryoSPARC .cs, by the extension of ``path``."""
+    from pathlib import Path
+
+    from ..io import write_cs, write_star
+
+    if Path(path).suffix.lower() == ".cs":
+        write_cs(path, table, poses=poses)
+    else:
+        write_star(path, table, poses=poses)

@@ -12,7 +12,7 @@ from pathlib import Path
 from cryoai.errors import InputError
 
 from ._util import atomic_path, require_file, write_json_atomic, write_text_atomic
-from .cryosparc import read_cs
+from .cryosparc import read_cs, write_cs
 from .images import ImageSource, resolve_stacks, validate_images
 from .mrc import (
     StackWriter,
@@ -45,6 +45,7 @@ __all__ = [
     "validate_images",
     "write_json_atomic",
     "write_stack",
+    "write_cs",
     "write_star",
     "write_text_atomic",
     "write_volume",

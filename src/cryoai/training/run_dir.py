@@ -1,7 +1,8 @@
 """The run directory: one writer for everything a run leaves on disk.
 
 ``config.yaml`` (the resolved options), ``checkpoint.pt``, ``volume.mrc`` and the half maps
-``volume_half1.mrc``/``volume_half2.mrc``, ``poses.star``, the JSON-lines logs
+``volume_half1.mrc``/``volume_half2.mrc``, ``poses.star`` and ``poses.cs`` (RELION and
+cryoSPARC), the JSON-lines logs
 (``train_log.jsonl``: loss records and one record per stage; ``fsc_log.jsonl``: FSC against a
 reference) and TensorBoard. Every file is written atomically (a temporary file, then a rename).
 Under torch.distributed only rank 0 writes: on the other ranks every write is a no-op.
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..io import write_text_atomic
+from ..io.cryosparc import write_cs
 from ..io.mrc import write_volume
 from ..io.particles import ParticleTable
-from ..io.star import write_star
+from ..io.star import read_star, write_star
 from ..physics.poses import Poses
 from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import TrainConfig, save_yaml
@@ -63,6 +65,11 @@ class RunDirectory:
     def poses_path(self) -> Path:
         """``poses.star``."""
         return self.path / "poses.star"
+
+    @property
+    def poses_cs_path(self) -> Path:
+        """``poses.cs``, the same poses for cryoSPARC."""
+        return self.path / "poses.cs"
 
     # ----------------------------------------------------------------- logs
     def log(self, record: dict, name: str = TRAIN_LOG) -> None:
@@ -130,6 +137,9 @@ class RunDirectory:
         """
         if self.writes:
             write_star(self.poses_path, table, poses=poses)
+            # The same poses for cryoSPARC, from the STAR just written (the poses may have been
+            # a stream, and the table read back is compact).
+            write_cs(self.poses_cs_path, read_star(self.poses_path))
         return self.poses_path
 
     # ---------------------------------------------------------- checkpoints
