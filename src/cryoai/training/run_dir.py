@@ -20,7 +20,7 @@ from ..io import write_text_atomic
 from ..io.cryosparc import write_cs
 from ..io.mrc import write_volume
 from ..io.particles import ParticleTable
-from ..io.star import read_star, write_star
+from ..io.star import write_star
 from ..physics.poses import Poses
 from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import TrainConfig, save_yaml
@@ -135,11 +135,22 @@ class RunDirectory:
         """``poses.star``: every input column of ``table`` with the poses (a :class:`Poses`, or
         (rotations, shifts_a) blocks in particle order, streamed).
         """
-        if self.writes:
+        if not self.writes:
+            return self.poses_path
+        if isinstance(poses, Poses):
             write_star(self.poses_path, table, poses=poses)
-            # The same poses for cryoSPARC, from the STAR just written (the poses may have been
-            # a stream, and the table read back is compact).
-            write_cs(self.poses_cs_path, read_star(self.poses_path))
+            write_cs(self.poses_cs_path, table, poses=poses)
+            return self.poses_path
+        # A stream (predicted batch by batch) is read once: its blocks go to poses.star and to
+        # a temporary file on disk, from which poses.cs is written (memory stays flat in N).
+        spill_path = self.path / ".poses.blocks.tmp"
+        try:
+            with open(spill_path, "wb") as spill:
+                write_star(self.poses_path, table, poses=_spilled(poses, spill))
+            with open(spill_path, "rb") as spill:
+                write_cs(self.poses_cs_path, table, poses=_replayed(spill))
+        finally:
+            spill_path.unlink(missing_ok=True)
         return self.poses_path
 
     # ---------------------------------------------------------- checkpoints
@@ -151,3 +162,25 @@ class RunDirectory:
     def load_checkpoint(self, map_location) -> dict:
         """Read ``checkpoint.pt`` (tensors only: a file holding code is refused)."""
         return load_checkpoint(self.checkpoint_path, map_location=map_location)
+
+
+def _spilled(blocks, spill) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Pass (rotations, shifts_a) blocks through, writing each to ``spill`` as float32 rows of
+    11 values (9 of the rotation, 2 of the shift).
+    """
+    for rotations, shifts_a in blocks:
+        rot = np.asarray(rotations, dtype=np.float32).reshape(-1, 9)
+        sh = np.zeros((len(rot), 2), np.float32) if shifts_a is None else \
+            np.asarray(shifts_a, dtype=np.float32).reshape(-1, 2)
+        spill.write(np.concatenate([rot, sh], axis=1).tobytes())
+        yield rot.reshape(-1, 3, 3), sh
+
+
+def _replayed(spill, block_rows: int = 65536) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """The blocks that :func:`_spilled` wrote, read back ``block_rows`` at a time."""
+    while True:
+        block = np.fromfile(spill, dtype=np.float32, count=11 * block_rows)
+        if block.size == 0:
+            return
+        block = block.reshape(-1, 11)
+        yield block[:, :9].reshape(-1, 3, 3), block[:, 9:]
