@@ -17,6 +17,21 @@ def one_line(text: object, limit: int = 300) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
+def paths_relative_to(paths: Sequence[str], folder: str | os.PathLike) -> list[str]:
+    """``paths`` as written in a file saved in ``folder``: relative to it (so that a run
+    directory moved with its stacks still reads), or absolute where no relative path exists
+    (another drive on Windows).
+    """
+    base = Path(folder).absolute()
+    out = []
+    for path in paths:
+        try:
+            out.append(os.path.relpath(path, base))
+        except ValueError:
+            out.append(str(path))
+    return out
+
+
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     """``path`` as a :class:`~pathlib.Path`, or :class:`InputError` if it is not a readable file."""
     p = Path(path)

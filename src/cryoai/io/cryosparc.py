@@ -38,7 +38,7 @@ import torch
 from cryoai.errors import InputError
 from cryoai.physics.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
-from ._util import box_from_first_stack, one_line, require_file, resolve_stack_path
+from ._util import box_from_first_stack, one_line, paths_relative_to, require_file, resolve_stack_path
 from .particles import ParticleTable, compact_column
 
 _CTF_FIELDS = (
@@ -310,13 +310,7 @@ def write_cs(path: str | os.PathLike, table: ParticleTable, *, poses=None,
     if isinstance(poses, Poses):
         poses = poses.chunks()
     with_poses = poses is not None or table.has_poses
-    out_dir = out.parent.absolute()
-    relative = []
-    for s in table.stack_files:
-        try:
-            relative.append(os.path.relpath(s, out_dir))
-        except ValueError:  # different drive (Windows)
-            relative.append(str(s))
+    relative = paths_relative_to(table.stack_files, out.parent)
     paths = np.array([r.encode() for r in relative])
     fields = [("uid", "<u8"), ("blob/path", paths.dtype.str), ("blob/idx", "<u4"),
               ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4"),

@@ -42,7 +42,14 @@ from cryoai.errors import InputError
 from cryoai.physics.poses import Poses
 from cryoai.physics.rotations import euler_zyz_to_matrix, matrix_to_euler_zyz
 
-from ._util import atomic_path, box_from_first_stack, one_line, require_file, resolve_stack_path
+from ._util import (
+    atomic_path,
+    box_from_first_stack,
+    one_line,
+    paths_relative_to,
+    require_file,
+    resolve_stack_path,
+)
 from .particles import ParticleTable, compact_column, is_constant
 
 ANGLE_LABELS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -803,13 +810,7 @@ def write_star(path: str | os.PathLike, table: ParticleTable, *,
     labels = [label for label in src_labels if label in carried or label in written]
     labels += [label for label in written if label not in labels]
 
-    out_dir = out.parent.absolute()
-    relative = []
-    for s in table.stack_files:
-        try:
-            relative.append(os.path.relpath(s, out_dir))
-        except ValueError:  # different drive (Windows)
-            relative.append(str(s))
+    relative = paths_relative_to(table.stack_files, out.parent)
     pose_chunks = _PoseChunks(poses) if poses is not None else None
 
     def carried_chunks() -> Iterator[pd.DataFrame]:
