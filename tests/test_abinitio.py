@@ -19,7 +19,8 @@ def test_small_ab_initio_finds_poses(tmp_path):
     run = tmp_path / "run"
     assert cli(["train", str(sim / "particles.star"), "--outdir", str(run), "--quiet",
                 "--search-iterations", "60", "--search-batch", "300",
-                "--refine-rounds", "4", "--decoder-epochs", "1", "--seed", "0"]) == 0
+                "--refine-rounds", "4", "--decoder-epochs", "1", "--seed", "0",
+                "--encoder-minutes", "0.1"]) == 0
     ev = tmp_path / "eval"
     assert cli(["evaluate", "--map", str(run / "volume.mrc"), "--poses", str(run / "poses.star"),
                 "--gt-map", str(sim / "ground_truth.mrc"), "--gt-poses", str(sim / "particles.star"),

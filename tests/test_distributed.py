@@ -41,7 +41,7 @@ def sim(tmp_path_factory) -> Path:
 def _args(sim: Path, out: Path, *extra: str) -> list[str]:
     return ["train", str(sim / "particles.star"), "--outdir", str(out), "--max-epochs", "2",
             "--batch-size", "16", "--log-every", "1", "--seed", "5", "--device", "cpu", "--quiet",
-            "--no-tensorboard", *extra]
+            "--no-tensorboard", "--pose-encoder", "off", *extra]
 
 
 def _log(out: Path) -> list[dict]:

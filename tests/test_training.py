@@ -40,7 +40,8 @@ N = 32
 PIXEL_A = 10.0  # the embedded 64 px / 5 A map cropped to 32 px
 N_PARTICLES = 600
 ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-FAST = ["--quiet", "--no-tensorboard", "--device", "cpu"]
+# A short encoder stage: these tests are about other stages (tests/test_amortized.py tests it).
+FAST = ["--quiet", "--no-tensorboard", "--device", "cpu", "--encoder-minutes", "0.05"]
 
 
 

@@ -1,11 +1,13 @@
 """Give every particle a pose from a trained cryoai run (batched, streamed, none dropped).
 
-A run that trained an encoder (``--ab-initio encoder``, e.g. ``--preset paper``) predicts the
-poses with it. A run without one (the default search, or ``--poses``) assigns them against its
-map, as its search assigns the particles outside its subset: the best rotation of the SO(3)
-grid and the best shift of the shift grid, then local refinement rounds; the map stays fixed,
-so the poses are in its frame (the run's map plus these poses reconstruct) and every particle
-costs the same. Writes a RELION 3.1 STAR with every input column kept and rlnAngleRot/Tilt/Psi
+A default run (or a ``--poses`` run) poses them against its map as it posed the particles
+outside its search's subset: the first guess from its pose encoder's hypotheses (each scored
+against the map over the shift grid), or from the global search of the SO(3) grid x the shift
+grid where the run's check found the encoder not accurate enough (``--first-guess`` overrides
+the run's choice), then local refinement rounds. The map stays fixed, so the poses are in its
+frame (the run's map plus these poses reconstruct) and every particle costs the same. A run of
+the paper's amortized training (``--ab-initio encoder``, ``--preset paper``) predicts the poses
+with its own encoder. Writes a RELION 3.1 STAR with every input column kept and rlnAngleRot/Tilt/Psi
 (degrees) and rlnOriginXAngst/YAngst.
 
 Example: cryoai predict-poses run/checkpoint.pt particles.star --out poses.star
@@ -25,6 +27,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True,
                         help="output particle file: .star (RELION) or .cs (cryoSPARC)")
     parser.add_argument("--datadir", default=None, help="folder to look for image stacks in")
+    parser.add_argument("--first-guess", choices=("auto", "encoder", "global"), default="auto",
+                        help="first guess before the local refinement: the run's pose encoder (for every "
+                             "particle), the global search, or what the run's check chose (default: the "
+                             "encoder where it is sure enough, if the check passed)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default=None)
@@ -66,9 +72,13 @@ def main(args) -> int:
     dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=float(ckpt["scale"]))
     dataset.source.validate()
     if model.encoder is None:
-        poses = _assign_against_map(model, cfg, dataset, device, len(table), args.quiet)
+        assigner = _assigner(model, cfg, ckpt, device, args.first_guess, args.checkpoint)
+        poses = _assign_against_map(assigner, dataset, device, len(table), args.quiet)
         _write(args.out, table, poses)
-        print(f"wrote poses of {len(table)} particles to {args.out} (assigned against the run's map)")
+        counts = assigner.counts
+        print(f"wrote poses of {len(table)} particles to {args.out} (posed against the run's map: first "
+              f"guess from the pose encoder for {counts['amortized']}, the global search for "
+              f"{counts['global']}; then refined)")
         return 0
     mask = None
     if cfg.mask_radius_frac > 0:
@@ -85,20 +95,36 @@ def main(args) -> int:
     return 0
 
 
-def _assign_against_map(model, cfg, dataset, device, n_particles: int, quiet: bool):
-    """(rotations, shifts_a) blocks of every particle, assigned against the model's map."""
+def _assigner(model, cfg, ckpt, device, first_guess: str, checkpoint_path):
+    """The run's map with its first guess (encoder or global) and refinement."""
     from ..models.decoders import decoder_to_volume
     from ..physics.fft import fft3_c
-    from ..reconstruction import ParticleSpectra, assign_poses
-    from ..training.trainer import search_settings
+    from ..reconstruction import PoseAssigner
+    from ..training.trainer import assignment_settings, encoder_min_confidence, load_pose_encoder
 
     n = model.box_px
     fourier_volume = fft3_c(decoder_to_volume(model.decoder, n)) / n  # the decoders' 1/N scale
-    particles = ParticleSpectra(dataset, model.formation, device)
+    payload = ckpt.get("pose_encoder")
+    encoder = load_pose_encoder(payload, device)
+    if first_guess == "encoder" and encoder is None:
+        raise InputError(f"{checkpoint_path}: --first-guess encoder: this run trained no pose encoder")
+    use = encoder is not None and (first_guess == "encoder" or
+                                   (first_guess == "auto" and bool((payload.get("check") or {}).get("used"))))
+    check = (payload or {}).get("check")
+    return PoseAssigner(model.formation, fourier_volume, assignment_settings(cfg, n),
+                        encoder if use else None,
+                        min_confidence=(0.0 if first_guess == "encoder" else
+                                        encoder_min_confidence(check, cfg)))
+
+
+def _assign_against_map(assigner, dataset, device, n_particles: int, quiet: bool):
+    """(rotations, shifts_a) blocks of every particle, posed against the run's map."""
+    from ..reconstruction import ParticleSpectra, assign_poses
+
+    particles = ParticleSpectra(dataset, assigner.formation, device)
     bar = progress_bar(n_particles, "assign", disable=quiet)
     try:
-        for rotations, shifts_a in assign_poses(particles, fourier_volume, search_settings(cfg, n),
-                                                block=1024):
+        for rotations, shifts_a in assign_poses(particles, assigner, block=1024):
             bar.update(len(rotations))
             yield rotations, shifts_a
     finally:

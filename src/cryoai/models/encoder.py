@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..physics.fft import fourier_crop_2d
-from ..physics.rotations import rotation_6d_to_matrix
+from ..physics.rotations import rotation_6d_to_matrix, so3_grid
 
 #: VGG16-like layout of the paper's release: ("conv", channels) / ("max"|"avg", None).
 VGG_LAYOUT = (
@@ -118,20 +120,7 @@ class PoseEncoder(nn.Module):
         self.n_heads = n_heads
         self.max_shift_a = max_shift_a
         self.filters = GaussianFilterBank(filter_variances_px2)
-        layers: list[nn.Module] = []
-        ch = self.filters.n_channels
-        size = self.input_px
-        for kind, out in layout:
-            if kind == "conv":
-                c = max(4, int(round(out * width)))
-                layers += [nn.Conv2d(ch, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
-                           nn.ReLU(inplace=True)]
-                ch = c
-            elif size >= 2:
-                layers.append(nn.MaxPool2d(2) if kind == "max" else nn.AvgPool2d(2))
-                size //= 2
-        self.features = nn.Sequential(*layers).to(memory_format=torch.channels_last)
-        n_features = ch * size * size
+        self.features, n_features = vgg_features(self.filters.n_channels, self.input_px, width, layout)
         self.n_features = n_features
 
         def mlp(out_dim: int) -> nn.Sequential:
@@ -158,26 +147,8 @@ class PoseEncoder(nn.Module):
         return self._features_folded(x).flatten(1)
 
     def _features_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """The CNN in inference: each BatchNorm (running statistics) folded into the convolution
-        before it, as a scale of its weights and a bias; ReLU in place. Same function as
-        ``self.features`` in eval mode, without the normalisation passes over the activations.
-        """
-        layers = list(self.features)
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            if isinstance(layer, nn.Conv2d) and i + 1 < len(layers) \
-                    and isinstance(layers[i + 1], nn.BatchNorm2d):
-                bn = layers[i + 1]
-                weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean,
-                                                    bn.running_var, bn.eps, bn.weight, bn.bias)
-                x = nn.functional.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation,
-                                         layer.groups)
-                i += 2
-            else:
-                x = layer(x)
-                i += 1
-        return x
+        """The CNN in inference, each BatchNorm folded into its convolution (:func:`_run_folded`)."""
+        return _run_folded(self.features, x)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, N, N) -> rotations (B, H, 3, 3) and shifts (B, H, 2) Angstrom, H heads."""
@@ -190,10 +161,119 @@ class PoseEncoder(nn.Module):
         return rotations, shifts[:, None].expand(-1, self.n_heads, 2)
 
 
+#: Default size of the images a :class:`PoseGridEncoder` reads (Fourier-cropped), px.
+GRID_ENCODER_INPUT_PX = 24
+
+
+def vgg_features(in_channels: int, size_px: int, width: float,
+                 layout=VGG_LAYOUT) -> tuple[nn.Sequential, int]:
+    """The VGG-like CNN of ``layout`` with channels times ``width``, for ``size_px`` inputs.
+
+    Returns
+    -------
+    The module (channels-last) and its number of output features (channels x size^2).
+    """
+    layers: list[nn.Module] = []
+    ch, size = in_channels, size_px
+    for kind, out in layout:
+        if kind == "conv":
+            c = max(4, int(round(out * width)))
+            layers += [nn.Conv2d(ch, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            ch = c
+        elif size >= 2:
+            layers.append(nn.MaxPool2d(2) if kind == "max" else nn.AvgPool2d(2))
+            size //= 2
+    return nn.Sequential(*layers).to(memory_format=torch.channels_last), ch * size * size
+
+
+def _run_folded(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``features`` in inference with each BatchNorm (running statistics) folded into the
+    convolution before it: the same function as ``features.eval()``, without the normalisation
+    passes over the activations.
+    """
+    layers = list(features)
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if isinstance(layer, nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d):
+            bn = layers[i + 1]
+            weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
+                                                bn.eps, bn.weight, bn.bias)
+            x = nn.functional.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation,
+                                     layer.groups)
+            i += 2
+        else:
+            x = layer(x)
+            i += 1
+    return x
+
+
+class PoseGridEncoder(nn.Module):
+    """Low-pass images (B, n, n) -> logits (B, G) over a fixed near-uniform SO(3) grid.
+
+    The amortized pose stage's encoder: a distribution over the rotations of the grid (soft
+    labels, cross-entropy), whose top K are the hypotheses that a scoring against the map and a
+    local refinement turn into a pose (:mod:`cryoai.reconstruction.amortized`). A distribution
+    keeps every mode of an ambiguous image, where a single regression averages them.
+
+    Parameters
+    ----------
+    input_px : the (even) size of the images it reads: Fourier crops of the particles, made from
+        phase-flipped spectra (:meth:`cryoai.models.image_formation.ImageFormation.low_pass_images`).
+    n_rotations : target size of the grid (:func:`cryoai.physics.rotations.so3_grid`).
+    width : channel multiplier of the VGG layout.
+    hidden : width of the hidden layer of the head.
+    band_px : the highest frequency (frequency px of the particles' box) of the images it reads,
+        or None for all that ``input_px`` holds: the band of the map it learned from, so that
+        real particles show it no detail that its simulated ones lacked.
+    """
+
+    def __init__(self, input_px: int = GRID_ENCODER_INPUT_PX, *, n_rotations: int = 4608, width: float = 0.25,
+                 hidden: int = 512, band_px: float | None = None):
+        super().__init__()
+        if input_px % 2:
+            raise ValueError(f"encoder input size must be even (got {input_px})")
+        self.input_px = int(input_px)
+        self.band_px = None if band_px is None else float(band_px)
+        self.settings = {"input_px": self.input_px, "n_rotations": int(n_rotations), "width": float(width),
+                         "hidden": int(hidden), "band_px": self.band_px}
+        self.filters = GaussianFilterBank()
+        self.features, n_features = vgg_features(self.filters.n_channels, self.input_px, width)
+        self.register_buffer("grid", so3_grid(n_rotations), persistent=False)
+        self.head = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, len(self.grid)))
+
+    @property
+    def grid_step_rad(self) -> float:
+        """Typical spacing of the grid's rotations, radians."""
+        return (8 * math.pi**2 / len(self.grid)) ** (1 / 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, G) of images (B, input_px, input_px)."""
+        x = self.filters(images).contiguous(memory_format=torch.channels_last)
+        if self.training or torch.is_grad_enabled():
+            x = self.features(x)
+        else:
+            x = _run_folded(self.features, x)
+        return self.head(x.flatten(1))
+
+    @torch.no_grad()
+    def hypotheses(self, images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most probable grid rotations of each image.
+
+        Returns
+        -------
+        indices (B, k) into :attr:`grid` and their probabilities (B, k), most probable first.
+        """
+        prob = torch.softmax(self(images).float(), dim=-1)
+        p, idx = prob.topk(min(k, prob.shape[-1]), dim=-1)
+        return idx, p
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters of ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["AUTO_CROP_MIN_BOX_PX", "GaussianFilterBank", "PoseEncoder", "VGG_LAYOUT", "count_parameters",
-           "encoder_input_size"]
+__all__ = ["AUTO_CROP_MIN_BOX_PX", "GRID_ENCODER_INPUT_PX", "GaussianFilterBank", "PoseEncoder",
+           "PoseGridEncoder", "VGG_LAYOUT", "count_parameters", "encoder_input_size", "vgg_features"]

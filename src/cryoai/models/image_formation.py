@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..physics.ctf import compute_ctf
-from ..physics.fft import fft2_c, half_spectrum, half_spectrum_index
+from ..physics.fft import fft2_c, half_spectrum, half_spectrum_index, ifft2_c
 from ..physics.grids import grid_2d, half_plane_mask
 from ..physics.projection import slice_coords
 from ..physics.shifts import phase_shift
@@ -88,6 +88,33 @@ class ImageFormation(nn.Module):
         if self._real_fft:
             return half_spectrum(images, self.rfft_index, self.rfft_sign)
         return fft2_c(images)[:, self.half_mask] / self.box_px
+
+    def low_pass_images(self, spectra: torch.Tensor, n_out: int) -> torch.Tensor:
+        """Real images (B, n_out, n_out) made from the kept coefficients ``|kx|, |ky| < n_out / 2``
+        of spectra (B, M): the Fourier crop of the images the spectra came from
+        (:func:`cryoai.physics.fft.fourier_crop_2d`, same values), made without the full
+        images (e.g. from phase-flipped or simulated spectra).
+
+        Parameters
+        ----------
+        spectra : (B, M) complex, this layout's coefficients (1/N scale).
+        n_out : even output box, at most N.
+
+        Returns
+        -------
+        (B, n_out, n_out) real, pixel size ``pixel_size_a * N / n_out``.
+        """
+        half = n_out // 2
+        if n_out % 2 or n_out > self.box_px:
+            raise ValueError(f"low_pass_images needs an even size up to {self.box_px} (got {n_out})")
+        inside = (self.coords_px.abs() < half).all(-1)
+        kx, ky = self.coords_px[inside].long().unbind(-1)
+        values = spectra[:, inside]
+        grid = torch.zeros(spectra.shape[0], n_out, n_out, dtype=spectra.dtype, device=spectra.device)
+        # Each kept coefficient and its Hermitian mirror (DC twice: halved by the real part's sum).
+        grid[:, ky + half, kx + half] = values
+        grid[:, half - ky, half - kx] = values.conj()
+        return ifft2_c(grid).real * (n_out**2 / self.box_px)
 
     def ctf(self, batch) -> torch.Tensor:
         """CTF of each image of a batch at the kept coefficients, (B, M).

@@ -9,17 +9,30 @@ The default ab initio path of ``cryoai train`` reads, as a sequence:
 
 - :mod:`.em`: scores of images against a map on a rotation x shift grid, the stochastic EM,
   global assignment and local refinement;
-- :mod:`.pose_search`: the search stage built from them (:func:`search_poses`), and the
+- :mod:`.pose_search`: the search stage built from them (:func:`search_subset`, then
+  :func:`assign_remaining` for the other particles; :func:`search_poses` both), and the
   assignment of particles against a given map (:func:`assign_poses`: new particles, a run's map);
+- :mod:`.amortized`: posing particles against a fixed map at a constant cost each: the
+  encoder's hypotheses (or the whole grid), then local refinement (:class:`PoseAssigner`);
 - :mod:`.backproject`: the one back-projection ``sum C conj(T) Y`` and ``sum C^2``;
 - :mod:`.regularised`: the regularised (Wiener/MAP) solve and the half-map FSC-regularised
   reconstruction (:func:`reconstruct`).
 """
 
+from .amortized import AssignSettings, PoseAssigner
 from .backproject import backproject
-from .pose_search import SearchSettings, assign_poses, search_poses
+from .pose_search import (
+    SearchSettings,
+    SubsetSearch,
+    assign_poses,
+    assign_remaining,
+    assign_settings,
+    search_poses,
+    search_subset,
+)
 from .regularised import Reconstruction, reconstruct
 from .spectra import ParticleSpectra
 
-__all__ = ["ParticleSpectra", "Reconstruction", "SearchSettings", "assign_poses", "backproject",
-           "reconstruct", "search_poses"]
+__all__ = ["AssignSettings", "ParticleSpectra", "PoseAssigner", "Reconstruction", "SearchSettings",
+           "SubsetSearch", "assign_poses", "assign_remaining", "assign_settings", "backproject",
+           "reconstruct", "search_poses", "search_subset"]

@@ -327,6 +327,30 @@ def assign_global(formation: ImageFormation, fourier_volume: torch.Tensor, spect
     return torch.cat(rots), torch.cat(shs)
 
 
+def score_hypotheses(data: SearchData, projections: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+    """Ranking errors (B, S, K) of each image against its own K projections at its own S shifts:
+    ``||Y - C T_s P_k||^2`` less the image's ``||Y||^2`` (which does not change the ranking), a
+    batched matrix product with no (B, S, K, P) prediction made.
+
+    Parameters
+    ----------
+    data : B images on P frequencies.
+    projections : (B, K, P) complex.
+    shifts_px : (S, 2) shifts shared by every image, or (B, S, 2) per image, pixels.
+    """
+    y, c, w = data.spectra, data.ctf, data.weight
+    b, p = y.shape
+    if shifts_px.dim() == 2:
+        ph = phase_shift(data.freqs_px, shifts_px)[None]  # (1, S, P)
+    else:
+        ph = phase_shift(data.freqs_px, shifts_px.reshape(-1, 2)).reshape(b, -1, p)  # (B, S, P)
+    z = (y.conj() * c * w)[:, None, :] * ph  # (B, S, P)
+    cross = torch.bmm(z.real, projections.real.transpose(1, 2))  # (B, S, K)
+    cross.baddbmm_(z.imag, projections.imag.transpose(1, 2), alpha=-1)
+    norm = torch.bmm((c * c * w)[:, None, :], (projections.abs() ** 2).transpose(1, 2))  # (B, 1, K)
+    return cross.mul_(-2).add_(norm)
+
+
 @torch.no_grad()
 def refine_local(formation: ImageFormation, fourier_volume: torch.Tensor, spectra: torch.Tensor,
                  ctf: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tensor, radius_px: float, *,
@@ -337,9 +361,7 @@ def refine_local(formation: ImageFormation, fourier_volume: torch.Tensor, spectr
     its current one (the current one included: :func:`local_rotations`, the same perturbations
     for every image) times a 3x3 grid of shifts ``shift_step_px`` apart around its current shift.
 
-    The errors are ranked by ``-2 Re <Y, C T_s P_k> + <C^2, |P_k|^2>`` (the squared error less
-    the image's own ``||Y||^2``, which does not change the ranking): a batched matrix product of
-    (S, P) by (P, K) per image, with no (S, K, P) prediction made.
+    The errors are ranked by :func:`score_hypotheses`.
 
     Parameters
     ----------
@@ -357,7 +379,7 @@ def refine_local(formation: ImageFormation, fourier_volume: torch.Tensor, spectr
     out_r, out_s = [], []
     for start in range(0, len(spectra), chunk):
         d = d_all.rows(start, start + chunk)
-        y, c, w = d.spectra, d.ctf, d.weight
+        y = d.spectra
         r0 = rotations[start:start + chunk]
         s0 = shifts_px[start:start + chunk]
         b, p = y.shape
@@ -365,12 +387,7 @@ def refine_local(formation: ImageFormation, fourier_volume: torch.Tensor, spectr
         proj = sample_volume(fourier_volume, slice_coords(cand.reshape(-1, 3, 3), d.coords_px))
         proj = proj.reshape(b, n_candidates, p)  # (B, K, P)
         sh = s0[:, None, :] + local_shift[None]  # (B, S, 2)
-        ph = phase_shift(d.freqs_px, sh.reshape(-1, 2)).reshape(b, -1, p)  # (B, S, P)
-        z = (y.conj() * c * w)[:, None, :] * ph  # (B, S, P)
-        cross = torch.bmm(z.real, proj.real.transpose(1, 2))  # (B, S, K)
-        cross.baddbmm_(z.imag, proj.imag.transpose(1, 2), alpha=-1)
-        norm = torch.bmm((c * c * w)[:, None, :], (proj.abs() ** 2).transpose(1, 2))  # (B, 1, K)
-        err = cross.mul_(-2).add_(norm).reshape(b, -1)
+        err = score_hypotheses(d, proj, sh).reshape(b, -1)
         arg = err.argmin(dim=-1)
         k = arg % n_candidates
         si = arg // n_candidates

@@ -1,6 +1,7 @@
 """Ab initio poses by a coarse-to-fine search (the first stage of the default ``cryoai train``).
 
-:func:`search_poses` runs, on a fixed-size random subset of the particles (so its cost does
+:func:`search_poses` runs (:func:`search_subset` then :func:`assign_remaining`), on a fixed-size
+random subset of the particles (so its cost does
 not grow with the data set):
 
 1. stochastic expectation-maximisation over a near-uniform SO(3) grid x a shift grid at low
@@ -11,8 +12,10 @@ not grow with the data set):
 2. a global assignment of every subset image against the final low-resolution map, then local
    refinement (a shrinking angular range, a finer shift grid and a widening band) with a hard
    back-projection after each round;
-3. for the particles outside the subset, the same global assignment and local refinement
-   against the subset's final map, which stays fixed (per-particle cost is constant);
+3. for the particles outside the subset, a first guess (the encoder's hypotheses when the run
+   trained one, else the same global assignment) and a short local refinement against the
+   subset's final map, which stays fixed (per-particle cost is constant:
+   :class:`cryoai.reconstruction.amortized.PoseAssigner`);
 4. the map is centred on its centre of mass and every shift moved to match.
 
 The caller reconstructs the map from these poses (:func:`cryoai.reconstruction.reconstruct`).
@@ -32,6 +35,7 @@ from ..physics.fft import ifft3_c
 from ..physics.grids import grid_3d, max_paired_radius_px
 from ..physics.poses import Poses
 from ..physics.shifts import phase_shift
+from .amortized import AssignSettings, PoseAssigner
 from .backproject import backproject
 from .em import ExpectationMaximisation, assign_global, refine_local
 from .spectra import ParticleSpectra
@@ -76,6 +80,55 @@ class SearchSettings:
     seed: int = 0
 
 
+@dataclass
+class SubsetSearch:
+    """What the search on its subset found: the subset's poses and the map they make.
+
+    Attributes
+    ----------
+    subset : (n,) indices of the searched particles, sorted.
+    rotations : (n, 3, 3) and shifts_px : (n, 2) their poses, in the frame of the map
+        (not yet centred: :func:`centre_poses`).
+    fourier_volume : (N, N, N) complex, the subset's final map (1/N scale), against which the
+        other particles are posed.
+    spectra, ctf : (n, M) the subset's coefficients and CTFs (kept for the encoder stage).
+    seconds : how long the search took.
+    time_limit_reached : whether the deadline cut it short.
+    """
+
+    subset: np.ndarray
+    rotations: torch.Tensor
+    shifts_px: torch.Tensor
+    fourier_volume: torch.Tensor
+    spectra: torch.Tensor
+    ctf: torch.Tensor
+    seconds: float = 0.0
+    time_limit_reached: bool = False
+
+
+def assign_settings(settings: SearchSettings, *, rounds: int = 4, candidates: int = 16,
+                    radius_frac: float = 0.45, hypotheses: int = 32) -> AssignSettings:
+    """The settings that pose particles against the search's map: its grids and final band,
+    with the given refinement schedule (the search's own, longer one refines the subset while
+    the map is still being made).
+    """
+    return AssignSettings(radius_px=settings.radius_end_px, max_shift_px=settings.max_shift_px,
+                          shift_step_px=settings.shift_step_px, n_rotations=settings.n_rotations,
+                          hypotheses=hypotheses, refine_rounds=rounds, refine_candidates=candidates,
+                          refine_radius_frac=radius_frac,
+                          refine_start_deg=math.degrees((8 * math.pi**2 / settings.n_rotations) ** (1 / 3)),
+                          seed=settings.seed)
+
+
+def centre_poses(fourier_volume: torch.Tensor, rotations: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
+    """Shifts (n, 2) px for the map centred on its centre of mass ``d`` (px): projections of the
+    map are projections of the centred map shifted by ``(R^T d)_xy``.
+    """
+    volume = ifft3_c(fourier_volume).real
+    d = centre_of_mass(volume).double().cpu().numpy()
+    return shifts_px + np.einsum("nji,j->ni", rotations, d)[:, :2]
+
+
 def centre_of_mass(volume: torch.Tensor) -> torch.Tensor:
     """Centre of mass ``(x, y, z)`` in pixels from the box centre of the positive part of a
     (N, N, N) volume.
@@ -85,9 +138,9 @@ def centre_of_mass(volume: torch.Tensor) -> torch.Tensor:
     return (g * w[..., None]).sum(dim=(0, 1, 2)) / w.sum().clamp_min(1e-12)
 
 
-def search_poses(particles: ParticleSpectra, settings: SearchSettings, *,
-                 log: Callable[[str], None] = print, deadline: float | None = None) -> Poses:
-    """Poses of every particle from the images alone (see the module docstring).
+def search_subset(particles: ParticleSpectra, settings: SearchSettings, *,
+                  log: Callable[[str], None] = print, deadline: float | None = None) -> SubsetSearch:
+    """Steps 1-2 of the module docstring: the EM and the refinement on the subset.
 
     Parameters
     ----------
@@ -95,38 +148,72 @@ def search_poses(particles: ParticleSpectra, settings: SearchSettings, *,
     settings : the search's options.
     log : progress lines.
     deadline : a ``time.perf_counter()`` time: past it, the EM stops and the remaining local
-        refinement rounds are skipped (every particle still gets its global assignment), and
-        the log says so.
+        refinement rounds are skipped, and the log says so.
+    """
+    return _Search(particles, settings, log, deadline).run()
+
+
+def assign_remaining(particles: ParticleSpectra, found: SubsetSearch, assigner: PoseAssigner, *,
+                     log: Callable[[str], None] = print, block: int = 4096) -> Poses:
+    """Steps 3-4: the particles outside the subset posed against the subset's map by
+    ``assigner`` (amortized or global), then every shift moved to the map centred on its centre
+    of mass.
+
+    Returns
+    -------
+    :class:`Poses` of every particle (CPU), shifts in Angstrom.
+    """
+    n_total = len(particles)
+    rotations = np.zeros((n_total, 3, 3))
+    shifts_px = np.zeros((n_total, 2))
+    rotations[found.subset] = found.rotations.double().cpu().numpy()
+    shifts_px[found.subset] = found.shifts_px.double().cpu().numpy()
+    rest = np.setdiff1d(np.arange(n_total), found.subset)
+    done = 0
+    for start in range(0, len(rest), block):
+        part = rest[start:start + block]
+        y, c = particles.read(part)
+        rot, sh = assigner.assign(y, c)
+        rotations[part] = rot.double().cpu().numpy()
+        shifts_px[part] = sh.double().cpu().numpy()
+        done += len(part)
+        log(f"assignment ({assigner.mode}): {done}/{len(rest)} remaining particles")
+    shifts_px = centre_poses(found.fourier_volume, rotations, shifts_px)
+    return Poses.from_arrays(rotations, shifts_px * particles.formation.pixel_size_a)
+
+
+def search_poses(particles: ParticleSpectra, settings: SearchSettings, *,
+                 log: Callable[[str], None] = print, deadline: float | None = None) -> Poses:
+    """Poses of every particle from the images alone, with the global assignment for the
+    particles outside the subset (see the module docstring).
 
     Returns
     -------
     :class:`Poses` of every particle (CPU), shifts in Angstrom, for the map centred on its
     centre of mass.
     """
-    return _Search(particles, settings, log, deadline).run()
+    found = search_subset(particles, settings, log=log, deadline=deadline)
+    assigner = PoseAssigner(particles.formation, found.fourier_volume, assign_settings(settings))
+    return assign_remaining(particles, found, assigner, log=log)
 
 
-def assign_poses(particles: ParticleSpectra, fourier_volume: torch.Tensor, settings: SearchSettings, *,
-                 block: int = 4096):
-    """Poses of particles against a given map: for each, the best rotation of the search's SO(3)
-    grid and the best shift of its shift grid, then the search's local refinement rounds (the
-    assignment :func:`search_poses` gives the particles outside its subset). The map is not
-    changed, so the poses are in its frame; every particle costs the same.
+def assign_poses(particles: ParticleSpectra, assigner: PoseAssigner, *, block: int = 4096):
+    """Poses of particles against ``assigner``'s map (e.g. a run's), which stays fixed: the
+    poses are in its frame, and every particle costs the same.
 
     Parameters
     ----------
     particles : the particles' spectra and CTFs.
-    fourier_volume : (N, N, N) complex map in the 1/N scale (e.g. a run's decoder).
-    settings : the search's options (grid, shifts, bands, refinement).
+    assigner : the map, the first guess (amortized or global) and the refinement.
     block : particles read and assigned at a time (memory is bounded by it).
 
     Yields
     ------
     (rotations (b, 3, 3), shifts_a (b, 2)) float32 numpy blocks, in particle order.
     """
-    search = _Search(particles, settings, log=lambda message: None)
-    search.em.fourier_volume = fourier_volume.to(particles.device)
-    for _, rot, shifts_px in search.assign_against_map(np.arange(len(particles)), block=block):
+    for start in range(0, len(particles), block):
+        y, c = particles.read(np.arange(start, min(start + block, len(particles))))
+        rot, shifts_px = assigner.assign(y, c)
         yield (rot.float().cpu().numpy(),
                (shifts_px * particles.formation.pixel_size_a).float().cpu().numpy())
 
@@ -179,41 +266,10 @@ class _Search:
         # Assign every subset image on the final low-resolution map, then refine locally.
         rot, shifts = self._assign(y, c, r1)
         rot, shifts = self._refine(y, c, rot, shifts, start_radius=r1, update_map=True)
-        rotations = np.zeros((n_total, 3, 3))
-        shifts_px = np.zeros((n_total, 2))
-        rotations[subset] = rot.double().cpu().numpy()
-        shifts_px[subset] = shifts.double().cpu().numpy()
-        rest = np.setdiff1d(np.arange(n_total), subset)
-        done = 0
-        for part, rp, sp in self.assign_against_map(rest):
-            rotations[part] = rp.double().cpu().numpy()
-            shifts_px[part] = sp.double().cpu().numpy()
-            done += len(part)
-            self.log(f"search: assigned {done}/{len(rest)} remaining particles")
-        volume = ifft3_c(em.fourier_volume).real
-        # Centre the map on its centre of mass d (px) and move the shifts to match:
-        # projections of V are projections of the centred map shifted by (R^T d)_xy.
-        d = centre_of_mass(volume)
-        shifts_px += (np.einsum("nji,j->ni", rotations, d.double().cpu().numpy()))[:, :2]
-        self.log(f"search done in {time.perf_counter() - t0:.0f} s "
-                 f"(map centred by {d.cpu().numpy().round(2)} px)")
-        return Poses.from_arrays(rotations, shifts_px * self.formation.pixel_size_a)
-
-    def assign_against_map(self, indices: np.ndarray, block: int = 4096):
-        """Global assignment then local refinement of the particles ``indices`` against the
-        current map, which stays fixed (constant cost per particle).
-
-        Yields
-        ------
-        (indices of a block, rotations (b, 3, 3), shifts (b, 2) px) block by block.
-        """
-        r1 = self._radius(self.settings.radius_end_px)
-        for start in range(0, len(indices), block):
-            part = indices[start:start + block]
-            y, c = self.particles.read(part)
-            rot, shifts = self._assign(y, c, r1)
-            rot, shifts = self._refine(y, c, rot, shifts, start_radius=r1, update_map=False)
-            yield part, rot, shifts
+        seconds = time.perf_counter() - t0
+        self.log(f"search done in {seconds:.0f} s")
+        return SubsetSearch(subset, rot, shifts, em.fourier_volume, y, c, seconds=seconds,
+                            time_limit_reached=self.deadline_said)
 
     def _past_deadline(self, what: str) -> bool:
         """Whether the deadline has passed (said once, with what the search cuts short)."""

@@ -47,6 +47,15 @@ class TrainConfig:
     refine_rounds: int = 8  # local refinement rounds after the EM
     refine_candidates: int = 48  # local rotations tried per image and round
     refine_radius_frac: float = 0.7  # final refinement band, fraction of Nyquist
+    # --- the amortized pose stage (after the search; after the reconstruction with --poses)
+    # "auto": train the pose encoder, pose the other particles with it if its check passes (else
+    # the global search, said); "off": no encoder (the global search); "always": use it regardless
+    pose_encoder: str = "auto"
+    encoder_minutes: float = 2.0  # training budget of the pose encoder
+    encoder_hypotheses: int = 32  # encoder rotations scored per particle
+    assign_refine_rounds: int = 4  # local refinement rounds of the particles posed against the map
+    assign_refine_candidates: int = 16  # local rotations tried per particle and round
+    assign_refine_radius_frac: float = 0.45  # their final band, fraction of Nyquist
     decoder_epochs: float = 2.0  # epochs of decoder training after the search
     wiener_fit_steps: int = 1500  # FourierNet: regression steps (8192 points each) onto that
     #                               reconstruction before training on images
@@ -95,6 +104,11 @@ class TrainConfig:
             raise InputError(f"ab_initio must be 'search' or 'encoder' (got {self.ab_initio!r})")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads must be at least 1 (got {self.threads})")
+        if self.pose_encoder not in ("auto", "off", "always"):
+            raise InputError(f"pose_encoder must be 'auto', 'off' or 'always' (got {self.pose_encoder!r})")
+        if self.encoder_minutes < 0 or self.encoder_hypotheses < 1:
+            raise InputError(f"encoder_minutes must be >= 0 and encoder_hypotheses >= 1 (got "
+                             f"{self.encoder_minutes}, {self.encoder_hypotheses})")
         if self.encoder_heads < 1:
             raise InputError(f"encoder_heads must be at least 1 (got {self.encoder_heads})")
 

@@ -2,13 +2,22 @@
 
 :meth:`Trainer.run` reads top to bottom:
 
-1. **poses**: given (``--poses``), searched (the default: :func:`cryoai.reconstruction.search_poses`),
-   or none (``--ab-initio encoder``: the encoder learns them, the paper's amortized training);
+1. **poses**: given (``--poses``), or none (``--ab-initio encoder``: the encoder learns them,
+   the paper's amortized training), or, by default, found in three steps:
+
+   a. **search** a subset (:func:`cryoai.reconstruction.search_subset`): its map and poses;
+   b. **encoder**: a pose encoder learns from that map and those poses, and is checked
+      against the search on held-out subset particles (:mod:`cryoai.training.encoder_fit`);
+   c. **assignment**: every other particle is posed against the subset's map, from the
+      encoder's hypotheses when its check passed, else by the global search (said), then
+      refined locally (:func:`cryoai.reconstruction.assign_remaining`);
 2. **reconstruct**: with poses, the half-map FSC-regularised reconstruction
-   (:func:`cryoai.reconstruction.reconstruct`) starts the decoder and writes the half maps;
+   (:func:`cryoai.reconstruction.reconstruct`) of every particle starts the decoder and writes
+   the half maps (with ``--poses``, the encoder stage then learns from this map);
 3. **fit**: mini-batch gradient descent on the images (decoder, and encoder when it learns
    the poses), until ``max_epochs``/``decoder_epochs`` or ``max_minutes``;
-4. **write**: the map, the checkpoint and the poses.
+4. **write**: the map, the checkpoint (with the pose encoder, for ``cryoai predict-poses``)
+   and the poses.
 
 The mode is decided once, from the options: ``"given"``, ``"search"`` or ``"amortized"``.
 The run directory (:class:`cryoai.training.run_dir.RunDirectory`) writes every file;
@@ -36,17 +45,28 @@ from ..io.images import ImageSource
 from ..io.particles import ParticleTable
 from ..models.cryoai import CryoAI, build_model, estimate_amplitude_profile
 from ..models.decoders import decoder_to_volume
+from ..models.encoder import PoseGridEncoder
 from ..models.image_formation import ImageFormation
 from ..physics.fft import ifft3_c
 from ..physics.fsc import resolution_px
 from ..physics.grids import max_paired_radius_px
 from ..physics.masks import circular_mask, map_mask_radius_px
 from ..physics.poses import Poses
-from ..reconstruction import ParticleSpectra, SearchSettings, reconstruct, search_poses
+from ..reconstruction import (
+    AssignSettings,
+    ParticleSpectra,
+    PoseAssigner,
+    SearchSettings,
+    assign_remaining,
+    assign_settings,
+    reconstruct,
+    search_subset,
+)
 from ..reconstruction.regularised import INVERTED_SKEWNESS, density_skewness
 from .config import TrainConfig
 from .decoder_fit import fit_decoder_to_fourier_volume
 from .distributed import DistInfo, any_true, broadcast_, data_parallel_loss, weighted_mean
+from .encoder_fit import MIN_AMORTIZED_FRACTION, EncoderSettings, check_pose_encoder, train_pose_encoder
 from .losses import pose_loss_terms
 from .poses import encoder_hypotheses, iter_poses
 from .run_dir import RunDirectory
@@ -142,6 +162,31 @@ def search_settings(cfg: TrainConfig, box_px: int) -> SearchSettings:
         mask_radius_px=map_mask_radius_px(box_px, cfg.mask_radius_frac), seed=cfg.seed)
 
 
+def assignment_settings(cfg: TrainConfig, box_px: int) -> AssignSettings:
+    """How particles are posed against a run's map (the assignment stage, predict-poses)."""
+    return assign_settings(search_settings(cfg, box_px), rounds=cfg.assign_refine_rounds,
+                           candidates=cfg.assign_refine_candidates,
+                           radius_frac=cfg.assign_refine_radius_frac, hypotheses=cfg.encoder_hypotheses)
+
+
+def encoder_min_confidence(check: dict | None, cfg: TrainConfig) -> float:
+    """The confidence below which a particle gets the global first guess: the check's
+    calibration, or 0 (none) with ``--pose-encoder always``.
+    """
+    if cfg.pose_encoder == "always" or not check:
+        return 0.0
+    return float(check.get("min_confidence", 0.0))
+
+
+def load_pose_encoder(payload: dict | None, device) -> PoseGridEncoder | None:
+    """The pose encoder saved in a checkpoint (``payload`` = its ``"pose_encoder"`` entry)."""
+    if not payload:
+        return None
+    encoder = PoseGridEncoder(**payload["settings"])
+    encoder.load_state_dict(payload["state"])
+    return encoder.to(device).eval()
+
+
 class Trainer:
     """A run of ``cryoai train`` on a particle table, writing to ``outdir`` (see the module
     docstring for its stages).
@@ -193,6 +238,8 @@ class Trainer:
         self.poses: Poses | None = fixed_poses.poses() if fixed_poses is not None else None
         self.model = self._build_model()
         self.prior_lam: torch.Tensor | None = None  # the voxel decoder's MAP prior (reconstruct)
+        self.pose_encoder: PoseGridEncoder | None = None  # the encoder stage's (None: not trained)
+        self.encoder_check: dict | None = None
         self.mask = None  # the encoder input's circular mask
         if cfg.mask_radius_frac > 0:
             self.mask = circular_mask(self.box, cfg.mask_radius_frac * self.box, soft_edge_px=3,
@@ -236,6 +283,9 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState.from_dict(ckpt["state"])
         self.run_dir.truncate_logs(self.state.step)
+        if ckpt.get("pose_encoder"):
+            self.pose_encoder = load_pose_encoder(ckpt["pose_encoder"], self.device)
+            self.encoder_check = ckpt["pose_encoder"].get("check")
         if "pose_rotations" in ckpt:  # the searched poses
             self.poses = Poses(ckpt["pose_rotations"].float().cpu(), ckpt["pose_shifts_a"].float().cpu())
 
@@ -247,33 +297,123 @@ class Trainer:
         """
         self.run_dir.write_config(self.cfg)
         if self.mode == "search" and self.poses is None:
-            self.poses = self.search_poses()
+            found = self.search_subset()
+            use_encoder = self.learn_pose_encoder(found.fourier_volume, found.spectra, found.ctf,
+                                                  found.rotations, found.shifts_px)
+            self.poses = self.assign_remaining(found, use_encoder)
             self.checkpoint()
         if self.poses is not None and self.state.step == 0 and self.cfg.wiener_init:
-            self.start_decoder_from_reconstruction()
+            rec = self.start_decoder_from_reconstruction()
+            if self.mode == "given" and self.pose_encoder is None:
+                self.learn_pose_encoder_from_given_poses(rec.fourier_volume)
             self.checkpoint()
         self._sync_from_rank0()
         self.fit(on_volume)
         return self.write_outputs(on_volume)
 
-    def search_poses(self) -> Poses:
-        """Stage 1 (default mode): the poses of every particle by the pose search."""
-        t0 = time.perf_counter()
+    def search_subset(self):
+        """Stage 1a (default mode): the search on its subset: a map and the subset's poses."""
         deadline = None if self.cfg.max_minutes is None else \
-            t0 + (self.cfg.max_minutes - self.state.minutes) * 60
-        poses = search_poses(self._spectra(), search_settings(self.cfg, self.box), log=self._log,
-                             deadline=deadline)
+            time.perf_counter() + (self.cfg.max_minutes - self.state.minutes) * 60
+        found = search_subset(self._spectra(), search_settings(self.cfg, self.box), log=self._log,
+                              deadline=deadline)
+        self.state.minutes += found.seconds / 60
+        self.run_dir.log({"stage": "search", "minutes": self.state.minutes, "search_seconds": found.seconds,
+                          "subset": len(found.subset), "time_limit_reached": found.time_limit_reached})
+        return found
+
+    def learn_pose_encoder(self, fourier_volume: torch.Tensor, spectra: torch.Tensor, ctf: torch.Tensor,
+                           rotations: torch.Tensor, shifts_px: torch.Tensor) -> bool:
+        """Stage 1b: the pose encoder learns from a map and the poses of some particles (all but
+        a held-out part), then is checked against those poses on the held-out part.
+
+        Returns
+        -------
+        Whether the assignment uses the encoder (``--pose-encoder``, and its check).
+        """
+        cfg = self.cfg
+        minutes = cfg.encoder_minutes
+        if cfg.max_minutes is not None:
+            minutes = min(minutes, cfg.max_minutes - self.state.minutes)
+            if minutes <= 0 and cfg.pose_encoder != "off":
+                self._log("encoder: time limit (--max-minutes) reached: no pose encoder is trained")
+        if cfg.pose_encoder == "off" or minutes <= 0 or len(spectra) < 20 or not self.is_main:
+            return False  # (under torchrun, rank 0 trains it; the poses are broadcast from rank 0)
+        t0 = time.perf_counter()
+        settings = EncoderSettings(minutes=minutes, seed=cfg.seed)
+        n = len(spectra)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 99)).to(spectra.device)
+        n_check = min(settings.held_out, max(n // 10, 1))
+        check_rows, train_rows = order[:n_check], order[n_check:]
+        torch.manual_seed(cfg.seed + 5)  # the encoder's initial weights
+        band_px = cfg.refine_radius_frac * max_paired_radius_px(self.box)  # the search map's band
+        encoder = PoseGridEncoder(band_px=band_px).to(self.device)
+        self._log(f"encoder: learning poses from the map for at most {minutes:.3g} min "
+                  f"({len(train_rows)} real particles with their poses, simulated ones)")
+        fit = train_pose_encoder(encoder, self.model.formation, fourier_volume, spectra[train_rows],
+                                 ctf[train_rows], rotations[train_rows], shifts_px[train_rows], settings,
+                                 log=self._log)
+        check = check_pose_encoder(encoder, self.model.formation, fourier_volume, spectra[check_rows],
+                                   ctf[check_rows], rotations[check_rows],
+                                   assignment_settings(cfg, self.box), settings)
+        use = cfg.pose_encoder == "always" or check.passed
+        self.pose_encoder = encoder
+        self.encoder_check = {**check.to_dict(), "used": use}
+        self._log(f"encoder check on {check.particles} held-out particles: {cfg.encoder_hypotheses} "
+                  f"hypotheses hold a rotation within {settings.agreement_deg:g} deg of the search's pose "
+                  f"for {check.hypothesis_hit_rate:.0%}; posed within it: {check.amortized_agreement:.0%} "
+                  f"amortized ({check.amortized_images_per_s:.0f} img/s), {check.global_agreement:.0%} by "
+                  f"the global search ({check.global_images_per_s:.0f} img/s); with the global search for "
+                  f"the {1 - check.amortized_fraction:.0%} the encoder is least sure of: "
+                  f"{check.combined_agreement:.0%} ({check.combined_images_per_s:.0f} img/s)")
+        if not use:
+            self._log(f"encoder: fewer than {MIN_AMORTIZED_FRACTION:.0%} of the particles can skip the "
+                      "global search; the other particles get it (--encoder-minutes trains it longer)")
+        seconds = time.perf_counter() - t0
+        self.state.minutes += seconds / 60
+        self.run_dir.log({"stage": "encoder", "seconds": seconds, "minutes": self.state.minutes, **fit,
+                          **{f"check_{k}": v for k, v in self.encoder_check.items()}})
+        return use
+
+    def learn_pose_encoder_from_given_poses(self, fourier_volume: torch.Tensor) -> None:
+        """Stage 2b (``--poses``): the encoder stage on the reconstruction and the given poses of
+        up to ``search_subset`` particles, so that ``predict-poses`` can use it.
+        """
+        if self.cfg.pose_encoder == "off" or not self.is_main:
+            return
+        rng = np.random.default_rng(self.cfg.seed)
+        n = len(self.table)
+        rows = np.sort(rng.choice(n, size=min(self.cfg.search_subset, n), replace=False))
+        spectra, ctf = self._spectra().read(rows)
+        poses = self.poses.select(rows)
+        self.learn_pose_encoder(fourier_volume, spectra, ctf, poses.rotations.to(self.device),
+                                (poses.shifts_a / self.pixel_size_a).to(self.device))
+
+    def assign_remaining(self, found, use_encoder: bool) -> Poses:
+        """Stage 1c: every particle outside the subset posed against the subset's map (amortized
+        or global), then the map centred; returns the poses of every particle.
+        """
+        t0 = time.perf_counter()
+        assigner = PoseAssigner(self.model.formation, found.fourier_volume,
+                                assignment_settings(self.cfg, self.box),
+                                self.pose_encoder if use_encoder else None,
+                                min_confidence=encoder_min_confidence(self.encoder_check, self.cfg))
+        n_rest = len(self.table) - len(found.subset)
+        poses = assign_remaining(self._spectra(), found, assigner, log=self._log)
         seconds = time.perf_counter() - t0
         self.state.minutes += seconds / 60
         if self.dist.enabled:
             broadcast_(poses.rotations, self.dist)
             broadcast_(poses.shifts_a, self.dist)
-        self.run_dir.log({"stage": "search", "minutes": self.state.minutes, "search_seconds": seconds,
-                          "time_limit_reached": deadline is not None and time.perf_counter() >= deadline})
+        self.run_dir.log({"stage": "assignment", "mode": assigner.mode, "particles": n_rest,
+                          "amortized": assigner.counts["amortized"], "global": assigner.counts["global"],
+                          "seconds": seconds,
+                          "images_per_s": n_rest / seconds if n_rest and seconds > 0 else None,
+                          "minutes": self.state.minutes})
         return poses
 
     @torch.no_grad()
-    def start_decoder_from_reconstruction(self) -> None:
+    def start_decoder_from_reconstruction(self):
         """Stage 2: the half-map FSC-regularised (Wiener/MAP) reconstruction at the poses starts
         the decoder, and its half maps are written. The voxel decoder is set to it and keeps its
         regulariser as a prior in the loss; FourierNet is fitted to it by regression.
@@ -311,6 +451,7 @@ class Trainer:
                           "half_map_fsc_0.143_a": res * self.pixel_size_a,
                           "decoder_fit_relative_error": fit_error, "map_density_skewness": skewness,
                           "contrast_inverted": skewness < INVERTED_SKEWNESS, "seconds": seconds})
+        return rec
 
     def fit(self, on_volume=None) -> None:
         """Stage 3: mini-batch gradient descent on the images, until the epochs or the minutes
@@ -515,6 +656,10 @@ class Trainer:
             extra = {"pose_rotations": self.poses.rotations, "pose_shifts_a": self.poses.shifts_a}
         if self.prior_lam is not None:
             extra["prior_lam"] = self.prior_lam.cpu()
+        if self.pose_encoder is not None:
+            extra["pose_encoder"] = {"settings": self.pose_encoder.settings,
+                                     "state": {k: v.cpu() for k, v in self.pose_encoder.state_dict().items()},
+                                     "check": self.encoder_check}
         self.run_dir.save_checkpoint({
             **extra,
             "model": self.model.state_dict(),

@@ -1,0 +1,200 @@
+"""The amortized pose stage: the encoder's inputs and labels, the hypotheses' scores, the
+assignment against a map (with an oracle encoder, so that the machinery is tested apart from
+learning), the confidence threshold, and the stage in a default run with predict-poses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cryoai.cli.main import main as cli
+from cryoai.data.dataset import ParticleDataset
+from cryoai.io import load_particles
+from cryoai.models.encoder import PoseGridEncoder
+from cryoai.models.image_formation import ImageFormation
+from cryoai.physics.fft import fft3_c, fourier_crop_2d
+from cryoai.physics.projection import sample_volume, slice_coords
+from cryoai.physics.rotations import geodesic_distance, random_rotations
+from cryoai.physics.shifts import phase_shift
+from cryoai.reconstruction import AssignSettings, ParticleSpectra, PoseAssigner, em
+from cryoai.training.checkpoint import load_checkpoint
+from cryoai.training.encoder_fit import background_noise_variance, soft_labels
+
+
+def test_low_pass_images_equal_the_fourier_crop():
+    gen = torch.Generator().manual_seed(0)
+    formation = ImageFormation(32, 3.0)
+    images = torch.randn(4, 32, 32, generator=gen)
+    torch.testing.assert_close(formation.low_pass_images(formation.spectra(images), 20),
+                               fourier_crop_2d(images, 20), atol=1e-5, rtol=1e-4)
+
+
+def test_score_hypotheses_ranks_like_the_explicit_squared_error():
+    gen = torch.Generator().manual_seed(1)
+    formation = ImageFormation(16, 2.0)
+    m = formation.coords_px.shape[0]
+    y = torch.randn(3, m, dtype=torch.complex64, generator=gen)
+    c = torch.rand(3, m, generator=gen)
+    data = em.SearchData.in_band(formation, y, c, 6.0)
+    p = data.spectra.shape[1]
+    proj = torch.randn(3, 5, p, dtype=torch.complex64, generator=gen)
+    shifts = torch.randn(3, 4, 2, generator=gen)
+    got = em.score_hypotheses(data, proj, shifts)  # (B, S, K)
+    for b in range(3):
+        phases = phase_shift(data.freqs_px, shifts[b])  # (S, P)
+        pred = data.ctf[b] * phases[:, None, :] * proj[b][None]  # (S, K, P)
+        err = ((data.spectra[b] - pred).abs() ** 2 * data.weight).sum(-1)
+        own = ((data.spectra[b].abs() ** 2) * data.weight).sum()
+        torch.testing.assert_close(got[b], err - own, atol=1e-3, rtol=1e-4)
+
+
+def test_soft_labels_peak_at_the_nearest_grid_rotation():
+    encoder = PoseGridEncoder(16, n_rotations=576)
+    rot = random_rotations(5, generator=torch.Generator().manual_seed(2))
+    labels = soft_labels(rot, encoder.grid, math.radians(10))
+    torch.testing.assert_close(labels.sum(-1), torch.ones(5))
+    nearest = geodesic_distance(encoder.grid[None], rot[:, None]).argmin(-1)
+    assert torch.equal(labels.argmax(-1), nearest)
+
+
+def test_background_noise_variance_measures_white_noise_and_not_the_particle():
+    formation = ImageFormation(64, 2.0)
+    gen = torch.Generator().manual_seed(3)
+    r = torch.linspace(-1, 1, 64).abs()
+    blob = torch.exp(-((r[:, None] ** 2 + r[None] ** 2) / 0.05))  # a particle in the middle
+    clean = blob.expand(50, 64, 64)
+    noisy = clean + 0.7 * torch.randn(50, 64, 64, generator=gen)
+    assert background_noise_variance(formation, formation.spectra(clean)) < 1e-4
+    assert background_noise_variance(formation, formation.spectra(noisy)) == pytest.approx(0.49, rel=0.05)
+
+
+class _OracleEncoder(PoseGridEncoder):
+    """An encoder that "knows" the poses: its logits peak at the grid rotation nearest to each
+    particle's true rotation (set before the call), with a given probability mass."""
+
+    def __init__(self, truth: torch.Tensor, sure: torch.Tensor):
+        super().__init__(16, n_rotations=4608)
+        self.truth, self.sure = truth, sure
+
+    def forward(self, images):
+        logits = torch.full((len(images), len(self.grid)), -30.0)
+        near = geodesic_distance(self.grid[None], self.truth[:, None]).argmin(-1)
+        wrong = torch.randint(0, len(self.grid), (len(images),), generator=torch.Generator().manual_seed(0))
+        logits[torch.arange(len(images)), torch.where(self.sure, near, wrong)] = 30.0
+        logits[~self.sure] = 0.0  # an unsure encoder: flat
+        return logits
+
+
+@pytest.fixture(scope="module")
+def noise_free_set():
+    """Noise-free particles of a random map (L=32) at known poses, as spectra."""
+    gen = torch.Generator().manual_seed(4)
+    n, b = 32, 60
+    formation = ImageFormation(n, 4.0)
+    g = torch.linspace(-1, 1, n)
+    zz, yy, xx = torch.meshgrid(g, g, g, indexing="ij")
+    volume = sum(torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2 + (zz - cz) ** 2) / 0.02)
+                 for cx, cy, cz in torch.rand(6, 3, generator=gen) * 0.8 - 0.4)
+    fvol = fft3_c(volume) / n
+    rot = random_rotations(b, generator=gen)
+    shifts = (torch.rand(b, 2, generator=gen) - 0.5) * 4  # px
+    ctf = torch.ones(b, formation.coords_px.shape[0])
+    spectra = sample_volume(fvol, slice_coords(rot, formation.coords_px))
+    spectra = spectra * phase_shift(formation.freqs_px, shifts)
+    return formation, fvol, spectra, ctf, rot, shifts
+
+
+def test_amortized_assignment_from_right_hypotheses_finds_the_poses(noise_free_set):
+    formation, fvol, spectra, ctf, rot, shifts = noise_free_set
+    settings = AssignSettings(radius_px=8, max_shift_px=3, shift_step_px=1, hypotheses=4)
+    encoder = _OracleEncoder(rot, torch.ones(len(rot), dtype=torch.bool))
+    assigner = PoseAssigner(formation, fvol, settings, encoder)
+    got_rot, got_shifts = assigner.assign(spectra, ctf)
+    angle = torch.rad2deg(geodesic_distance(got_rot, rot))
+    assert float(angle.median()) < 2.0, float(angle.median())
+    assert float((got_shifts - shifts).norm(dim=-1).median()) < 0.3
+    assert assigner.counts == {"amortized": len(rot), "global": 0}
+
+
+def test_unsure_particles_get_the_global_search(noise_free_set):
+    formation, fvol, spectra, ctf, rot, _ = noise_free_set
+    settings = AssignSettings(radius_px=8, max_shift_px=3, shift_step_px=1, hypotheses=4)
+    sure = torch.arange(len(rot)) % 3 != 0
+    encoder = _OracleEncoder(rot, sure)
+    # Without a threshold the unsure third keeps a wrong first guess; with one, it is searched.
+    blind = PoseAssigner(formation, fvol, settings, encoder)
+    angle = torch.rad2deg(geodesic_distance(blind.assign(spectra, ctf)[0], rot))
+    assert float(angle[~sure].median()) > 20
+    careful = PoseAssigner(formation, fvol, settings, encoder, min_confidence=0.5)
+    angle = torch.rad2deg(geodesic_distance(careful.assign(spectra, ctf)[0], rot))
+    assert float(angle.median()) < 2.0 and float(angle[~sure].median()) < 3.0
+    assert careful.counts == {"amortized": int(sure.sum()), "global": int((~sure).sum())}
+
+
+def test_default_run_trains_checks_and_saves_the_encoder_for_predict_poses(tmp_path):
+    """L=32, noise-free: the encoder stage runs after the search of a subset, is checked against
+    the search's poses on held-out particles, the other particles are posed as the check chose,
+    and predict-poses uses the saved encoder (for every particle with --first-guess encoder)."""
+    sim = tmp_path / "sim"
+    assert cli(["simulate", "--box", "32", "--n", "300", "--no-noise", "--shift-sigma-a", "10",
+                "--seed", "3", "--outdir", str(sim), "--quiet"]) == 0
+    run = tmp_path / "run"
+    assert cli(["train", str(sim / "particles.star"), "--outdir", str(run), "--quiet",
+                "--search-iterations", "40", "--search-batch", "200", "--search-subset", "250",
+                "--refine-rounds", "4", "--decoder-epochs", "1", "--encoder-minutes", "0.15",
+                "--no-tensorboard"]) == 0
+    records = {r["stage"]: r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+               if "stage" in r}
+    enc, assign = records["encoder"], records["assignment"]
+    assert enc["images"] > 0 and enc["check_particles"] == 25
+    assert 0 <= enc["check_hypothesis_hit_rate"] <= 1 and enc["check_global_agreement"] > 0.5
+    assert assign["particles"] == 50 and assign["amortized"] + assign["global"] == 50
+    assert assign["mode"] == ("amortized" if enc["check_used"] else "global")
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["pose_encoder"]["check"]["used"] == enc["check_used"]
+    # predict-poses with the encoder for every particle: the machinery end to end (the accuracy
+    # of an encoder trained for seconds is not the point here; the oracle tests above are).
+    out = tmp_path / "predicted.star"
+    assert cli(["predict-poses", str(run / "checkpoint.pt"), str(sim / "particles.star"), "--out", str(out),
+                "--first-guess", "encoder", "--quiet"]) == 0
+    predicted = load_particles(out)
+    assert len(predicted) == 300 and np.isfinite(predicted.rotations).all()
+    # The default first guess (as the run chose) agrees with the run's own poses.
+    out2 = tmp_path / "predicted2.star"
+    assert cli(["predict-poses", str(run / "checkpoint.pt"), str(sim / "particles.star"), "--out", str(out2),
+                "--quiet"]) == 0
+    ours = torch.as_tensor(load_particles(run / "poses.star").rotations)
+    theirs = torch.as_tensor(load_particles(out2).rotations)
+    assert float(torch.rad2deg(geodesic_distance(ours, theirs)).median()) < 6.0
+
+
+def test_predict_poses_refuses_first_guess_encoder_without_one(tmp_path):
+    sim = tmp_path / "sim"
+    assert cli(["simulate", "--box", "24", "--n", "40", "--snr-db", "0", "--outdir", str(sim),
+                "--quiet"]) == 0
+    run = tmp_path / "run"
+    assert cli(["train", str(sim / "particles.star"), "--outdir", str(run), "--quiet",
+                "--search-iterations", "5", "--search-batch", "20", "--refine-rounds", "1",
+                "--decoder-epochs", "0.1", "--pose-encoder", "off", "--no-tensorboard"]) == 0
+    assert "pose_encoder" not in load_checkpoint(run / "checkpoint.pt")
+    rc = cli(["predict-poses", str(run / "checkpoint.pt"), str(sim / "particles.star"),
+              "--out", str(tmp_path / "x.star"), "--first-guess", "encoder", "--quiet"])
+    assert rc != 0 and not (tmp_path / "x.star").exists()
+
+
+def test_dataset_spectra_feed_the_encoder(tmp_path):
+    """The encoder's images of real particles come from their spectra (no second read)."""
+    sim = tmp_path / "sim"
+    assert cli(["simulate", "--box", "32", "--n", "8", "--snr-db", "0", "--outdir", str(sim), "--quiet"]) == 0
+    table = load_particles(sim / "particles.star")
+    formation = ImageFormation(32, table.median_pixel_size_a())
+    particles = ParticleSpectra(ParticleDataset(table), formation, torch.device("cpu"))
+    y, c = particles.read(np.arange(8))
+    from cryoai.reconstruction.amortized import encoder_images
+
+    images = encoder_images(formation, y, c, PoseGridEncoder(24, n_rotations=576, band_px=9.0))
+    assert images.shape == (8, 24, 24) and torch.isfinite(images).all()
