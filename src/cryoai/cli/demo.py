@@ -18,6 +18,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snr-db", type=float, default=None, help="SNR in dB (default: no noise)")
     parser.add_argument("--shift-sigma-a", type=float, default=10.0, help="shift sigma, A (default 10)")
     parser.add_argument("--minutes", type=float, default=10.0, help="training time budget (default 10)")
+    parser.add_argument("--encoder-minutes", type=float, default=0.5,
+                        help="training budget of the pose encoder stage (default 0.5; train: 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--force", action="store_true", help="reuse a non-empty --outdir")
@@ -42,6 +44,7 @@ def main(args) -> int:
     print(f"[2/4] ab initio reconstruction for up to {args.minutes:g} min -> {run}")
     rc = cli.main(["train", str(sim / "particles.star"), "--outdir", str(run),
                    "--max-minutes", str(args.minutes), "--seed", str(args.seed),
+                   "--encoder-minutes", str(args.encoder_minutes),
                    "--ground-truth", str(sim / "ground_truth.mrc"), *common, *quiet, *device])
     if rc:
         return rc

@@ -163,8 +163,17 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     for r in log:  # the time of each stage (the last record of each, after resumes)
         if r.get("stage") == "search":
             metrics["search_minutes"] = r.get("search_seconds", 60 * r.get("minutes", 0)) / 60
-        elif r.get("stage") in ("reconstruction", "fit") and "seconds" in r:
+        elif r.get("stage") in ("encoder", "assignment", "reconstruction", "fit") and "seconds" in r:
             metrics[f"{r['stage']}_minutes"] = r["seconds"] / 60
+        if r.get("stage") == "encoder":  # the pose encoder against the search on held-out particles
+            for key in ("top1_median_deg", "hypothesis_hit_rate", "amortized_agreement", "global_agreement",
+                        "amortized_fraction", "combined_agreement", "used"):
+                if f"check_{key}" in r:
+                    metrics[f"encoder_{key}"] = r[f"check_{key}"]
+        elif r.get("stage") == "assignment" and r.get("particles"):
+            metrics.update({"assignment_particles": r["particles"],
+                            "assignment_by_encoder": r.get("amortized"),
+                            "assignment_images_per_s": r.get("images_per_s")})
     metrics.update({k: outputs[k] for k in ("steps", "minutes", "images_seen") if k in outputs})
     write_json_atomic(out / "report.json", metrics)
     page = _html(run, figures, metrics, config_text, out, box, pixel_size_a)

@@ -57,6 +57,7 @@ class TrainConfig:
     assign_refine_candidates: int = 16  # local rotations tried per particle and round
     assign_refine_radius_frac: float = 0.45  # their final band, fraction of Nyquist
     decoder_epochs: float = 2.0  # epochs of decoder training after the search
+    decoder_max_images: int | None = 20000  # ... but at most this many images (cost flat in N)
     wiener_fit_steps: int = 1500  # FourierNet: regression steps (8192 points each) onto that
     #                               reconstruction before training on images
     wiener_init: bool = True  # decoder with known/searched poses: start from the regularised
@@ -172,7 +173,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
             typ = type(default) if default is not None else float
             if f.name in ("max_shift_a", "max_minutes", "search_max_shift_px"):
                 typ = float
-            elif f.name in ("encoder_input_px", "threads"):
+            elif f.name in ("encoder_input_px", "threads", "decoder_max_images"):
                 typ = int
             group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", type=typ, default=None,
                                metavar=typ.__name__.upper(), help=f"(default {default})")

@@ -15,7 +15,8 @@
    (:func:`cryoai.reconstruction.reconstruct`) of every particle starts the decoder and writes
    the half maps (with ``--poses``, the encoder stage then learns from this map);
 3. **fit**: mini-batch gradient descent on the images (decoder, and encoder when it learns
-   the poses), until ``max_epochs``/``decoder_epochs`` or ``max_minutes``;
+   the poses), until ``max_epochs``/``decoder_epochs`` (at most ``decoder_max_images``) or
+   ``max_minutes``;
 4. **write**: the map, the checkpoint (with the pose encoder, for ``cryoai predict-poses``)
    and the poses.
 
@@ -367,8 +368,9 @@ class Trainer:
                   f"the {1 - check.amortized_fraction:.0%} the encoder is least sure of: "
                   f"{check.combined_agreement:.0%} ({check.combined_images_per_s:.0f} img/s)")
         if not use:
-            self._log(f"encoder: fewer than {MIN_AMORTIZED_FRACTION:.0%} of the particles can skip the "
-                      "global search; the other particles get it (--encoder-minutes trains it longer)")
+            self._log(f"encoder: not used (fewer than {MIN_AMORTIZED_FRACTION:.0%} of the particles can "
+                      "skip the global search as accurately, or no faster): the other particles get the "
+                      "global search (--encoder-minutes trains it longer)")
         seconds = time.perf_counter() - t0
         self.state.minutes += seconds / 60
         self.run_dir.log({"stage": "encoder", "seconds": seconds, "minutes": self.state.minutes, **fit,
@@ -463,6 +465,9 @@ class Trainer:
         steps_per_epoch = max(1, math.ceil(len(self.dataset) / self.cfg.batch_size))
         epochs = self.cfg.decoder_epochs if self.mode == "search" else self.cfg.max_epochs
         total_steps = int(math.ceil(epochs * steps_per_epoch))
+        if self.mode == "search" and self.cfg.decoder_max_images:
+            # The decoder's polish after the reconstruction of every particle: a budget flat in N.
+            total_steps = min(total_steps, int(math.ceil(self.cfg.decoder_max_images / self.cfg.batch_size)))
         bar = tqdm(total=total_steps, initial=self.state.step, desc="train", unit="step",
                    disable=self.quiet, dynamic_ncols=True)
         with _StopOnSigint() as stop_flag:
