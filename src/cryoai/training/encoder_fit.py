@@ -101,8 +101,9 @@ class EncoderCheck:
     amortized_images_per_s, global_images_per_s, combined_images_per_s : speed of each way.
     passed : whether the run uses the encoder (with the threshold): at least
         :data:`MIN_AMORTIZED_FRACTION` of the particles skip the global search at an agreement
-        within ``margin`` of the global search's, and the combination is faster than the global
-        search (the speeds add each first guess's measured time to the refinement's).
+        within ``margin`` of the global search's, and the combination is :data:`MIN_SPEEDUP` times
+        faster than the global search (the speeds add each first guess's measured time to the
+        refinement's).
     """
 
     particles: int
@@ -125,8 +126,12 @@ class EncoderCheck:
         return asdict(self)
 
 
-#: The encoder is used only if at least this share of particles can skip the global search.
+#: The encoder is used only if at least this share of particles can skip the global search ...
 MIN_AMORTIZED_FRACTION = 0.25
+#: ... and the combination poses particles at least this many times faster than the global
+#: search (on a CPU at L=64 the encoder's forward pass costs about what it saves; within the
+#: timing's noise the global search, the more accurate, is kept).
+MIN_SPEEDUP = 1.2
 
 
 def background_noise_variance(formation: ImageFormation, spectra: torch.Tensor) -> float:
@@ -327,8 +332,9 @@ def check_pose_encoder(encoder: PoseGridEncoder, formation: ImageFormation, four
         min_confidence=threshold, amortized_fraction=fraction, combined_agreement=combined,
         amortized_images_per_s=1 / amortized_s, global_images_per_s=1 / global_s,
         combined_images_per_s=1 / combined_s,
-        passed=fraction >= MIN_AMORTIZED_FRACTION and combined_s < global_s)
+        passed=fraction >= MIN_AMORTIZED_FRACTION and combined_s * MIN_SPEEDUP <= global_s)
 
 
-__all__ = ["MIN_AMORTIZED_FRACTION", "EncoderCheck", "EncoderSettings", "background_noise_variance",
-           "check_pose_encoder", "shell_gain", "soft_labels", "train_pose_encoder"]
+__all__ = ["MIN_AMORTIZED_FRACTION", "MIN_SPEEDUP", "EncoderCheck", "EncoderSettings",
+           "background_noise_variance", "check_pose_encoder", "shell_gain", "soft_labels",
+           "train_pose_encoder"]

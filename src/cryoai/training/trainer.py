@@ -67,7 +67,13 @@ from ..reconstruction.regularised import INVERTED_SKEWNESS, density_skewness
 from .config import TrainConfig
 from .decoder_fit import fit_decoder_to_fourier_volume
 from .distributed import DistInfo, any_true, broadcast_, data_parallel_loss, weighted_mean
-from .encoder_fit import MIN_AMORTIZED_FRACTION, EncoderSettings, check_pose_encoder, train_pose_encoder
+from .encoder_fit import (
+    MIN_AMORTIZED_FRACTION,
+    MIN_SPEEDUP,
+    EncoderSettings,
+    check_pose_encoder,
+    train_pose_encoder,
+)
 from .losses import pose_loss_terms
 from .poses import encoder_hypotheses, iter_poses
 from .run_dir import RunDirectory
@@ -369,8 +375,8 @@ class Trainer:
                   f"{check.combined_agreement:.0%} ({check.combined_images_per_s:.0f} img/s)")
         if not use:
             self._log(f"encoder: not used (fewer than {MIN_AMORTIZED_FRACTION:.0%} of the particles can "
-                      "skip the global search as accurately, or no faster): the other particles get the "
-                      "global search (--encoder-minutes trains it longer)")
+                      f"skip the global search as accurately, or not {MIN_SPEEDUP:g}x faster): the other "
+                      "particles get the global search (--encoder-minutes trains it longer)")
         seconds = time.perf_counter() - t0
         self.state.minutes += seconds / 60
         self.run_dir.log({"stage": "encoder", "seconds": seconds, "minutes": self.state.minutes, **fit,
