@@ -17,7 +17,7 @@ in its frame.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +25,7 @@ from ..models.encoder import PoseGridEncoder
 from ..models.image_formation import ImageFormation
 from ..physics.grids import max_paired_radius_px
 from ..physics.projection import sample_volume, slice_coords
+from ..physics.rotations import so3_grid
 from .em import SearchData, Workspace, assign_global, refine_local, score_hypotheses, shift_grid
 
 
@@ -55,10 +56,6 @@ class AssignSettings:
     refine_radius_frac: float = 0.45
     refine_start_deg: float = 14.8
     seed: int = 0
-
-    def to_dict(self) -> dict:
-        """The settings as plain values (for checkpoints and logs)."""
-        return asdict(self)
 
 
 def encoder_images(formation: ImageFormation, spectra: torch.Tensor, ctf: torch.Tensor,
@@ -118,8 +115,6 @@ class PoseAssigner:
         if encoder is not None:
             self.grid = encoder.grid.to(self.device)
         else:
-            from ..physics.rotations import so3_grid
-
             self.grid = so3_grid(settings.n_rotations, device=self.device)
         # The grid's projections in the first guess's band, made once.
         band = formation.band(self.radius_px)
@@ -153,7 +148,7 @@ class PoseAssigner:
 
     def _global(self, spectra: torch.Tensor, ctf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return assign_global(self.formation, self.volume, spectra, ctf, self.radius_px, self.grid,
-                             self.shifts, workspace=self.workspace)
+                             self.shifts, workspace=self.workspace, projections=self.grid_projections)
 
     @torch.no_grad()
     def hypotheses(self, spectra: torch.Tensor, ctf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -295,7 +295,8 @@ class ExpectationMaximisation:
 @torch.no_grad()
 def assign_global(formation: ImageFormation, fourier_volume: torch.Tensor, spectra: torch.Tensor,
                   ctf: torch.Tensor, radius_px: float, grid: torch.Tensor, shifts_px: torch.Tensor,
-                  chunk: int = 128, workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk: int = 128, workspace: Workspace | None = None,
+                  projections: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best grid rotation and shift of each image against a map (the E step's argmin).
 
     Parameters
@@ -307,13 +308,15 @@ def assign_global(formation: ImageFormation, fourier_volume: torch.Tensor, spect
     grid : (R, 3, 3) rotations tried; shifts_px : (S, 2) shifts tried, pixels.
     chunk : images scored at a time.
     workspace : buffers to reuse (e.g. the EM's).
+    projections : (R, P) the grid's slices in this band, if already made (else made here).
 
     Returns
     -------
     rotations (B, 3, 3) and shifts (B, 2) pixels.
     """
     d_all = SearchData.in_band(formation, spectra, ctf, radius_px)
-    proj = sample_volume(fourier_volume, slice_coords(grid, d_all.coords_px))
+    proj = projections if projections is not None else \
+        sample_volume(fourier_volume, slice_coords(grid, d_all.coords_px))
     workspace = workspace or Workspace()
     rots, shs = [], []
     for start in range(0, len(spectra), chunk):
