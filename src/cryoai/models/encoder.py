@@ -56,16 +56,26 @@ class GaussianFilterBank(nn.Module):
     ----------
     variances_px2 : variances of the Gaussian kernels in px^2 (the paper: 0.01 .. 100).
     kernel_size : odd kernel size (the paper: 11).
+
+    Each kernel ``g g^T / sum(g)^2`` is separable, so the filtering (a zero-padded 2-D
+    cross-correlation, as ``conv2d`` with ``padding = kernel_size // 2``) is computed as
+    ``A X A^T`` with ``A`` the banded (N, N) matrix of the 1-D kernel: two matrix products, about
+    15x faster on CPU than oneDNN's 11x11 convolution with one input channel (which took two
+    thirds of the pose encoder's forward pass at 24 px).
     """
 
     def __init__(self, variances_px2=(0.01, 0.1, 1.0, 10.0, 100.0), kernel_size: int = 11):
         super().__init__()
         r = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
-        kernels = []
+        kernels, kernels_1d = [], []
         for var in variances_px2:
             g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * var))
             kernels.append(g / g.sum())
+            g1 = torch.exp(-r ** 2 / (2 * var))
+            kernels_1d.append(g1 / g1.sum())
+        # The 2-D kernels (C, 1, K, K), kept in the state dict as before; the 1-D factors (C, K).
         self.register_buffer("weight", torch.stack(kernels)[:, None].float())
+        self.register_buffer("kernels_1d", torch.stack(kernels_1d).float(), persistent=False)
         self.padding = kernel_size // 2
 
     @property
@@ -73,19 +83,33 @@ class GaussianFilterBank(nn.Module):
         """Number of filters (output channels)."""
         return self.weight.shape[0]
 
+    def banded(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """(C, N, N) matrices ``A[c, i, m] = g_c[m - i + K // 2]`` (zero off the band)."""
+        r = self.padding
+        i = torch.arange(n, device=self.kernels_1d.device)
+        offset = i[None, :] - i[:, None] + r
+        inside = (offset >= 0) & (offset <= 2 * r)
+        return (self.kernels_1d[:, offset.clamp(0, 2 * r)] * inside).to(dtype)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, N, N) -> (B, C, N, N), each channel with zero mean and unit variance per image.
 
         The variance is the unbiased one (divisor N^2 - 1). It is computed as the norm of the
-        centred values, in the precision of the convolution's output (float32 without autocast):
+        centred values, in the precision of the filtering's output (float32 without autocast):
         two passes that vectorise, where ``Tensor.std`` runs a slower one-pass (Welford) loop.
         """
-        x = nn.functional.conv2d(images[:, None], self.weight.to(images.dtype), padding=self.padding)
-        flat = x.flatten(2)  # (B, C, N^2), a view
+        b, n, _ = images.shape
+        a = self.banded(n, images.dtype)  # (C, N, N)
+        c = a.shape[0]
+        # X A_c^T for every c at once: (B N, N) @ (N, C N) -> [b, m, c, j].
+        rows = images.reshape(b * n, n) @ a.transpose(1, 2).permute(1, 0, 2).reshape(n, c * n)
+        rows = rows.view(b, n, c, n).permute(2, 1, 0, 3).reshape(c, n, b * n)  # [c, m, (b, j)]
+        x = torch.bmm(a, rows).view(c, n, b, n).permute(2, 0, 1, 3)  # A_c X A_c^T: (B, C, N, N)
+        flat = x.reshape(b, c, n * n)
         centred = flat - flat.mean(dim=-1, keepdim=True)
         norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True, dtype=torch.float32)
         std = (norm / max(flat.shape[-1] - 1, 1) ** 0.5).clamp_min(1e-6)
-        return centred.div_(std.to(centred.dtype)).view_as(x)
+        return centred.div_(std.to(centred.dtype)).view(b, c, n, n)
 
 
 class PoseEncoder(nn.Module):

@@ -52,9 +52,33 @@ def sample_channels(volumes: torch.Tensor, coords_px: torch.Tensor) -> torch.Ten
     """
     n = volumes.shape[-1]
     lead = coords_px.shape[:-1]
-    grid = _normalise(coords_px.reshape(1, -1, 1, 1, 3).to(volumes.dtype), n)
-    out = F.grid_sample(volumes[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    grid = _normalise(coords_px.reshape(-1, 3).to(volumes.dtype), n)
+    n_points = grid.shape[0]
+    parts = _cpu_parts(volumes, n_points)
+    if parts > 1:
+        # ATen's CPU kernel for 3-D grid_sample runs its batch items in parallel but each item on
+        # one thread: the points are split into one batch item per thread, over the same
+        # volume (expanded, not copied). Padded points (at the centre) are dropped after.
+        per_part = -(-n_points // parts)
+        grid = torch.cat([grid, grid.new_zeros(per_part * parts - n_points, 3)])
+        out = F.grid_sample(volumes[None].expand(parts, *volumes.shape), grid.view(parts, per_part, 1, 1, 3),
+                            mode="bilinear", padding_mode="zeros", align_corners=True)
+        out = out.reshape(parts, volumes.shape[0], per_part).transpose(0, 1).reshape(volumes.shape[0], -1)
+        return out[:, :n_points].reshape(volumes.shape[0], *lead)
+    out = F.grid_sample(volumes[None], grid.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros",
+                        align_corners=True)
     return out.reshape(volumes.shape[0], *lead)
+
+
+# Below this many points per thread, one call on one thread is as fast as splitting.
+_MIN_POINTS_PER_THREAD = 8192
+
+
+def _cpu_parts(volumes: torch.Tensor, n_points: int) -> int:
+    """How many batch items to split ``n_points`` into for grid_sample: the threads on CPU, 1 elsewhere."""
+    if volumes.device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), n_points // _MIN_POINTS_PER_THREAD))
 
 
 def slice_coords(rotations: torch.Tensor, coords_2d: torch.Tensor) -> torch.Tensor:
