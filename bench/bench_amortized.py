@@ -26,8 +26,9 @@ from pathlib import Path
 from cryoai.cli.main import main as cli
 from cryoai.io import load_particles, write_star
 
-OLD_DEFAULT = ["--pose-encoder", "off", "--assign-refine-rounds", "8", "--assign-refine-candidates", "48",
-               "--assign-refine-radius-frac", "0.7", "--decoder-max-images", "0"]
+OLD_DEFAULT = ["--pose-encoder", "off", "--assign-refine-method", "random", "--assign-refine-rounds", "8",
+               "--assign-refine-candidates", "48", "--assign-refine-radius-frac", "0.7",
+               "--decoder-max-images", "0"]
 
 
 def simulate(out: Path, n: int, snr_db: float | None, seed: int) -> Path:

@@ -390,6 +390,52 @@ def test_refine_local_keeps_true_pose_and_never_worsens():
     assert float(geodesic_distance(r1, rot).max()) < float(geodesic_distance(r0, rot).min())
 
 
+def test_refine_newton_keeps_true_pose_and_converges_from_a_few_degrees():
+    """Newton rounds on the quadratic model: the true pose stays (it scores best of the stencil
+    and the model's minimum is on it), the error never increases (brute-force error), and from
+    poses 4 deg and 0.6 px off, three rounds with halving steps come back to under 0.5 deg and
+    0.1 px on noise-free images, closer than as many rounds of 32 random candidates."""
+    n, radius = 24, 9.0
+    gen = torch.Generator().manual_seed(7)
+    formation = ImageFormation(n, 4.0)
+    fvol = _smooth_fourier_volume(n, 3)
+    b = 8
+    rot = random_rotations(b, generator=gen)
+    shifts = torch.randn(b, 2, generator=gen) * 2
+    ctf = _ctf(formation.freqs_a, 10000 + 10000 * torch.rand(b, generator=gen))
+    y = _render(formation, fvol, rot, shifts, ctf)
+
+    r_out, s_out = em.refine_newton(formation, fvol, y, ctf, rot, shifts, radius,
+                                    step_rad=math.radians(2.0), shift_step_px=0.5)
+    assert float(geodesic_distance(r_out, rot).max()) < math.radians(0.05)
+    assert float((s_out - shifts).norm(dim=-1).max()) < 0.01
+
+    axis = torch.nn.functional.normalize(torch.randn(b, 3, generator=gen), dim=-1)
+    from cryoai.physics.rotations import axis_angle_to_matrix
+    r0 = rot @ axis_angle_to_matrix(axis * math.radians(4.0))
+    direction = torch.nn.functional.normalize(torch.randn(b, 2, generator=gen), dim=-1)
+    s0 = shifts + 0.6 * direction
+    err = _brute_force_error(formation, fvol, y, ctf, r0, s0, radius)
+    r1, s1 = r0, s0
+    rr, sr = r0, s0
+    step, shift_step = math.radians(3.5), 0.5
+    for k in range(3):
+        r1, s1 = em.refine_newton(formation, fvol, y, ctf, r1, s1, radius, step_rad=step,
+                                  shift_step_px=shift_step)
+        err1 = _brute_force_error(formation, fvol, y, ctf, r1, s1, radius)
+        assert (err1 <= err * (1 + 1e-5)).all(), (err, err1)
+        err = err1
+        rr, sr = em.refine_local(formation, fvol, y, ctf, rr, sr, radius, max_angle_rad=2 * step,
+                                 n_candidates=32, shift_step_px=shift_step,
+                                 generator=torch.Generator().manual_seed(k))
+        step, shift_step = step / 2, shift_step / 2
+    newton_deg = torch.rad2deg(geodesic_distance(r1, rot))
+    random_deg = torch.rad2deg(geodesic_distance(rr, rot))
+    assert float(newton_deg.max()) < 0.5, newton_deg
+    assert float((s1 - shifts).norm(dim=-1).max()) < 0.1
+    assert float(newton_deg.median()) < float(random_deg.median()), (newton_deg, random_deg)
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. shift grid and global assignment
 

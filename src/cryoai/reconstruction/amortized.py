@@ -9,9 +9,11 @@ Two ways to the first guess of each particle's pose, then the same polish:
 - **global**: every rotation of the grid times every shift of the shift grid is scored (the
   search's assignment, :func:`cryoai.reconstruction.em.assign_global`);
 
-then local refinement rounds (a shrinking angular range, a finer shift grid and a widening
-band: :func:`cryoai.reconstruction.em.refine_local`). The map never changes, so the poses are
-in its frame.
+then local refinement rounds with halving steps and a widening band: Newton steps on a
+quadratic model of each particle's error (:func:`cryoai.reconstruction.em.refine_newton`, the
+default), or the best of random candidates in a shrinking range
+(:func:`cryoai.reconstruction.em.refine_local`). The map never changes, so the poses are in its
+frame.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from ..models.image_formation import ImageFormation
 from ..physics.grids import max_paired_radius_px
 from ..physics.projection import sample_volume, slice_coords
 from ..physics.rotations import so3_grid
-from .em import SearchData, Workspace, assign_global, refine_local, score_hypotheses, shift_grid
+from .em import (
+    SearchData,
+    Workspace,
+    assign_global,
+    refine_local,
+    refine_newton,
+    score_hypotheses,
+    shift_grid,
+)
 
 
 @dataclass
@@ -39,10 +49,14 @@ class AssignSettings:
     max_shift_px, shift_step_px : the shift grid of the first guess (a disk), pixels.
     n_rotations : the SO(3) grid of the global first guess.
     hypotheses : the encoder's rotations scored per particle (K).
+    refine_method : ``"newton"`` (:func:`cryoai.reconstruction.em.refine_newton`: steps of half
+        ``refine_start_deg`` and half ``shift_step_px``, halved each round) or ``"random"``
+        (:func:`cryoai.reconstruction.em.refine_local`: ``refine_candidates`` rotations within
+        ``refine_start_deg``, x0.55 per round).
     refine_rounds : local refinement rounds after the first guess.
-    refine_candidates : local rotations tried per particle and round.
+    refine_candidates : local rotations tried per particle and round (``"random"``).
     refine_radius_frac : final refinement band, fraction of the largest paired radius.
-    refine_start_deg : angular range of the first round (then x0.55 per round), degrees.
+    refine_start_deg : the first guess's angular spacing (the SO(3) grid's), degrees.
     seed : the local perturbations' generator.
     """
 
@@ -51,6 +65,7 @@ class AssignSettings:
     shift_step_px: float = 2.0
     n_rotations: int = 4608
     hypotheses: int = 32
+    refine_method: str = "newton"
     refine_rounds: int = 4
     refine_candidates: int = 16
     refine_radius_frac: float = 0.45
@@ -164,16 +179,23 @@ class PoseAssigner:
         """The local refinement rounds from ``rotations`` (B, 3, 3) and ``shifts_px`` (B, 2)."""
         st = self.settings
         r_end = max(self.radius_px, min(st.refine_radius_frac * self.r_max, self.r_max))
-        angle = math.radians(st.refine_start_deg)
+        newton = st.refine_method == "newton"
+        angle = math.radians(st.refine_start_deg) / (2 if newton else 1)
         shift_step = st.shift_step_px / 2
         for k in range(st.refine_rounds):
             r = self.radius_px + (r_end - self.radius_px) * (k + 1) / st.refine_rounds
-            rotations, shifts_px = refine_local(
-                self.formation, self.volume, spectra, ctf, rotations, shifts_px, r, max_angle_rad=angle,
-                n_candidates=st.refine_candidates, shift_step_px=shift_step, generator=self.generator,
-                chunk=128)
-            angle = max(angle * 0.55, math.radians(0.5))
-            shift_step = max(shift_step * 0.7, 0.1)
+            if newton:
+                rotations, shifts_px = refine_newton(
+                    self.formation, self.volume, spectra, ctf, rotations, shifts_px, r, step_rad=angle,
+                    shift_step_px=shift_step)
+                angle, shift_step = angle / 2, shift_step / 2
+            else:
+                rotations, shifts_px = refine_local(
+                    self.formation, self.volume, spectra, ctf, rotations, shifts_px, r, max_angle_rad=angle,
+                    n_candidates=st.refine_candidates, shift_step_px=shift_step, generator=self.generator,
+                    chunk=128)
+                angle = max(angle * 0.55, math.radians(0.5))
+                shift_step = max(shift_step * 0.7, 0.1)
         return rotations, shifts_px
 
     def assign(self, spectra: torch.Tensor, ctf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,8 +53,9 @@ class TrainConfig:
     pose_encoder: str = "auto"
     encoder_minutes: float = 2.0  # training budget of the pose encoder
     encoder_hypotheses: int = 32  # encoder rotations scored per particle
+    assign_refine_method: str = "newton"  # 'newton' (quadratic model) or 'random' (best of candidates)
     assign_refine_rounds: int = 4  # local refinement rounds of the particles posed against the map
-    assign_refine_candidates: int = 16  # local rotations tried per particle and round
+    assign_refine_candidates: int = 16  # local rotations tried per particle and round ('random')
     assign_refine_radius_frac: float = 0.45  # their final band, fraction of Nyquist
     decoder_epochs: float = 2.0  # epochs of decoder training after the search
     decoder_max_images: int | None = 20000  # ... but at most this many images (cost flat in N)
@@ -110,6 +111,9 @@ class TrainConfig:
         if self.encoder_minutes < 0 or self.encoder_hypotheses < 1:
             raise InputError(f"encoder_minutes must be >= 0 and encoder_hypotheses >= 1 (got "
                              f"{self.encoder_minutes}, {self.encoder_hypotheses})")
+        if self.assign_refine_method not in ("newton", "random"):
+            raise InputError("assign_refine_method must be 'newton' or 'random' "
+                             f"(got {self.assign_refine_method!r})")
         if self.encoder_heads < 1:
             raise InputError(f"encoder_heads must be at least 1 (got {self.encoder_heads})")
 

@@ -172,7 +172,7 @@ def search_settings(cfg: TrainConfig, box_px: int) -> SearchSettings:
 def assignment_settings(cfg: TrainConfig, box_px: int) -> AssignSettings:
     """How particles are posed against a run's map (the assignment stage, predict-poses)."""
     return assign_settings(search_settings(cfg, box_px), rounds=cfg.assign_refine_rounds,
-                           candidates=cfg.assign_refine_candidates,
+                           candidates=cfg.assign_refine_candidates, method=cfg.assign_refine_method,
                            radius_frac=cfg.assign_refine_radius_frac, hypotheses=cfg.encoder_hypotheses)
 
 
