@@ -390,6 +390,17 @@ def test_refine_local_keeps_true_pose_and_never_worsens():
     assert float(geodesic_distance(r1, rot).max()) < float(geodesic_distance(r0, rot).min())
 
 
+def test_argmin_rows_is_the_flat_argmin_with_ties():
+    gen = torch.Generator().manual_seed(3)
+    errors = torch.randn(40, 7, 300, generator=gen)
+    errors[:5] = errors[:5].round()  # many ties: the first in (shift, rotation) order wins
+    errors[5] = 1.0
+    errors[6, 3, 10] = errors[6, 2, 20] = -10.0
+    expected = errors.view(40, -1).argmin(dim=-1)
+    torch.testing.assert_close(em.argmin_rows(errors), expected)
+    assert int(em.argmin_rows(errors)[6]) == 2 * 300 + 20
+
+
 def test_refine_newton_keeps_true_pose_and_converges_from_a_few_degrees():
     """Newton rounds on the quadratic model: the true pose stays (it scores best of the stencil
     and the model's minimum is on it), the error never increases (brute-force error), and from

@@ -436,6 +436,8 @@ class StackWriter:
     n_images : number of images n.
     box : image size N (even).
     pixel_size_a : Angstrom per pixel (> 0).
+    float16 : store half-precision values (MRC mode 12, as RELION writes by default); values
+        beyond float16's range (65504) are refused.
 
     Examples
     --------
@@ -444,7 +446,8 @@ class StackWriter:
     ...         w.write(start, make_images(start, 100))  # (100, 64, 64)
     """
 
-    def __init__(self, path: str | os.PathLike, n_images: int, box: int, pixel_size_a: float):
+    def __init__(self, path: str | os.PathLike, n_images: int, box: int, pixel_size_a: float, *,
+                 float16: bool = False):
         if n_images < 1:
             raise ValueError(f"n_images must be >= 1, got {n_images}")
         if box < 2 or box % 2:
@@ -461,7 +464,7 @@ class StackWriter:
         tmp = self._ctx.__enter__()
         try:
             self._mrc = mrcfile.new_mmap(tmp, shape=(self.n_images, self.box, self.box),
-                                         mrc_mode=2, overwrite=True)
+                                         mrc_mode=12 if float16 else 2, overwrite=True)
             self._mrc.set_image_stack()
             self._mrc.voxel_size = self.pixel_size_a
         except BaseException as exc:
@@ -499,6 +502,10 @@ class StackWriter:
             raise ValueError(f"{self.path}: refusing to write NaN or infinite pixel values")
         if k == 0:
             return
+        if self._mrc.data.dtype == np.float16:
+            if np.abs(imgs).max() > np.finfo(np.float16).max:
+                raise ValueError(f"{self.path}: pixel values beyond float16's range (65504)")
+            imgs = imgs.astype(np.float16)
         self._mrc.data[start:start + k] = imgs
         self._written[start:start + k] = True
         self._bytes_since_remap += imgs.nbytes

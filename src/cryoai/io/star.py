@@ -755,7 +755,8 @@ def _loop_header(name: str, labels: list[str]) -> str:
 
 def write_star(path: str | os.PathLike, table: ParticleTable, *,
                poses: Poses | Iterable[tuple[np.ndarray, np.ndarray | None]] | None = None,
-               chunk_rows: int = WRITE_CHUNK_ROWS) -> None:
+               chunk_rows: int = WRITE_CHUNK_ROWS,
+               extra_columns: dict[str, np.ndarray] | None = None) -> None:
     """Write ``table`` as a RELION 3.1 particle STAR file (atomically, streaming).
 
     Parameters
@@ -767,6 +768,8 @@ def write_star(path: str | os.PathLike, table: ParticleTable, *,
         ``len(table)`` rows in all (so that the poses of a million particles need not be held at
         once), written instead of the table's own poses.
     chunk_rows : rows formatted at a time.
+    extra_columns : further particle columns, label -> (N,) values written as text (e.g. a
+        simulation's ``rlnMicrographName``); they replace a carried column of the same label.
 
     Notes
     -----
@@ -806,9 +809,14 @@ def write_star(path: str | os.PathLike, table: ParticleTable, *,
     written += list(ANGLE_LABELS) if with_poses else []
     written += list(ORIGIN_ANGST_LABELS) if with_shifts else []
     dropped = set(OPTICS_LEVEL_LABELS) | set(ORIGIN_PX_LABELS) | set(_WRITTEN_LABELS)
-    carried = [label for label in src_labels if label not in dropped]
+    extra_columns = {label: np.asarray(values) for label, values in (extra_columns or {}).items()}
+    for label, values in extra_columns.items():
+        if values.shape != (n,):
+            raise ValueError(f"extra column {label}: {values.shape} values for {n} particles")
+    carried = [label for label in src_labels if label not in dropped and label not in extra_columns]
     labels = [label for label in src_labels if label in carried or label in written]
     labels += [label for label in written if label not in labels]
+    labels += [label for label in extra_columns if label not in labels]
 
     relative = paths_relative_to(table.stack_files, out.parent)
     pose_chunks = _PoseChunks(poses) if poses is not None else None
@@ -864,6 +872,8 @@ def write_star(path: str | os.PathLike, table: ParticleTable, *,
                     raise InputError(f"{source[0]}: changed while being read")
                 for label in carried:
                     cols[label] = _quoted(carried_rows[label].to_numpy())
+            for label, values in extra_columns.items():
+                cols[label] = _quoted(values[sl].astype(str))
             f.write(_rows_text([list(np.asarray(cols[label]).tolist()) if not isinstance(cols[label], list)
                                 else cols[label] for label in labels]))
         if pose_chunks is not None:

@@ -13,11 +13,6 @@ from .fft import crop_center_2d, fft3_c, ifft2_c, pad_volume
 from .grids import grid_2d, grid_3d
 
 
-def _normalise(coords_px: torch.Tensor, n: int) -> torch.Tensor:
-    """Centred coordinates (pixels) -> grid_sample's [-1, 1] with align_corners=True."""
-    return (coords_px + n // 2) * (2.0 / (n - 1)) - 1.0
-
-
 def sample_volume(volume: torch.Tensor, coords_px: torch.Tensor) -> torch.Tensor:
     """Trilinear interpolation of a (real or complex) volume at arbitrary points.
 
@@ -52,22 +47,29 @@ def sample_channels(volumes: torch.Tensor, coords_px: torch.Tensor) -> torch.Ten
     """
     n = volumes.shape[-1]
     lead = coords_px.shape[:-1]
-    grid = _normalise(coords_px.reshape(-1, 3).to(volumes.dtype), n)
-    n_points = grid.shape[0]
+    flat = coords_px.reshape(-1, 3)
+    n_points = flat.shape[0]
+    # ATen's CPU kernel for 3-D grid_sample runs its batch items in parallel but each item on
+    # one thread: on CPU the points are split into one batch item per thread, over the same
+    # volume (expanded, not copied); the last item is padded with points at the centre, dropped.
     parts = _cpu_parts(volumes, n_points)
+    per_part = -(-n_points // parts)
+    scale = 2.0 / (n - 1)  # centred pixels -> grid_sample's [-1, 1] (align_corners=True)
+    offset = n // 2 * scale - 1.0
+    if flat.requires_grad and torch.is_grad_enabled():  # (e.g. poses learned through the slices)
+        grid = flat.to(volumes.dtype) * scale + offset
+        grid = torch.cat([grid, grid.new_zeros(parts * per_part - n_points, 3)])
+    else:  # one pass, into the padded buffer
+        grid = torch.empty(parts * per_part, 3, dtype=volumes.dtype, device=volumes.device)
+        torch.add(torch.tensor(offset, dtype=volumes.dtype, device=volumes.device), flat, alpha=scale,
+                  out=grid[:n_points])
+        grid[n_points:] = 0.0
+    out = F.grid_sample(volumes[None].expand(parts, *volumes.shape), grid.view(parts, per_part, 1, 1, 3),
+                        mode="bilinear", padding_mode="zeros", align_corners=True)
+    c = volumes.shape[0]
     if parts > 1:
-        # ATen's CPU kernel for 3-D grid_sample runs its batch items in parallel but each item on
-        # one thread: the points are split into one batch item per thread, over the same
-        # volume (expanded, not copied). Padded points (at the centre) are dropped after.
-        per_part = -(-n_points // parts)
-        grid = torch.cat([grid, grid.new_zeros(per_part * parts - n_points, 3)])
-        out = F.grid_sample(volumes[None].expand(parts, *volumes.shape), grid.view(parts, per_part, 1, 1, 3),
-                            mode="bilinear", padding_mode="zeros", align_corners=True)
-        out = out.reshape(parts, volumes.shape[0], per_part).transpose(0, 1).reshape(volumes.shape[0], -1)
-        return out[:, :n_points].reshape(volumes.shape[0], *lead)
-    out = F.grid_sample(volumes[None], grid.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros",
-                        align_corners=True)
-    return out.reshape(volumes.shape[0], *lead)
+        out = out.reshape(parts, c, per_part).transpose(0, 1).reshape(c, -1)[:, :n_points]
+    return out.reshape(c, *lead)
 
 
 # Below this many points per thread, one call on one thread is as fast as splitting.
@@ -95,7 +97,8 @@ def slice_coords(rotations: torch.Tensor, coords_2d: torch.Tensor) -> torch.Tens
     """
     flat = coords_2d.reshape(-1, 2).to(rotations.dtype)
     # R @ (kx, ky, 0) = kx * R[:, :, 0] + ky * R[:, :, 1]
-    pts = flat[None, :, 0:1] * rotations[:, None, :, 0] + flat[None, :, 1:2] * rotations[:, None, :, 1]
+    pts = torch.addcmul(flat[None, :, 0:1] * rotations[:, None, :, 0], flat[None, :, 1:2],
+                        rotations[:, None, :, 1])
     return pts.reshape(rotations.shape[0], *coords_2d.shape[:-1], 3)
 
 

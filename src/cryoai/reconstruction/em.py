@@ -332,14 +332,27 @@ def assign_global(formation: ImageFormation, fourier_volume: torch.Tensor, spect
         d = d_all.rows(start, start + chunk)
         buf = workspace.get("scores", (chunk * len(shifts_px) * len(grid),), dtype=proj.real.dtype,
                             device=spectra.device)
-        err = score_grid(d, proj, shifts_px, out=buf).view(len(d.spectra), -1)
-        arg = err.argmin(dim=-1)
+        arg = argmin_rows(score_grid(d, proj, shifts_px, out=buf))
         rots.append(grid[arg % len(grid)])
         shs.append(shifts_px[arg // len(grid)])
     return torch.cat(rots), torch.cat(shs)
 
 
-def score_hypotheses(data: SearchData, projections: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+def argmin_rows(errors: torch.Tensor) -> torch.Tensor:
+    """The flat index ``s * R + r`` of each image's smallest error in ``errors`` (B, S, R), as
+    ``errors.view(B, -1).argmin(-1)`` (the first of equal ones), in two stages: the minimum of
+    each (image, shift) row, then the argmin within the best row. ``amin`` vectorises on CPU
+    where ``argmin`` over 200,000 values per image runs about 10x slower (a quarter of the
+    global search's time).
+    """
+    b, s, r = errors.shape
+    best_shift = errors.amin(dim=-1).argmin(dim=-1)  # (B,)
+    rows = errors[torch.arange(b, device=errors.device), best_shift]  # (B, R)
+    return best_shift * r + rows.argmin(dim=-1)
+
+
+def score_hypotheses(data: SearchData, projections: torch.Tensor, shifts_px: torch.Tensor, *,
+                     centre_px: torch.Tensor | None = None) -> torch.Tensor:
     """Ranking errors (B, S, K) of each image against its own K projections at its own S shifts:
     ``||Y - C T_s P_k||^2`` less the image's ``||Y||^2`` (which does not change the ranking), a
     batched matrix product with no (B, S, K, P) prediction made.
@@ -349,18 +362,24 @@ def score_hypotheses(data: SearchData, projections: torch.Tensor, shifts_px: tor
     data : B images on P frequencies.
     projections : (B, K, P) complex.
     shifts_px : (S, 2) shifts shared by every image, or (B, S, 2) per image, pixels.
+    centre_px : optional (B, 2): the shifts are then ``centre_px + shifts_px`` ((S, 2) offsets),
+        and the phases factorise into one per image and one per offset (no (B, S, P) of them).
     """
     y, c, w = data.spectra, data.ctf, data.weight
     b, p = y.shape
-    if shifts_px.dim() == 2:
+    ycw = y * c * w
+    if centre_px is not None:
+        ycw = ycw * phase_shift(data.freqs_px, centre_px).conj()  # (B, P)
+        ph = phase_shift(data.freqs_px, shifts_px)[None]  # (1, S, P)
+    elif shifts_px.dim() == 2:
         ph = phase_shift(data.freqs_px, shifts_px)[None]  # (1, S, P)
     else:
         ph = phase_shift(data.freqs_px, shifts_px.reshape(-1, 2)).reshape(b, -1, p)  # (B, S, P)
-    z = (y * c * w)[:, None, :] * ph.conj()  # (B, S, P): see score_grid
+    z = ycw[:, None, :] * ph.conj()  # (B, S, P): see score_grid
     s, k = z.shape[1], projections.shape[1]
     pairs = torch.view_as_real(projections.resolve_conj().contiguous()).reshape(b, k, 2 * p)
     cross = torch.bmm(torch.view_as_real(z).reshape(b, s, 2 * p), pairs.transpose(1, 2))  # (B, S, K)
-    norm = (_power(projections) * (c * c * w)[:, None, :]).sum(-1)[:, None, :]  # (B, 1, K)
+    norm = torch.bmm(_power(projections), (c * c * w)[:, :, None]).transpose(1, 2)  # (B, 1, K)
     return cross.mul_(-2).add_(norm)
 
 
@@ -400,7 +419,7 @@ def refine_local(formation: ImageFormation, fourier_volume: torch.Tensor, spectr
         proj = sample_volume(fourier_volume, slice_coords(cand.reshape(-1, 3, 3), d.coords_px))
         proj = proj.reshape(b, n_candidates, p)  # (B, K, P)
         sh = s0[:, None, :] + local_shift[None]  # (B, S, 2)
-        err = score_hypotheses(d, proj, sh).reshape(b, -1)
+        err = score_hypotheses(d, proj, local_shift, centre_px=s0).reshape(b, -1)
         arg = err.argmin(dim=-1)
         k = arg % n_candidates
         si = arg // n_candidates
@@ -491,7 +510,7 @@ def refine_newton(formation: ImageFormation, fourier_volume: torch.Tensor, spect
         proj = sample_volume(fourier_volume, slice_coords(cand.reshape(-1, 3, 3), d.coords_px))
         proj = proj.reshape(b, k, p)
         sh = s0[:, None, :] + offsets[None]  # (B, 9, 2)
-        err = score_hypotheses(d, proj, sh).reshape(b, -1)  # (B, 90), (shift, rotation) order
+        err = score_hypotheses(d, proj, offsets, centre_px=s0).reshape(b, -1)  # (B, 90): (shift, rotation)
         theta = err.float() @ solver.T  # (B, 21): constant, gradient (5), quadratic terms (15)
         hessian = torch.zeros(b, 5, 5, device=device, dtype=theta.dtype)
         hessian[:, rows_i, rows_j] = theta[:, 6:]

@@ -8,7 +8,7 @@ space. The SNR is the variance of the noise-free images over the variance of the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from ..physics.grids import frequency_grid_2d
 from ..physics.projection import extract_central_slices
 from ..physics.rotations import random_rotations
 from ..physics.shifts import phase_shift
+from .realism import RealismConfig
 
 
 @dataclass
@@ -44,6 +45,13 @@ class SimulationConfig:
     stack_size: int = 100_000  # images per .mrcs file
     oversample: int = 2  # zero-padding factor of the projector
     snr_pilot_size: int = 512  # noise-free images used to measure the signal variance
+    realism: RealismConfig | None = field(default=None)  # the realism layer (None: ideal particles)
+
+    def to_dict(self) -> dict:
+        """The parameters as plain values (JSON)."""
+        out = dict(self.__dict__)
+        out["realism"] = None if self.realism is None else self.realism.to_dict()
+        return out
 
 
 # Random streams. Every random number is tied to a particle index (never to a chunk), so the
@@ -164,8 +172,14 @@ def simulate_dataset(
     Returns
     -------
     dict with ``star_path``, ``signal_variance``, ``noise_sigma`` and ``snr_db_measured``
-    (measured on the images written, from the noise actually drawn).
+    (measured on the images written, from the noise actually drawn). With ``cfg.realism``, the
+    realism layer's simulation and its report
+    (:func:`cryoai.simulate.realistic.simulate_realistic`).
     """
+    if cfg.realism is not None:
+        from .realistic import simulate_realistic
+
+        return simulate_realistic(volume, pixel_size_a, outdir, cfg, device=device, progress=progress)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     n = volume.shape[-1]
