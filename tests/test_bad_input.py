@@ -212,6 +212,19 @@ def c_nan_pixels(case):
     return _train(case), ["particles_000.mrcs", "NaN"]
 
 
+def c_nan_pixels_float16(case):
+    # RELION writes float16 stacks (MRC mode 12): a NaN there is refused the same way.
+    def poke(d):
+        d[4, 6, 7] = np.nan
+    with mrcfile.open(_stack(case), mode="r+", permissive=True) as m, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        data = np.array(m.data).astype(np.float16)
+        poke(data)
+        m.set_data(data)
+        assert int(m.header.mode) == 12
+    return _train(case), ["particles_000.mrcs", "NaN"]
+
+
 def c_inf_pixels(case):
     def poke(d):
         d[7, 10, 11] = np.inf

@@ -232,6 +232,30 @@ def test_inverted_contrast_is_said(sim, tmp_path, capsys):
     assert rec["contrast_inverted"] and rec["map_density_skewness"] < -0.5
 
 
+def test_inverted_contrast_is_handled_by_the_search(sim, tmp_path, capsys):
+    """In the default run, dark-protein images (here: white ones read with --invert-contrast)
+    make the search's map negative: the run says so naming the file, goes on with the images
+    inverted, and hands over a positive map, with the flag that reads the data right recorded
+    for predict-poses."""
+    out = tmp_path / "dark"
+    rc = cryoai_main(["train", str(sim / "particles.star"), "--outdir", str(out), "--max-epochs", "0.1",
+                      "--invert-contrast", *FAST])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "contrast looks inverted" in err and "particles.star" in err
+    assert "goes on as without --invert-contrast" in err
+    rec = _stage_record(out, "reconstruction")
+    assert not rec["contrast_inverted"] and rec["map_density_skewness"] > 0.5
+    assert "invert_contrast: false" in (out / "config.yaml").read_text()
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["invert_contrast"] is False
+    # The map and poses are right (aligned to the truth: an ab initio map has its own frame).
+    assert cryoai_main(["evaluate", "--map", str(out / "volume.mrc"),
+                        "--gt-map", str(sim / "ground_truth.mrc"), "--poses", str(out / "poses.star"),
+                        "--gt-poses", str(sim / "particles.star"), "--outdir", str(out / "eval")]) == 0
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["resolution_px_0.5"] <= 4.0 and metrics["rotation_error_deg_median"] < 10
+
+
 @pytest.mark.parametrize("wiener,bar_px", [(True, 2.5), (False, 3.0)])
 def test_fixed_poses_fouriernet_reconstruction(sim, tmp_path, wiener, bar_px):
     """FourierNet with known poses: started from the regularised reconstruction (fitted by

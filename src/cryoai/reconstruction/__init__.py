@@ -9,8 +9,9 @@ The default ab initio path of ``cryoai train`` reads, as a sequence:
 
 - :mod:`.em`: scores of images against a map on a rotation x shift grid, the stochastic EM,
   global assignment and local refinement;
-- :mod:`.pose_search`: the search stage built from them (:func:`search_subset`, then
-  :func:`assign_remaining` for the other particles; :func:`search_poses` both), and the
+- :mod:`.pose_search`: the search stage built from them (:func:`search_subset`, the subset
+  posed afresh by :func:`repose_subset`, then :func:`assign_remaining` for the other particles;
+  :func:`search_poses` all three), and the
   assignment of particles against a given map (:func:`assign_poses`: new particles, a run's map);
 - :mod:`.amortized`: posing particles against a fixed map at a constant cost each: the
   encoder's hypotheses (or the whole grid), then local refinement (:class:`PoseAssigner`);
@@ -27,6 +28,7 @@ from .pose_search import (
     assign_poses,
     assign_remaining,
     assign_settings,
+    repose_subset,
     search_poses,
     search_subset,
 )
@@ -35,4 +37,4 @@ from .spectra import ParticleSpectra
 
 __all__ = ["AssignSettings", "ParticleSpectra", "PoseAssigner", "Reconstruction", "SearchSettings",
            "SubsetSearch", "assign_poses", "assign_remaining", "assign_settings", "backproject",
-           "reconstruct", "search_poses", "search_subset"]
+           "reconstruct", "repose_subset", "search_poses", "search_subset"]

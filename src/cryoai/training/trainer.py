@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,7 @@ from ..reconstruction import (
     assign_remaining,
     assign_settings,
     reconstruct,
+    repose_subset,
     search_subset,
 )
 from ..reconstruction.regularised import INVERTED_SKEWNESS, density_skewness
@@ -324,10 +325,39 @@ class Trainer:
             time.perf_counter() + (self.cfg.max_minutes - self.state.minutes) * 60
         found = search_subset(self._spectra(), search_settings(self.cfg, self.box), log=self._log,
                               deadline=deadline)
-        self.state.minutes += found.seconds / 60
-        self.run_dir.log({"stage": "search", "minutes": self.state.minutes, "search_seconds": found.seconds,
+        found = self._handle_inverted_contrast(found)
+        # The subset posed afresh against the search's final map (pose_search.repose_subset).
+        t0 = time.perf_counter()
+        found = repose_subset(found, PoseAssigner(self.model.formation, found.fourier_volume,
+                                                  assignment_settings(self.cfg, self.box)))
+        repose_seconds = time.perf_counter() - t0
+        self.state.minutes += (found.seconds + repose_seconds) / 60
+        self.run_dir.log({"stage": "search", "minutes": self.state.minutes,
+                          "search_seconds": found.seconds + repose_seconds, "repose_seconds": repose_seconds,
                           "subset": len(found.subset), "time_limit_reached": found.time_limit_reached})
         return found
+
+    def _handle_inverted_contrast(self, found):
+        """Data of the other contrast sign (protein dark) make the search's map negative: say so,
+        and go on with the images inverted. The search's poses stay right (the error of the
+        negated images against the negated map is the same), so only the signs change: the
+        map's, the subset's spectra's and the data set's (``invert_contrast`` in config.yaml and
+        the checkpoint, so that predict-poses reads the data the same way).
+        """
+        mask_px = map_mask_radius_px(self.box, self.cfg.mask_radius_frac)
+        skewness = density_skewness(ifft3_c(found.fourier_volume).real, mask_px)
+        if skewness >= INVERTED_SKEWNESS:
+            return found
+        self.cfg.invert_contrast = not self.cfg.invert_contrast
+        self.dataset.sign = -self.dataset.sign
+        flag = "with" if self.cfg.invert_contrast else "without"
+        self.warnings.append(f"{self.table.source_path or 'the particles'}: the images' contrast looks "
+                             f"inverted (protein dark: the search's map has density skewness "
+                             f"{skewness:.2f}); the run goes on as {flag} --invert-contrast")
+        if self.is_main:
+            print(f"warning: {self.warnings[-1]}", file=sys.stderr)
+        self.run_dir.write_config(self.cfg)
+        return replace(found, fourier_volume=-found.fourier_volume, spectra=-found.spectra)
 
     def learn_pose_encoder(self, fourier_volume: torch.Tensor, spectra: torch.Tensor, ctf: torch.Tensor,
                            rotations: torch.Tensor, shifts_px: torch.Tensor) -> bool:

@@ -1,0 +1,135 @@
+"""Today's default on realistic sets: the baseline the robustness issue must move.
+
+For each recipe of ``cryoai simulate --recipe`` (docs/simulation.md) and, for the hostile one,
+each nuisance alone, it simulates a set from the embedded 70S map, runs the default
+``cryoai train`` on it, and measures on the *real* particles only (``truth.csv``):
+
+- the median rotation error of their poses (after global alignment to the truth);
+- the resolution of the map reconstructed from them at the run's poses (FSC against the truth,
+  FSC=0.5 and 0.143), and of the map from their true poses (the known-pose reference);
+- the time of the run.
+
+Example (the table in docs/simulation.md; about 45 minutes on 2 cores):
+  python bench/bench_realistic.py --outdir /tmp/bench-realistic
+  python bench/bench_realistic.py --outdir /tmp/bench-realistic --only hostile-junk hostile-views
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryoai.cli.main import main as cli
+from cryoai.data.dataset import ParticleDataset
+from cryoai.io import load_particles, write_star, write_volume
+from cryoai.models.image_formation import ImageFormation
+from cryoai.physics.fft import ifft3_c
+from cryoai.physics.masks import map_mask_radius_px
+from cryoai.physics.poses import Poses
+from cryoai.reconstruction import ParticleSpectra, reconstruct
+
+#: name -> (particles, simulate flags). The CI-sized subsets of the evidence file's recipes
+#: (12,000 / 40,000 / 12,000 picked in full), and the hostile recipe with one nuisance at a time.
+HOSTILE_OFF = ["--junk-fraction", "0", "--views", "uniform", "--shift-sigma-a", "3", "--shift-tail-fraction",
+               "0", "--no-micrographs", "--structural-snr", "1e12", "--noise-colour", "0"]
+#: The membrane recipe's map: the shared TRPV1 channel (48 px, 4.88 A) where ../shared is present.
+SHARED_MAPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "maps"
+TRPV1 = SHARED_MAPS / "cryojax_trpv1_volume_48px_4.88A.mrc"
+CASES = {
+    "large-complex": (3000, ["--recipe", "large-complex", "--pixel-size", "6"]),
+    "membrane": (8000, ["--recipe", "membrane", *(["--map", str(TRPV1)] if TRPV1.exists() else [])]),
+    "hostile": (3000, ["--recipe", "hostile", "--pixel-size", "6"]),
+    "hostile-none": (3000, ["--recipe", "hostile", "--pixel-size", "6", *HOSTILE_OFF]),
+}
+for _name, _flags in {"junk": ["--junk-fraction", "0.5"], "views": ["--views", "top_cone"],
+                      "shifts": ["--shift-sigma-a", "20", "--shift-tail-fraction", "0.1"],
+                      "micrographs": ["--micrographs"],
+                      "noise": ["--structural-snr", "0.7", "--noise-colour", "0.5"]}.items():
+    CASES[f"hostile-{_name}"] = (3000, ["--recipe", "hostile", "--pixel-size", "6", *HOSTILE_OFF, *_flags])
+
+
+def simulate(out: Path, n: int, flags: list[str], seed: int) -> dict:
+    if not (out / "particles.star").exists():
+        assert cli(["simulate", "--n", str(n), *flags, "--seed", str(seed), "--outdir", str(out),
+                    "--quiet", "--force"]) == 0
+    return json.loads((out / "simulation.json").read_text())
+
+
+def real_particle_map(table, rotations: np.ndarray, shifts_a: np.ndarray, path: Path) -> Path:
+    """The regularised reconstruction of ``table``'s particles at the given poses, written."""
+    box = table.box_px
+    formation = ImageFormation(box, float(table.pixel_size_a[0]))
+    particles = ParticleSpectra(ParticleDataset(table), formation, torch.device("cpu"))
+    rec = reconstruct(particles, Poses.from_arrays(rotations, shifts_a),
+                      mask_radius_px=map_mask_radius_px(box, 0.9))
+    volume = (ifft3_c(rec.fourier_volume).real * box).float().numpy()
+    write_volume(path, volume, float(table.pixel_size_a[0]))
+    return path
+
+
+def evaluate(volume: Path, poses: Path, gt_poses: Path, gt_map: Path, out: Path) -> dict:
+    assert cli(["evaluate", "--map", str(volume), "--poses", str(poses), "--gt-poses", str(gt_poses),
+                "--gt-map", str(gt_map), "--outdir", str(out)]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--outdir", type=Path, default=Path("bench-realistic"))
+    p.add_argument("--only", nargs="*", default=None, choices=sorted(CASES),
+                   help="cases to run (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extra", default="", help="extra train flags")
+    args = p.parse_args()
+    rows = []
+    for name in args.only or CASES:
+        n, flags = CASES[name]
+        out = args.outdir / name
+        report = simulate(out / "sim", n, flags, args.seed)
+        star = out / "sim" / "particles.star"
+        t0 = time.perf_counter()
+        rc = cli(["train", str(star), "--outdir", str(out / "run"), "--force", "--quiet",
+                  "--no-tensorboard", "--seed", str(args.seed), "--volume-every-minutes", "1000",
+                  *args.extra.split()])
+        minutes = (time.perf_counter() - t0) / 60
+        row = {"case": name, "particles": n, "minutes": round(minutes, 2),
+               "real_particles": report["real_particles"], "junk": report["junk"],
+               "snr_db_box": round(report["snr_db_box"], 2), "isnr": round(report["isnr"], 1),
+               "views_scf": round(report["views_scf"], 3)}
+        if rc != 0:
+            row["error"] = f"train exited {rc}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue
+        truth = pd.read_csv(out / "sim" / "truth.csv")
+        real = np.flatnonzero(truth["kind"].to_numpy() == "particle")
+        gt_table = load_particles(star).subset(real)
+        run_table = load_particles(out / "run" / "poses.star").subset(real)
+        write_star(out / "gt_real.star", gt_table)
+        write_star(out / "run_real.star", run_table)
+        gt_map = out / "sim" / "ground_truth.mrc"
+        run_map = real_particle_map(gt_table, run_table.rotations, run_table.shifts_a,
+                                    out / "run_real_map.mrc")
+        known_map = real_particle_map(gt_table, gt_table.rotations, gt_table.shifts_a,
+                                      out / "known_real_map.mrc")
+        gt_real = out / "gt_real.star"
+        run_metrics = evaluate(run_map, out / "run_real.star", gt_real, gt_map, out / "eval_run")
+        known_metrics = evaluate(known_map, gt_real, gt_real, gt_map, out / "eval_known")
+        row.update({"rotation_error_deg_median": run_metrics.get("rotation_error_deg_median"),
+                    "fsc05_px": run_metrics.get("resolution_px_0.5"),
+                    "fsc0143_px": run_metrics.get("resolution_px_0.143"),
+                    "known_fsc05_px": known_metrics.get("resolution_px_0.5"),
+                    "known_fsc0143_px": known_metrics.get("resolution_px_0.143")})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (args.outdir / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
