@@ -198,10 +198,21 @@ class PoseAssigner:
                 shift_step = max(shift_step * 0.7, 0.1)
         return rotations, shifts_px
 
+    #: Particles posed at a time by :meth:`assign`. The first guess's temporaries (the encoder's
+    #: activations and logits, the scores) grow with the block: 4,096 at a time ran 1.3x slower
+    #: than 1,024 (fresh memory each time, measured 837 against 1,111 img/s end to end).
+    BLOCK = 1024
+
     def assign(self, spectra: torch.Tensor, ctf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Poses of particles (B, M): rotations (B, 3, 3) and shifts (B, 2) pixels."""
-        rotations, shifts_px = self.first_guess(spectra, ctf)
-        return self.refine(spectra, ctf, rotations, shifts_px)
+        rotations, shifts_px = [], []
+        for start in range(0, len(spectra), self.BLOCK):
+            y, c = spectra[start:start + self.BLOCK], ctf[start:start + self.BLOCK]
+            rot, sh = self.first_guess(y, c)
+            rot, sh = self.refine(y, c, rot, sh)
+            rotations.append(rot)
+            shifts_px.append(sh)
+        return torch.cat(rotations), torch.cat(shifts_px)
 
 
 __all__ = ["AssignSettings", "PoseAssigner", "encoder_images"]
