@@ -337,6 +337,12 @@ class Trainer:
                           "subset": len(found.subset), "time_limit_reached": found.time_limit_reached})
         return found
 
+    def _warn(self, message: str) -> None:
+        """A warning: said on stderr (by rank 0) and kept for outputs.json."""
+        self.warnings.append(message)
+        if self.is_main:
+            print(f"warning: {message}", file=sys.stderr)
+
     def _handle_inverted_contrast(self, found):
         """Data of the other contrast sign (protein dark) make the search's map negative: say so,
         and go on with the images inverted. The search's poses stay right (the error of the
@@ -351,11 +357,9 @@ class Trainer:
         self.cfg.invert_contrast = not self.cfg.invert_contrast
         self.dataset.sign = -self.dataset.sign
         flag = "with" if self.cfg.invert_contrast else "without"
-        self.warnings.append(f"{self.table.source_path or 'the particles'}: the images' contrast looks "
-                             f"inverted (protein dark: the search's map has density skewness "
-                             f"{skewness:.2f}); the run goes on as {flag} --invert-contrast")
-        if self.is_main:
-            print(f"warning: {self.warnings[-1]}", file=sys.stderr)
+        self._warn(f"{self.table.source_path or 'the particles'}: the images' contrast looks "
+                   f"inverted (protein dark: the search's map has density skewness "
+                   f"{skewness:.2f}); the run goes on as {flag} --invert-contrast")
         self.run_dir.write_config(self.cfg)
         return replace(found, fourier_volume=-found.fourier_volume, spectra=-found.spectra)
 
@@ -478,11 +482,9 @@ class Trainer:
         if skewness < INVERTED_SKEWNESS:
             # Never hand over a negative map without saying so (here and in outputs.json).
             flag = "without" if self.cfg.invert_contrast else "with"
-            self.warnings.append(f"the reconstructed map is mostly negative (density skewness "
-                                 f"{skewness:.2f}): the images' contrast looks inverted (protein "
-                                 f"dark); run again {flag} --invert-contrast")
-            if self.is_main:
-                print(f"warning: {self.warnings[-1]}", file=sys.stderr)
+            self._warn(f"the reconstructed map is mostly negative (density skewness "
+                       f"{skewness:.2f}): the images' contrast looks inverted (protein "
+                       f"dark); run again {flag} --invert-contrast")
         self.run_dir.write_half_maps([(h * self.box).cpu().numpy().astype(np.float32) for h in rec.half_maps],
                                      self.pixel_size_a)
         self.run_dir.log({"stage": "reconstruction", "half_map_fsc_0.143_px": res,
