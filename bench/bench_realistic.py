@@ -7,11 +7,16 @@ each nuisance alone, it simulates a set from the embedded 70S map, runs the defa
 - the median rotation error of their poses (after global alignment to the truth);
 - the resolution of the map reconstructed from them at the run's poses (FSC against the truth,
   FSC=0.5 and 0.143), and of the map from their true poses (the known-pose reference);
+- the junk the run called (``rlnClassNumber`` 2 in its poses.star) against the truth's: recall
+  and precision;
+- the share of the images' signal the search's map explains (a wrong start: well below 1), the
+  SCF* of the run's views, the number of warnings;
 - the time of the run.
 
 Example (the table in docs/simulation.md; about 45 minutes on 2 cores):
   python bench/bench_realistic.py --outdir /tmp/bench-realistic
   python bench/bench_realistic.py --outdir /tmp/bench-realistic --only hostile-junk hostile-views
+  python bench/bench_realistic.py --outdir /tmp/bench-realistic --only large-complex --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import starfile
 import torch
 
 from cryoai.cli.main import main as cli
@@ -84,21 +90,22 @@ def main() -> None:
     p.add_argument("--outdir", type=Path, default=Path("bench-realistic"))
     p.add_argument("--only", nargs="*", default=None, choices=sorted(CASES),
                    help="cases to run (default all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one simulated set and run per seed (the recipe's data and the run's seed)")
     p.add_argument("--extra", default="", help="extra train flags")
     args = p.parse_args()
     rows = []
-    for name in args.only or CASES:
+    for name, seed in [(name, seed) for name in args.only or CASES for seed in args.seeds]:
         n, flags = CASES[name]
-        out = args.outdir / name
-        report = simulate(out / "sim", n, flags, args.seed)
+        out = args.outdir / (name if seed == 0 else f"{name}-seed{seed}")
+        report = simulate(out / "sim", n, flags, seed)
         star = out / "sim" / "particles.star"
         t0 = time.perf_counter()
         rc = cli(["train", str(star), "--outdir", str(out / "run"), "--force", "--quiet",
-                  "--no-tensorboard", "--seed", str(args.seed), "--volume-every-minutes", "1000",
+                  "--no-tensorboard", "--seed", str(seed), "--volume-every-minutes", "1000",
                   *args.extra.split()])
         minutes = (time.perf_counter() - t0) / 60
-        row = {"case": name, "particles": n, "minutes": round(minutes, 2),
+        row = {"case": name, "seed": seed, "particles": n, "minutes": round(minutes, 2),
                "real_particles": report["real_particles"], "junk": report["junk"],
                "snr_db_box": round(report["snr_db_box"], 2), "isnr": round(report["isnr"], 1),
                "views_scf": round(report["views_scf"], 3)}
@@ -108,7 +115,17 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             continue
         truth = pd.read_csv(out / "sim" / "truth.csv")
-        real = np.flatnonzero(truth["kind"].to_numpy() == "particle")
+        is_junk = truth["kind"].to_numpy() != "particle"
+        real = np.flatnonzero(~is_junk)
+        outputs = json.loads((out / "run" / "outputs.json").read_text())
+        row.update({"explained_signal": outputs.get("search_explained_signal"),
+                    "views_scf_run": outputs.get("views_scf"), "warnings": len(outputs.get("warnings", []))})
+        classes = starfile.read(out / "run" / "poses.star", always_dict=True)["particles"]
+        if "rlnClassNumber" in classes:
+            called = classes["rlnClassNumber"].to_numpy() == 2
+            row.update({"junk_called": int(called.sum()),
+                        "junk_recall": float((called & is_junk).sum() / max(is_junk.sum(), 1)),
+                        "junk_precision": float((called & is_junk).sum() / max(called.sum(), 1))})
         gt_table = load_particles(star).subset(real)
         run_table = load_particles(out / "run" / "poses.star").subset(real)
         write_star(out / "gt_real.star", gt_table)

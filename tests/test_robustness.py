@@ -185,9 +185,10 @@ def test_bad_image_found_by_a_loader_worker_is_one_line(sim, tmp_path, capsys):
         m.data[77, 5, 5] = np.nan
     out = tmp_path / "run"
     capsys.readouterr()
-    # FourierNet without the reconstruction start: nothing reads every image before training.
+    # FourierNet without the reconstruction start, white noise assumed (no noise spectrum
+    # measured): nothing reads every image before training.
     rc = main([*_train_args(copy, out, epochs=1), "--num-workers", "1", "--normalize-samples", "8",
-               "--decoder", "fouriernet", "--fouriernet-width", "16"])
+               "--decoder", "fouriernet", "--fouriernet-width", "16", "--noise-model", "white"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and "Traceback" not in err[0], err

@@ -57,9 +57,10 @@ def main(args) -> int:
 
     from ..data.dataset import ParticleDataset
     from ..data.loader import make_loader
+    from ..data.noise import measure_noise
     from ..errors import OutputError
     from ..io import load_particles
-    from ..physics.masks import circular_mask
+    from ..physics.masks import circular_mask, map_mask_radius_px
     from ..training.poses import iter_poses
 
     if Path(args.out).exists() and not args.force:
@@ -71,6 +72,11 @@ def main(args) -> int:
         raise InputError(f"{args.particles}: box {table.box_px} differs from the model's {model.box_px}")
     dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=float(ckpt["scale"]))
     dataset.source.validate()
+    # The new particles whitened as the run's were, by their own noise spectra (checkpoints of
+    # runs before the noise model read white noise).
+    noise_kind = ckpt["config"].get("noise_model", "white")
+    dataset.noise = measure_noise(dataset, noise_kind, map_mask_radius_px(table.box_px, cfg.mask_radius_frac),
+                                  seed=cfg.seed)
     if model.encoder is None:
         assigner = _assigner(model, cfg, ckpt, device, args.first_guess, args.checkpoint)
         poses = _assign_against_map(assigner, dataset, device, len(table), args.quiet)

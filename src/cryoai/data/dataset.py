@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from ..errors import InputError
 from ..io.images import ImageSource
 from ..io.particles import CTF_FIELDS, ParticleTable
+from .noise import NoiseModel, whiten_images
 
 
 @dataclass
@@ -29,6 +30,9 @@ class ParticleBatch:
     amplitude_contrast : (B,) fraction.
     phase_shift_rad : (B,) phase-plate shift.
     bfactor_a2 : (B,) envelope B-factor, A^2.
+    whitening : (B, R) or None, each image's whitening filter per frequency ring
+        (:mod:`cryoai.data.noise`): the images are whitened, and the CTF must be too
+        (:meth:`cryoai.models.image_formation.ImageFormation.ctf` does it).
     """
 
     images: torch.Tensor
@@ -42,6 +46,7 @@ class ParticleBatch:
     amplitude_contrast: torch.Tensor
     phase_shift_rad: torch.Tensor
     bfactor_a2: torch.Tensor
+    whitening: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -49,11 +54,12 @@ class ParticleBatch:
     def to(self, device, non_blocking: bool = False) -> ParticleBatch:
         """The batch with every tensor on ``device``."""
         return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                                for f in fields(self)})
+                                for f in fields(self) if getattr(self, f.name) is not None})
 
     def select(self, rows) -> ParticleBatch:
         """The particles ``rows`` (positions in this batch) as a batch."""
-        return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+        return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
+                                if getattr(self, f.name) is not None})
 
 
 class ParticleDataset(Dataset):
@@ -67,6 +73,12 @@ class ParticleDataset(Dataset):
     table : the particles.
     invert_contrast : multiply images by -1.
     scale : divide images by this (see :func:`estimate_scale`).
+    source : the image reader (default: one over ``table``).
+
+    Attributes
+    ----------
+    noise : a :class:`cryoai.data.noise.NoiseModel` of the table's particles, or None (white
+        noise): when set, the images are whitened by it and batches carry the filter.
     """
 
     def __init__(self, table: ParticleTable, *, invert_contrast: bool = False, scale: float = 1.0,
@@ -75,21 +87,29 @@ class ParticleDataset(Dataset):
         self.source = source or ImageSource(table)
         self.sign = -1.0 if invert_contrast else 1.0
         self.scale = float(scale)
+        self.noise: NoiseModel | None = None
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def read_images(self, indices: np.ndarray) -> torch.Tensor:
-        """Images (B, N, N) float32 of the particles ``indices``, sign-corrected and scaled."""
+    def read_images(self, indices: np.ndarray, *, whiten: bool = True) -> torch.Tensor:
+        """Images (B, N, N) float32 of the particles ``indices``, sign-corrected and scaled (and
+        whitened by :attr:`noise` when it is set and ``whiten``).
+        """
         images = self.source.read(np.asarray(indices))  # raises InputError on NaN/inf pixels
-        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)) * (self.sign / self.scale)
+        images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)) * (self.sign / self.scale)
+        if whiten and self.noise is not None:
+            images = whiten_images(images, self.noise.radial_filter(indices))
+        return images
 
     def read(self, indices) -> ParticleBatch:
         """The particles ``indices`` (rows of the table, any order) as one batch."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         columns = {k: torch.from_numpy(np.asarray(getattr(self.table, k)[idx], dtype=np.float32))
                    for k in ("pixel_size_a", *CTF_FIELDS)}  # the table's columns, per batch
-        return ParticleBatch(images=self.read_images(idx), index=torch.from_numpy(idx), **columns)
+        whitening = None if self.noise is None else self.noise.radial_filter(idx)
+        return ParticleBatch(images=self.read_images(idx), index=torch.from_numpy(idx),
+                             whitening=whitening, **columns)
 
     def __getitem__(self, index) -> ParticleBatch:
         # The DataLoader (batch_size=None over a sampler of index lists) asks for whole batches.
@@ -112,3 +132,24 @@ def estimate_scale(table: ParticleTable, n_samples: int = 1000, seed: int = 0,
     if std == 0:
         raise InputError(f"{table.source_path}: the images are all constant (zero variance)")
     return std
+
+
+class ParticleSubset(Dataset):
+    """Some particles of a :class:`ParticleDataset` (e.g. those not called junk), read as it
+    reads them: position ``i`` is the particle ``rows[i]``, and batches keep the full data set's
+    indices (``batch.index``), so per-particle arrays of the full set still apply.
+    """
+
+    def __init__(self, dataset: ParticleDataset, rows: np.ndarray):
+        self.dataset = dataset
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, indices) -> ParticleBatch:
+        """The particles at positions ``indices`` of the subset, as one batch."""
+        return self.dataset.read(self.rows[np.asarray(indices, dtype=np.int64).reshape(-1)])
+
+    def __getitem__(self, index) -> ParticleBatch:
+        return self.read(index)

@@ -191,3 +191,23 @@ def plot_shift_errors(errors_a: np.ndarray, path: str | Path) -> None:
     clipped, hi = _zoomed(errors_a, 1.0)
     _error_histogram(clipped, np.linspace(0, hi, 61), f"shift error (A; last bin: >= {hi:.3g})",
                      f"median {np.median(errors_a):.2f} A", path)
+
+
+def plot_particle_scores(score: np.ndarray, kept: np.ndarray, path: str | Path) -> None:
+    """Histograms of the particles' scores (matched-filter SNR against the map at their pose),
+    kept particles and junk apart.
+    """
+    plt = _pyplot()
+    lo, hi = np.percentile(score, [0.5, 99.5])
+    bins = np.linspace(min(lo, 0.0), hi if hi > lo else lo + 1, 61)
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    ax.hist(np.clip(score[kept], bins[0], bins[-1]), bins=bins, alpha=0.7, label=f"kept ({int(kept.sum())})")
+    if (~kept).any():
+        ax.hist(np.clip(score[~kept], bins[0], bins[-1]), bins=bins, alpha=0.7, color="tab:red",
+                label=f"junk ({int((~kept).sum())})")
+    ax.set_xlabel("score (matched-filter SNR, noise sd)")
+    ax.set_ylabel("particles")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

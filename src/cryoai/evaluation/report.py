@@ -21,6 +21,7 @@ from .. import __version__
 from ..errors import InputError
 from ..io import load_particles, read_volume, write_json_atomic, write_text_atomic
 from ..physics.fsc import fsc, resolution_px
+from ..simulate.views import sampling_compensation_factor
 from . import plots
 from .metrics import evaluate
 
@@ -149,9 +150,25 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     figures.append(("Map", "map.png", "Central slices (top) and projections (bottom) along z, y, x."))
 
     if pred is not None:
-        plots.plot_viewing_directions(pred.rotations, out / "viewing_directions.png")
+        columns = particle_columns(poses_path)
+        kept = columns["rlnClassNumber"] == 1 if "rlnClassNumber" in columns else np.ones(len(pred), bool)
+        scf = sampling_compensation_factor(pred.rotations[kept])
+        metrics["views_scf"] = scf
+        plots.plot_viewing_directions(pred.rotations[kept], out / "viewing_directions.png")
+        note = (f" SCF* {scf:.2f}: below 0.81, the views leave directions of Fourier space "
+                "undersampled and the map's resolution is anisotropic (smeared along them)."
+                if scf < SCF_WARNING else f" SCF* {scf:.2f} (0.81 or more: sampled well enough).")
         figures.append(("Viewing directions", "viewing_directions.png",
-                        "Sky map (Mollweide, equal-area cells) of the predicted projection directions."))
+                        "Sky map (Mollweide, equal-area cells) of the projection directions of the "
+                        "particles kept." + note))
+        if "rlnCryoaiScore" in columns:
+            metrics["junk_particles"] = int((~kept).sum())
+            metrics["junk_fraction"] = float((~kept).mean())
+            plots.plot_particle_scores(columns["rlnCryoaiScore"], kept, out / "particle_scores.png")
+            figures.append(("Particle scores", "particle_scores.png",
+                            "Each particle's score against the map at its pose (poses.star: "
+                            "rlnCryoaiScore); junk (rlnClassNumber 2) is what lies far from the "
+                            "particles' cluster of amplitude and unexplained power."))
     if "rotation_error_deg" in per_particle:
         plots.plot_rotation_errors(per_particle["rotation_error_deg"], out / "rotation_errors.png")
         figures.append(("Rotation errors", "rotation_errors.png",
@@ -180,6 +197,22 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     path = out / "report.html"
     write_text_atomic(path, page)
     return path
+
+
+#: cryoSPARC's Orientation Diagnostics flag a set below this SCF* (Baldwin & Lyumkis 2020).
+SCF_WARNING = 0.81
+
+
+def particle_columns(path: Path) -> dict[str, np.ndarray]:
+    """The junk stage's columns of a run's poses.star (``rlnClassNumber``, ``rlnCryoai*``),
+    those present.
+    """
+    import starfile
+
+    blocks = starfile.read(path, always_dict=True)
+    table = blocks.get("particles", next(iter(blocks.values())))
+    return {c: table[c].to_numpy() for c in table.columns
+            if c == "rlnClassNumber" or c.startswith("rlnCryoai")}
 
 
 def _fmt(v) -> str:

@@ -200,6 +200,7 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
     idx = np.empty(n, dtype=np.int32)
     raw_ids: dict[bytes | str, int] = {}
     shapes: set[tuple[int, ...]] = set()
+    micrograph_uid = np.empty(n, dtype=np.uint64) if "location/micrograph_uid" in names else None
     for start, chunk in records.chunks():
         sl = slice(start, start + len(chunk))
         for name, arr in columns.items():
@@ -211,6 +212,8 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
         if (blob_idx < 0).any():
             raise InputError(f"{p}: negative blob/idx")
         idx[sl] = blob_idx
+        if micrograph_uid is not None:
+            micrograph_uid[sl] = np.asarray(chunk["location/micrograph_uid"]).astype(np.uint64)
         if "blob/shape" in names:
             shapes.update(map(tuple, np.unique(np.asarray(chunk["blob/shape"]).reshape(len(chunk), -1),
                                                axis=0).tolist()))
@@ -270,6 +273,7 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
         bfactor_a2=optional("ctf/bfactor"),
         rotations=rotations,
         shifts_a=shifts,
+        micrograph_ids=None if micrograph_uid is None else np.unique(micrograph_uid, return_inverse=True)[1],
         source_path=str(p.absolute()),
         source_format="cs",
     )

@@ -88,6 +88,8 @@ class ParticleTable:
         (``= -rlnOrigin{X,Y}Angst``).
     optics : pandas DataFrame or None, the original optics table (STAR 3.1).
     optics_group : (N,) int32 or None, each particle's ``rlnOpticsGroup`` in ``optics``.
+    micrograph_ids : (N,) int32 or None, a code per distinct micrograph (``rlnMicrographName``,
+        cryoSPARC's ``location/micrograph_uid``): particles of one micrograph share its noise.
     source_path : str or None, the file this table was read from.
     source_format : ``"star"``, ``"cs"`` or None.
     source_rows : (N,) int64 or None, the row of ``source_path`` each particle came from
@@ -115,6 +117,7 @@ class ParticleTable:
     shifts_a: np.ndarray | None = None
     optics: pd.DataFrame | None = field(default=None, repr=False)
     optics_group: np.ndarray | None = field(default=None, repr=False)
+    micrograph_ids: np.ndarray | None = field(default=None, repr=False)
     source_path: str | None = None
     source_format: str | None = None
     source_rows: np.ndarray | None = field(default=None, repr=False)
@@ -138,6 +141,8 @@ class ParticleTable:
             self.shifts_a = np.asarray(self.shifts_a, dtype=np.float32).reshape(n, 2)
         if self.optics_group is not None:
             self.optics_group = compact_column(self.optics_group, n, np.int32)
+        if self.micrograph_ids is not None:
+            self.micrograph_ids = np.asarray(self.micrograph_ids, dtype=np.int32).reshape(n)
 
     def __len__(self) -> int:
         return len(self.stack_indices)

@@ -430,11 +430,12 @@ def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
     else:
         origin_labels, origin_in_px = (), False
     wanted = {"rlnImageName", "rlnOpticsGroup", *CTF_LABELS, "rlnPhaseShift", "rlnCtfBfactor",
-              *apix_labels, "rlnImageSize", *(ANGLE_LABELS if has_angles else ()), *origin_labels,
-              *CTF_STATE_LABELS}
+              *apix_labels, "rlnImageSize", "rlnMicrographName", *(ANGLE_LABELS if has_angles else ()),
+              *origin_labels, *CTF_STATE_LABELS}
 
     cols = _Columns(block.n_rows if block.is_loop else 1)
     raw_ids: dict[str, int] = {}
+    micrograph_codes: dict[str, int] = {}
     box_sizes: set[float] = set()
     n = 0
     for chunk in iter_loop(p, block, usecols=wanted & set(labels), chunk_rows=chunk_rows):
@@ -456,6 +457,11 @@ def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
         cols.add("stack_indices", first, index, np.int32)
         if located is not None:
             cols.add("optics_group", first, located[1], np.int32)
+        if "rlnMicrographName" in chunk.columns:
+            mic_codes, mic_names = pd.factorize(chunk["rlnMicrographName"].astype(str))
+            mic_ids = np.array([micrograph_codes.setdefault(m, len(micrograph_codes)) for m in mic_names],
+                               dtype=np.int32)
+            cols.add("micrograph_ids", first, mic_ids[mic_codes], np.int32)
         for name, label in (("defocus_u_a", "rlnDefocusU"), ("defocus_v_a", "rlnDefocusV"),
                             ("voltage_kv", "rlnVoltage"), ("cs_mm", "rlnSphericalAberration"),
                             ("amplitude_contrast", "rlnAmplitudeContrast")):
@@ -524,6 +530,7 @@ def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
         shifts_a=shifts,
         optics=optics_frame,
         optics_group=cols.get("optics_group") if cols.has("optics_group") else None,
+        micrograph_ids=cols.get("micrograph_ids") if cols.has("micrograph_ids") else None,
         source_path=str(p.absolute()),
         source_format="star",
         source_stamp=(stat.st_size, stat.st_mtime_ns),

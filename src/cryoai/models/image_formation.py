@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data.noise import ring_interpolate
 from ..physics.ctf import compute_ctf
 from ..physics.fft import fft2_c, half_spectrum, half_spectrum_index, ifft2_c
 from ..physics.grids import grid_2d, half_plane_mask
@@ -120,11 +121,17 @@ class ImageFormation(nn.Module):
         """CTF of each image of a batch at the kept coefficients, (B, M).
 
         ``batch`` is a :class:`cryoai.data.dataset.ParticleBatch` (or any object with its CTF
-        fields as (B,) tensors).
+        fields as (B,) tensors). When the batch carries a whitening filter (B, R), the CTF is
+        multiplied by it, as the batch's images were.
         """
-        return compute_ctf(self.freqs_a, batch.defocus_u_a, batch.defocus_v_a, batch.defocus_angle_rad,
-                           batch.voltage_kv, batch.cs_mm, batch.amplitude_contrast,
-                           batch.phase_shift_rad, batch.bfactor_a2)
+        ctf = compute_ctf(self.freqs_a, batch.defocus_u_a, batch.defocus_v_a, batch.defocus_angle_rad,
+                          batch.voltage_kv, batch.cs_mm, batch.amplitude_contrast,
+                          batch.phase_shift_rad, batch.bfactor_a2)
+        whitening = getattr(batch, "whitening", None)
+        if whitening is not None:
+            # Whitened images (cryoai.data.noise): the same filter at each coefficient's radius.
+            ctf = ctf * ring_interpolate(whitening.to(ctf.device, ctf.dtype), self.radius_px)
+        return ctf
 
     def phase(self, shifts_a: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Phase factors (B, M') that translate images by ``shifts_a`` (B, 2) Angstrom."""

@@ -60,6 +60,7 @@ class SearchSettings:
     batch : images per EM iteration.
     stop_posterior : stop the EM once the band is full and the mean maximum posterior is this.
     ema : decay of the running back-projection sums.
+    temperature : of the EM's posterior (1: the noise model's; below 1 sharper).
     radius_start_px, radius_end_px : the EM band, cycles per box.
     max_shift_px, shift_step_px : the shift grid (a disk), pixels.
     refine_rounds : local refinement rounds.
@@ -75,6 +76,7 @@ class SearchSettings:
     batch: int = 500
     stop_posterior: float = 0.9
     ema: float = 0.7
+    temperature: float = 1.0
     radius_start_px: float = 5.0
     radius_end_px: float = 10.0
     max_shift_px: float = 6.0
@@ -274,7 +276,7 @@ class _Search:
         for it in range(st.iterations):
             r = r0 + (r1 - r0) * min(1.0, it / max(1, int(0.7 * st.iterations)))
             idx = torch.randperm(n_sub, generator=self.gen)[: st.batch].to(self.particles.device)
-            out = em.iterate(y[idx], c[idx], r, ema=st.ema)
+            out = em.iterate(y[idx], c[idx], r, ema=st.ema, temperature=st.temperature)
             post = float(out["posterior_max"].mean())
             converged = r >= r1 and post >= st.stop_posterior
             if (it + 1) % 10 == 0 or it == st.iterations - 1 or converged:

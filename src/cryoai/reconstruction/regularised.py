@@ -105,7 +105,7 @@ def backproject_particles(particles: ParticleSpectra, indices: np.ndarray,
 
 @torch.no_grad()
 def reconstruct(particles: ParticleSpectra, poses: Poses, *, mask_radius_px: float, seed: int = 0,
-                min_ssnr: float = 1e-3) -> Reconstruction:
+                min_ssnr: float = 1e-3, indices: np.ndarray | None = None) -> Reconstruction:
     """Half-set FSC-regularised (Wiener/MAP) reconstruction of every particle at its pose.
 
     Parameters
@@ -115,6 +115,7 @@ def reconstruct(particles: ParticleSpectra, poses: Poses, *, mask_radius_px: flo
     mask_radius_px : radius of the soft spherical mask (4 px edge) applied to every map.
     seed : seed of the random half-set split.
     min_ssnr : floor of the spectral SNR derived from the FSC.
+    indices : the particles used (e.g. those not called junk); None: all.
 
     Returns
     -------
@@ -122,7 +123,8 @@ def reconstruct(particles: ParticleSpectra, poses: Poses, *, mask_radius_px: flo
     """
     n = particles.formation.box_px
     device = particles.device
-    sums = [backproject_particles(particles, h, poses) for h in half_sets(len(particles), seed)]
+    rows = np.arange(len(particles)) if indices is None else np.asarray(indices, dtype=np.int64)
+    sums = [backproject_particles(particles, rows[h], poses) for h in half_sets(len(rows), seed)]
     r_max = max_paired_radius_px(n)
     inside = radius_grid_3d(n, device=device) <= r_max
     mask = spherical_mask(n, mask_radius_px, soft_edge_px=4, device=device)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from ..data.noise import NOISE_MODELS
 from ..errors import InputError
 from ..physics.masks import MAP_MASK_RADIUS_FRAC
 
@@ -22,6 +23,9 @@ class TrainConfig:
     mask_radius_frac: float = MAP_MASK_RADIUS_FRAC  # mask radius (encoder input, maps), fraction of
     #                                                 the box; 0: no encoder-input mask, maps 0.45
     normalize_samples: int = 1000  # images used to estimate the global intensity scale
+    noise_model: str = "micrograph"  # whiten by the noise spectrum measured on the images'
+    #   background: per micrograph ("micrograph": rlnMicrographName, else one spectrum), one for
+    #   the data set ("global"), or none ("white": the noise is assumed white)
     # --- model
     decoder: str = "voxel"  # "voxel" (explicit Fourier grid) or "fouriernet" (the paper)
     fouriernet_width: int = 256
@@ -40,6 +44,8 @@ class TrainConfig:
     search_batch: int = 500  # images per EM iteration
     search_stop_posterior: float = 0.9  # stop the EM once the band is full and the posterior this peaked
     search_ema: float = 0.7  # decay of the running back-projection sums
+    search_retries: int = 2  # searches again from another seed when the map explains less than
+    min_explained: float = 0.6  # ... this share of the signal the images carry (a right map ~1)
     search_radius_start: float = 5.0  # EM band, cycles per box
     search_radius_end: float = 10.0
     search_max_shift_px: float | None = None  # default 0.12 * box
@@ -61,8 +67,13 @@ class TrainConfig:
     decoder_max_images: int | None = 20000  # ... but at most this many images (cost flat in N)
     wiener_fit_steps: int = 1500  # FourierNet: regression steps (8192 points each) onto that
     #                               reconstruction before training on images
+    sort_junk: bool = True  # default mode: score every particle against the map at its pose, call
+    #                         junk the ones far from the particles' cluster, map from the rest
+    junk_threshold: float = 3.0  # robust distance (standard deviations) beyond which a pick is junk
     wiener_init: bool = True  # decoder with known/searched poses: start from the regularised
     #                           (half-map FSC) reconstruction and keep its prior in the loss
+    keep_best: bool = True  # fixed poses: hold out some particles, and end with the decoder's
+    #                        state (from its regularised start on) that predicts them best
     # --- loss
     loss: str = "symmetric"  # "symmetric" or "l2"
     max_radius_frac: float = 1.0  # highest frequency used, fraction of Nyquist
@@ -114,6 +125,9 @@ class TrainConfig:
         if self.assign_refine_method not in ("newton", "random"):
             raise InputError("assign_refine_method must be 'newton' or 'random' "
                              f"(got {self.assign_refine_method!r})")
+        if self.noise_model not in NOISE_MODELS:
+            raise InputError(f"noise_model must be one of {', '.join(NOISE_MODELS)} "
+                             f"(got {self.noise_model!r})")
         if self.encoder_heads < 1:
             raise InputError(f"encoder_heads must be at least 1 (got {self.encoder_heads})")
 

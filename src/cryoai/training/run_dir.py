@@ -131,14 +131,16 @@ class RunDirectory:
                 write_volume(self.path / f"volume_half{k}.mrc", half, pixel_size_a)
 
     def write_poses(self, table: ParticleTable,
-                    poses: Poses | Iterable[tuple[np.ndarray, np.ndarray]]) -> Path:
+                    poses: Poses | Iterable[tuple[np.ndarray, np.ndarray]],
+                    extra_columns: dict[str, np.ndarray] | None = None) -> Path:
         """``poses.star``: every input column of ``table`` with the poses (a :class:`Poses`, or
-        (rotations, shifts_a) blocks in particle order, streamed).
+        (rotations, shifts_a) blocks in particle order, streamed) and ``extra_columns`` (label
+        -> (N,) values, e.g. the particles' scores and classes; with a :class:`Poses` only).
         """
         if not self.writes:
             return self.poses_path
         if isinstance(poses, Poses):
-            write_star(self.poses_path, table, poses=poses)
+            write_star(self.poses_path, table, poses=poses, extra_columns=extra_columns)
             write_cs(self.poses_cs_path, table, poses=poses)
             return self.poses_path
         # A stream (predicted batch by batch) is read once: its blocks go to poses.star and to

@@ -1,0 +1,241 @@
+"""The noise model (background spectra, whitening) and the particles' scores and junk calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cryoai.data.dataset import ParticleBatch, ParticleDataset, ParticleSubset
+from cryoai.data.noise import (
+    background_mask,
+    background_power,
+    estimate_noise_model,
+    ring_interpolate,
+    whiten_images,
+)
+from cryoai.io import load_particles
+from cryoai.models.image_formation import ImageFormation
+from cryoai.physics.poses import Poses
+from cryoai.physics.projection import sample_volume, slice_coords
+from cryoai.physics.rotations import random_rotations
+from cryoai.reconstruction.particle_scores import ParticleScores, classify_junk, score_particles
+
+N = 32
+
+
+def coloured_noise(n_images: int, n: int, low_gain: float, width_px: float, seed: int) -> tuple:
+    """White noise of unit variance filtered by ``1 + low_gain exp(-r^2 / 2 w^2)``; returns the
+    images and the true ring spectrum (R,) of the filtered noise.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    white = torch.randn(n_images, n, n, generator=gen, dtype=torch.float64)
+    k = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64)
+    r = torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
+    gain = 1 + low_gain * torch.exp(-(r**2) / (2 * width_px**2))
+    images = torch.fft.ifft2(torch.fft.fft2(white) * gain).real.float()
+    rings = torch.arange(n // 2 + 1, dtype=torch.float64)
+    return images, ((1 + low_gain * torch.exp(-(rings**2) / (2 * width_px**2))) ** 2).float()
+
+
+def test_background_power_of_white_noise_is_its_variance():
+    gen = torch.Generator().manual_seed(1)
+    images = 1.7 * torch.randn(3000, N, N, generator=gen)
+    power = background_power(images, background_mask(N, 0.3 * N)).mean(0)
+    # Every ring but the lowest (the mean removed within the mask leaks into ring 1) is 1.7^2.
+    np.testing.assert_allclose(power[2:].numpy(), 1.7**2, rtol=0.06)
+
+
+def test_noise_model_recovers_a_coloured_spectrum_and_whitens_it():
+    images, true_rings = coloured_noise(3000, N, low_gain=2.0, width_px=5.0, seed=2)
+    model = estimate_noise_model(lambda idx: images[torch.from_numpy(idx)], len(images), N, 0.3 * N)
+    assert model.groups == 1 and model.kind == "global"
+    # The background mask smooths the spectrum by its own transform (about a ring): compare
+    # beyond the lowest rings, and the colour (low over high power) as a whole.
+    np.testing.assert_allclose(model.radial_power[0, 3:].numpy(), true_rings[3:].numpy(), rtol=0.12)
+    assert model.colour() > 3.0
+    white = whiten_images(images[:2000], model.radial_filter(np.arange(2000)))
+    power = background_power(white, background_mask(N, 0.3 * N)).mean(0)
+    np.testing.assert_allclose(power[3:].numpy(), 1.0, rtol=0.12)
+    assert 0.9 < float(white.std()) < 1.1
+
+
+def test_groups_get_their_own_levels_and_small_groups_shrink_to_the_global_one():
+    gen = torch.Generator().manual_seed(3)
+    n_img = 400
+    groups = np.repeat([0, 1, 2], [190, 190, 20])
+    level = torch.tensor([1.0, 3.0, 3.0])[torch.from_numpy(groups)]
+    images = torch.randn(n_img, N, N, generator=gen) * level.sqrt()[:, None, None]
+    model = estimate_noise_model(lambda idx: images[torch.from_numpy(idx)], n_img, N, 0.3 * N,
+                                 groups=groups, per_group=48, shrink_images=16.0)
+    levels = model.radial_power[:, 2:].mean(1).numpy()
+    assert model.groups == 3 and model.kind == "micrograph"
+    # Group 0 (variance 1) and 1 (variance 3), each pulled a little towards the mean level.
+    assert 1.0 < levels[0] < 1.5 and 2.5 < levels[1] < 3.0
+    # Group 2 has 20 images measured (of 48 wanted): pulled more than group 1.
+    assert levels[2] < levels[1]
+
+
+def test_whitened_images_and_whitened_ctf_describe_the_same_model():
+    """A noise-free image ``C P`` read whitened has the spectrum ``(C W) P``: the filter is the
+    same function of radius in the dataset's images and in the formation's CTF.
+    """
+    formation = ImageFormation(N, 4.0)
+    gen = torch.Generator().manual_seed(4)
+    vol = torch.randn(N, N, N, generator=gen, dtype=torch.complex64)
+    rot = random_rotations(3, generator=gen)
+    slices = sample_volume(vol, slice_coords(rot, formation.coords_px))
+    batch = ParticleBatch(images=torch.zeros(3, N, N), index=torch.arange(3),
+                          pixel_size_a=torch.full((3,), 4.0), defocus_u_a=torch.full((3,), 15000.0),
+                          defocus_v_a=torch.full((3,), 14000.0), defocus_angle_rad=torch.zeros(3),
+                          voltage_kv=torch.full((3,), 300.0), cs_mm=torch.full((3,), 2.7),
+                          amplitude_contrast=torch.full((3,), 0.1), phase_shift_rad=torch.zeros(3),
+                          bfactor_a2=torch.zeros(3))
+    ctf = formation.ctf(batch)
+    images = formation.low_pass_images(ctf * slices, N)
+    filt = 1.0 / torch.linspace(0.5, 2.0, N // 2 + 1).repeat(3, 1)
+    batch.whitening = filt
+    whitened = formation.spectra(whiten_images(images, filt))
+    expected = formation.ctf(batch) * slices
+    inside = (formation.radius_px > 0) & (formation.radius_px < N // 2 - 2)  # (a real image's DC is real)
+    torch.testing.assert_close(whitened[:, inside], expected[:, inside], rtol=1e-3, atol=1e-4)
+    # ... and the whitening did something (the filter spans 0.5-2).
+    assert float((whitened - formation.spectra(images)).abs().max()) > 0.1 * float(whitened.abs().max())
+
+
+def test_ring_interpolate_is_linear_between_rings():
+    radial = torch.tensor([[0.0, 1.0, 4.0, 9.0]])
+    r = torch.tensor([0.0, 0.5, 2.25, 3.0, 7.0])
+    np.testing.assert_allclose(ring_interpolate(radial, r)[0].numpy(), [0.0, 0.5, 5.25, 9.0, 9.0])
+
+
+@pytest.fixture(scope="module")
+def noisy_set(tmp_path_factory):
+    from cryoai.cli.main import main as cli
+
+    out = tmp_path_factory.mktemp("noise") / "sim"
+    assert cli(["simulate", "--box", str(N), "--n", "300", "--snr-db", "-6", "--seed", "3",
+                "--outdir", str(out), "--quiet", "--device", "cpu", "--micrographs",
+                "--particles-per-micrograph", "60", "--noise-colour", "0.5"]) == 0
+    return out
+
+
+def test_micrograph_names_are_read_and_the_run_whitens_per_micrograph(noisy_set):
+    table = load_particles(noisy_set / "particles.star")
+    assert table.micrograph_ids is not None and len(np.unique(table.micrograph_ids)) >= 3
+    dataset = ParticleDataset(table)
+    from cryoai.data.noise import measure_noise
+
+    dataset.noise = measure_noise(dataset, "micrograph", 0.45 * N)
+    assert dataset.noise.groups == len(np.unique(table.micrograph_ids))
+    assert dataset.noise.colour() > 1.5  # --noise-colour 0.5: low frequencies hold more power
+    batch = dataset.read(np.arange(8))
+    assert batch.whitening.shape == (8, N // 2 + 1)
+    subset = ParticleSubset(dataset, np.array([5, 7, 9]))
+    assert len(subset) == 3 and subset.read([1, 2]).index.tolist() == [7, 9]
+
+
+def test_scores_of_particles_and_of_empty_ice():
+    formation = ImageFormation(N, 4.0)
+    gen = torch.Generator().manual_seed(5)
+    n_real, n_empty = 300, 200
+    n = n_real + n_empty
+    vol = torch.randn(N, N, N, generator=gen, dtype=torch.complex64)
+    inside = formation.radius_px <= 8
+    rot = random_rotations(n, generator=gen)
+    proj = sample_volume(vol, slice_coords(rot, formation.coords_px))
+    scale = 0.6 / float(proj[:, inside].abs().mean())
+    vol, proj = vol * scale, proj * scale
+    noise = torch.complex(torch.randn(n, len(inside), generator=gen),
+                          torch.randn(n, len(inside), generator=gen)) / np.sqrt(2)
+    y = noise.clone()
+    y[:n_real] += 1.3 * proj[:n_real]
+    ctf = torch.ones(n, len(inside))
+
+    class _Spectra:
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.formation = formation
+
+        def __len__(self):
+            return n
+
+        def batches(self, indices):
+            yield indices, y[indices], ctf[indices]
+
+    poses = Poses(rot, torch.zeros(n, 2))
+    scores = score_particles(_Spectra(), vol, poses, 8.0)
+    # Empty ice: the matched filter's noise (N(0, 1)), amplitude about 0; particles: 1.3.
+    assert abs(float(np.mean(scores.score[n_real:]))) < 0.3
+    assert 0.8 < float(np.std(scores.score[n_real:])) < 1.2
+    assert np.median(scores.amplitude[:n_real]) == pytest.approx(1.3, abs=0.05)
+    assert float(np.median(scores.score[:n_real])) > 10
+    # The residual excess of both is noise alone: about N(0, 1).
+    assert abs(float(np.median(scores.residual_excess))) < 0.3
+    decision = classify_junk(scores)
+    called = ~decision.keep
+    assert called[n_real:].mean() > 0.95 and called[:n_real].mean() < 0.03
+
+
+def test_classify_junk_finds_the_particles_cluster_with_half_junk():
+    rng = np.random.default_rng(6)
+    n_real = 500
+    # Particles: amplitude 1 (micrograph scales 0.7 / 1.4), residual ~N(0, 1); junk: empty ice
+    # (amplitude ~0), broken particles (0.6), overlapping ones (1, residual +8), 500 in all.
+    groups = np.repeat([0, 1], [250, 250])
+    scale = np.where(groups == 0, 0.7, 1.4)
+    amp_real = scale * (1 + 0.08 * rng.standard_normal(n_real))
+    junk_amp = np.concatenate([0.05 * rng.standard_normal(200), 0.6 + 0.08 * rng.standard_normal(150),
+                               1 + 0.08 * rng.standard_normal(150)])
+    junk_groups = rng.integers(0, 2, 500)
+    junk_amp[200:] *= np.where(junk_groups[200:] == 0, 0.7, 1.4)
+    excess = np.concatenate([rng.standard_normal(n_real), rng.standard_normal(350),
+                             8 + rng.standard_normal(150)])
+    amplitude = np.concatenate([amp_real, junk_amp])
+    scores = ParticleScores(score=amplitude * 15, amplitude=amplitude, residual_excess=excess, radius_px=8.0)
+    decision = classify_junk(scores, np.concatenate([groups, junk_groups]))
+    called = ~decision.keep
+    recall, precision = called[n_real:].mean(), called[n_real:].sum() / called.sum()
+    assert recall > 0.9 and precision > 0.9
+    # Without the per-micrograph amplitude, the two scales would split the particles.
+    assert decision.keep[:n_real].mean() > 0.95
+
+
+def test_more_training_never_makes_the_map_worse(tmp_path):
+    """``train --poses`` on a small noisy set (1,000 particles, 32 px, -10 dB): 40 epochs end
+    with a map no worse against the truth than 2 epochs (keep-best, the default), where without
+    keep-best the same 40 epochs drift from the regularised start and lose resolution.
+    """
+    from cryoai.cli.main import main as cli
+    from cryoai.evaluation.metrics import fsc_report
+    from cryoai.io import read_volume
+
+    sim = tmp_path / "sim"
+    assert cli(["simulate", "--box", str(N), "--n", "1000", "--snr-db", "-10", "--seed", "1",
+                "--outdir", str(sim), "--quiet", "--device", "cpu"]) == 0
+    truth, _ = read_volume(sim / "ground_truth.mrc")
+    star = str(sim / "particles.star")
+    res = {}
+    for name, flags in {"2": ["--max-epochs", "2"], "40": ["--max-epochs", "40"],
+                        "40-no-keep-best": ["--max-epochs", "40", "--no-keep-best"]}.items():
+        out = tmp_path / name
+        assert cli(["train", star, "--poses", star, "--outdir", str(out), "--quiet", "--no-tensorboard",
+                    "--device", "cpu", "--pose-encoder", "off", *flags]) == 0
+        volume, pixel_a = read_volume(out / "volume.mrc")
+        res[name] = fsc_report(volume, truth, pixel_a)["resolution_px_0.5"]
+    assert res["40"] <= res["2"] * 1.01
+    assert res["40-no-keep-best"] > res["2"] * 1.03  # the drift keep-best guards against
+
+
+def test_noise_free_images_are_not_whitened():
+    from cryoai.data.noise import NoiseFree
+
+    gen = torch.Generator().manual_seed(7)
+    r = torch.linspace(-1, 1, N)
+    disk = ((r[:, None] ** 2 + r[None, :] ** 2) < 0.3).float()
+    images = torch.randn(50, N, N, generator=gen) * disk  # signal inside, nothing on the background
+    with pytest.raises(NoiseFree):
+        estimate_noise_model(lambda idx: images[torch.from_numpy(idx)], 50, N, 0.3 * N)
+    noisy = images + 0.3 * torch.randn(50, N, N, generator=gen)
+    assert estimate_noise_model(lambda idx: noisy[torch.from_numpy(idx)], 50, N, 0.3 * N).groups == 1
