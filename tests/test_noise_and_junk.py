@@ -237,5 +237,10 @@ def test_noise_free_images_are_not_whitened():
     images = torch.randn(50, N, N, generator=gen) * disk  # signal inside, nothing on the background
     with pytest.raises(NoiseFree):
         estimate_noise_model(lambda idx: images[torch.from_numpy(idx)], 50, N, 0.3 * N)
-    noisy = images + 0.3 * torch.randn(50, N, N, generator=gen)
+    # A little noise (3% of the power on the background) under a strong signal: still far
+    # above any real particle's signal energy, so taken for noise-free.
+    faint = images + 0.1 * torch.randn(50, N, N, generator=gen)
+    with pytest.raises(NoiseFree, match="signal energy"):
+        estimate_noise_model(lambda idx: faint[torch.from_numpy(idx)], 50, N, 0.3 * N)
+    noisy = images + 3.0 * torch.randn(50, N, N, generator=gen)
     assert estimate_noise_model(lambda idx: noisy[torch.from_numpy(idx)], 50, N, 0.3 * N).groups == 1

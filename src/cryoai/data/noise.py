@@ -105,6 +105,10 @@ class NoiseModel:
 #: (simulated without noise: the CTF spreads 0.1% of the signal's power there; real images hold
 #: 50-99% there, their per-image SNR being -20 to 0 dB).
 NOISE_FREE_FRACTION = 0.01
+#: ... or whose whitened signal energy per image (:meth:`NoiseModel.information`, whole band) is
+#: above this: a matched-filter SNR of 70, where real particles give 5-30 (the shared ASPIRE
+#: noise-free set gives 43,670, its -10 dB set 315).
+NOISE_FREE_ENERGY = 5000.0
 
 
 class NoiseFree(ValueError):
@@ -233,8 +237,13 @@ def estimate_noise_model(read_images, n_particles: int, box_px: int, particle_ra
     # The images' spectral SNR: each group's whole-box power over its noise power, averaged.
     measured_groups = measured > 0
     ssnr = ((total_sums[measured_groups] / power[measured_groups]).sum(0) / measured.sum() - 1).float()
-    return NoiseModel(radial_power=power.float(), group_of=group_of, group_sizes=sizes.astype(np.int64),
+    model = NoiseModel(radial_power=power.float(), group_of=group_of, group_sizes=sizes.astype(np.int64),
                       measured=counts, kind="global" if n_groups == 1 else "micrograph", radial_ssnr=ssnr)
+    energy = model.information(float(box_px))
+    if energy > NOISE_FREE_ENERGY:
+        raise NoiseFree(f"the images carry a whitened signal energy of {energy:.0f} each: noise-free images "
+                        "(what their background holds is the particle's own spread signal)")
+    return model
 
 
 def whiten_images(images: torch.Tensor, radial_filter: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ class TrainConfig:
     search_stop_posterior: float = 0.9  # stop the EM once the band is full and the posterior this peaked
     search_ema: float = 0.7  # decay of the running back-projection sums
     search_retries: int = 2  # searches again from another seed when the map explains less than
-    min_explained: float = 0.6  # ... this share of the signal the images carry (a right map ~1)
+    min_explained: float = 0.5  # ... this share of the signal the images carry (right: 0.64-1.2)
     search_radius_start: float = 5.0  # EM band, cycles per box
     search_radius_end: float = 10.0
     search_max_shift_px: float | None = None  # default 0.12 * box

@@ -456,10 +456,10 @@ class Trainer:
             self._warn(f"{self.table.source_path or 'the particles'}: the ab initio search failed "
                        f"{len(attempts)} time(s): its best map explains only {explained:.0%} of the "
                        f"signal the images carry (a right one about 100%), so the map and poses are "
-                       f"likely wrong. The images carry little signal each (whitened signal energy "
-                       f"{info:.0f} within 10 px; the search converges from about 200 on), or junk or "
-                       f"preferred views mislead it; more particles per search (--search-subset) "
-                       f"does not help this, cleaner or more strongly scattering particles do")
+                       f"likely wrong. Either the images carry too little signal each (whitened signal "
+                       f"energy {info:.0f} per image within 10 px; the search has converged on sets "
+                       f"with 270 or more and failed on sets with 215 or less, whatever their size), "
+                       f"or junk or preferred views mislead it")
         self.run_dir.log({"stage": "search_done", "attempts": len(attempts), "explained_signal": explained,
                           "seconds": time.perf_counter() - t_all})
         return found
