@@ -244,3 +244,33 @@ def test_noise_free_images_are_not_whitened():
         estimate_noise_model(lambda idx: faint[torch.from_numpy(idx)], 50, N, 0.3 * N)
     noisy = images + 3.0 * torch.randn(50, N, N, generator=gen)
     assert estimate_noise_model(lambda idx: noisy[torch.from_numpy(idx)], 50, N, 0.3 * N).groups == 1
+
+
+def test_a_search_that_explains_too_little_is_run_again_and_the_run_warns(tmp_path):
+    """With a bar no map can pass (--min-explained 5), the search runs 1 + --search-retries times
+    from different seeds and the run ends with a warning naming the share explained; poses.star
+    carries the junk stage's columns.
+    """
+    import json
+
+    import starfile
+
+    from cryoai.cli.main import main as cli
+
+    sim = tmp_path / "sim"
+    assert cli(["simulate", "--box", str(N), "--n", "300", "--snr-db", "-5", "--seed", "2",
+                "--outdir", str(sim), "--quiet", "--device", "cpu"]) == 0
+    run = tmp_path / "run"
+    assert cli(["train", str(sim / "particles.star"), "--outdir", str(run), "--quiet", "--no-tensorboard",
+                "--device", "cpu", "--pose-encoder", "off", "--search-iterations", "15",
+                "--refine-rounds", "2", "--decoder-epochs", "0.2", "--min-explained", "5",
+                "--search-retries", "1"]) == 0
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    attempts = [r for r in log if r.get("stage") == "search"]
+    assert [r["attempt"] for r in attempts] == [1, 2] and attempts[0]["seed"] != attempts[1]["seed"]
+    assert all(0 < r["explained_signal"] < 5 for r in attempts)
+    outputs = json.loads((run / "outputs.json").read_text())
+    assert any("the ab initio search failed 2 time(s)" in w for w in outputs["warnings"])
+    assert outputs["search_explained_signal"] == max(r["explained_signal"] for r in attempts)
+    table = starfile.read(run / "poses.star", always_dict=True)["particles"]
+    assert {"rlnClassNumber", "rlnCryoaiScore", "rlnCryoaiJunkDistance"} <= set(table.columns)

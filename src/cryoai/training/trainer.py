@@ -94,6 +94,14 @@ class TrainingDiverged(CryoaiError):
     """The loss became NaN or infinite."""
 
 
+#: The images' whitened signal energy within 10 px (:meth:`cryoai.data.noise.NoiseModel.information`,
+#: averaged over every pick, junk included) below which a run warns that its map and poses may be
+#: wrong: the search failed on every set at 93 or less; between 215 and 274 it failed or converged
+#: depending on the rest (it converged at 241 with half the picks junk, failed at 215 with
+#: structural and coloured noise); it converged on every set at 274 or more (docs/realistic-data.md).
+LOW_SIGNAL_ENERGY = 150.0
+
+
 class _BestState:
     """``keep_best``: the decoder's state (its regularised start included) that predicts the
     held-out particles best (:meth:`Trainer.held_out_loss`), judged at the start, about ten times
@@ -451,15 +459,22 @@ class Trainer:
                          "no retries left"))
         found, explained = best
         self.search_explained = explained
+        info = self.dataset.noise.information(10.0) if self.dataset.noise is not None else float("nan")
+        if explained >= cfg.min_explained and info < LOW_SIGNAL_ENERGY:
+            # (at this little signal, the best pose of each image fits noise too: the share
+            # explained is not a measure any more)
+            self._warn(f"{self.table.source_path or 'the particles'}: the images carry little signal "
+                       f"each (whitened signal energy {info:.0f} per image within 10 px, below the "
+                       f"{LOW_SIGNAL_ENERGY:.0f} under which the search has failed on every set it was "
+                       f"measured on): the map and poses are likely wrong")
         if explained < cfg.min_explained:
-            info = self.dataset.noise.information(10.0) if self.dataset.noise is not None else float("nan")
             self._warn(f"{self.table.source_path or 'the particles'}: the ab initio search failed "
                        f"{len(attempts)} time(s): its best map explains only {explained:.0%} of the "
                        f"signal the images carry (a right one about 100%), so the map and poses are "
                        f"likely wrong. Either the images carry too little signal each (whitened signal "
-                       f"energy {info:.0f} per image within 10 px; the search has converged on sets "
-                       f"with 270 or more and failed on sets with 215 or less, whatever their size), "
-                       f"or junk or preferred views mislead it")
+                       f"energy {info:.0f} per image within 10 px; the search has converged on every "
+                       f"set with 274 or more, whatever its size, and failed on every one with 93 or "
+                       f"less), or junk or preferred views mislead it")
         self.run_dir.log({"stage": "search_done", "attempts": len(attempts), "explained_signal": explained,
                           "seconds": time.perf_counter() - t_all})
         return found
