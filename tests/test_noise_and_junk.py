@@ -180,26 +180,27 @@ def test_scores_of_particles_and_of_empty_ice():
 
 def test_classify_junk_finds_the_particles_cluster_with_half_junk():
     rng = np.random.default_rng(6)
-    n_real = 500
-    # Particles: amplitude 1 (micrograph scales 0.7 / 1.4), residual ~N(0, 1); junk: empty ice
-    # (amplitude ~0), broken particles (0.6), overlapping ones (1, residual +8), 500 in all.
+    n_real, p_norm = 500, 15.0
+    # Particles: amplitude = their micrograph's scale (0.7 or 1.4) plus noise of sd 1/||p||,
+    # residual ~N(0, 1); junk (500): empty ice (amplitude ~0), broken particles (0.6 of the
+    # scale), overlapping ones (the scale, residual +8).
     groups = np.repeat([0, 1], [250, 250])
-    scale = np.where(groups == 0, 0.7, 1.4)
-    amp_real = scale * (1 + 0.08 * rng.standard_normal(n_real))
-    junk_amp = np.concatenate([0.05 * rng.standard_normal(200), 0.6 + 0.08 * rng.standard_normal(150),
-                               1 + 0.08 * rng.standard_normal(150)])
     junk_groups = rng.integers(0, 2, 500)
-    junk_amp[200:] *= np.where(junk_groups[200:] == 0, 0.7, 1.4)
-    excess = np.concatenate([rng.standard_normal(n_real), rng.standard_normal(350),
-                             8 + rng.standard_normal(150)])
-    amplitude = np.concatenate([amp_real, junk_amp])
-    scores = ParticleScores(score=amplitude * 15, amplitude=amplitude, residual_excess=excess, radius_px=8.0)
+    scale = np.where(np.concatenate([groups, junk_groups]) == 0, 0.7, 1.4)
+    shape = np.concatenate([np.ones(n_real), np.zeros(200), np.full(150, 0.6), np.ones(150)])
+    amplitude = scale * shape + rng.standard_normal(1000) / p_norm
+    excess = np.concatenate([rng.standard_normal(n_real + 350), 8 + rng.standard_normal(150)])
+    scores = ParticleScores(score=amplitude * p_norm, amplitude=amplitude, residual_excess=excess,
+                            radius_px=8.0, projection_norm=np.full(1000, p_norm))
     decision = classify_junk(scores, np.concatenate([groups, junk_groups]))
     called = ~decision.keep
     recall, precision = called[n_real:].mean(), called[n_real:].sum() / called.sum()
     assert recall > 0.9 and precision > 0.9
     # Without the per-micrograph amplitude, the two scales would split the particles.
     assert decision.keep[:n_real].mean() > 0.95
+    # One micrograph's scale for all: the other's particles are 0.7 / (1/15) = 10 sd away.
+    merged = classify_junk(scores, None)
+    assert merged.keep[:n_real].mean() < 0.75
 
 
 def test_more_training_never_makes_the_map_worse(tmp_path):

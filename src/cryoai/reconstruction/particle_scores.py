@@ -15,7 +15,8 @@ micrographs), within the band where the map has signal:
   deviations (a neighbour in the box, an aggregate, a wrong map).
 
 :func:`classify_junk` separates the particles from the junk on ``(amplitude, residual_excess)``:
-the particles are the largest tight cluster (amplitude normalised per micrograph), found by a
+the particles are the largest tight cluster (the amplitude's deviation from its micrograph's, in
+noise standard deviations: times ``||p||``), found by a
 robust fit that starts from the best-scoring particles; the rest are junk.
 """
 
@@ -40,19 +41,22 @@ class ParticleScores:
     ----------
     score, amplitude, residual_excess : (n,) float64.
     radius_px : the band used, frequency pixels.
+    projection_norm : (n,) float64, ``||p||`` in noise sd (the amplitude's noise is ``1/||p||``),
+        or None.
     """
 
     score: np.ndarray
     amplitude: np.ndarray
     residual_excess: np.ndarray
     radius_px: float
+    projection_norm: np.ndarray | None = None
 
 
 @torch.no_grad()
 def score_spectra(formation, fourier_volume: torch.Tensor, spectra: torch.Tensor, ctf: torch.Tensor,
                   rotations: torch.Tensor, shifts_px: torch.Tensor,
-                  radius_px: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(score, amplitude, residual_excess)`` (B,) float64 of particles' spectra and CTFs
+                  radius_px: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(score, amplitude, residual_excess, projection_norm)`` (B,) float64 of particles' spectra and CTFs
     (B, M) against a map at their poses (rotations (B, 3, 3), shifts in pixels (B, 2)), within
     ``radius_px`` (the module docstring's definitions).
     """
@@ -69,7 +73,7 @@ def score_spectra(formation, fourier_volume: torch.Tensor, spectra: torch.Tensor
     y_norm2 = ((yk.real**2 + yk.imag**2) * weight).sum(-1)
     a = cross / p_norm2
     residual = y_norm2 - 2 * a * cross + a * a * p_norm2
-    return cross / p_norm2.sqrt(), a, (residual - dof) / np.sqrt(2 * dof_var)
+    return cross / p_norm2.sqrt(), a, (residual - dof) / np.sqrt(2 * dof_var), p_norm2.sqrt()
 
 
 @torch.no_grad()
@@ -86,15 +90,15 @@ def score_particles(particles: ParticleSpectra, fourier_volume: torch.Tensor, po
     """
     formation = particles.formation
     n = len(particles)
-    score, amplitude, excess = (np.zeros(n) for _ in range(3))
+    score, amplitude, excess, norm = (np.zeros(n) for _ in range(4))
     for idx, y, c in particles.batches(np.arange(n)):
         rows = torch.as_tensor(idx)
         values = score_spectra(formation, fourier_volume, y, c, poses.rotations[rows].to(particles.device),
                                poses.shifts_a[rows].to(particles.device) / formation.pixel_size_a, radius_px)
-        for out, v in zip((score, amplitude, excess), values, strict=True):
+        for out, v in zip((score, amplitude, excess, norm), values, strict=True):
             out[idx] = v.cpu().numpy()
     return ParticleScores(score=score, amplitude=amplitude, residual_excess=excess,
-                          radius_px=float(radius_px))
+                          radius_px=float(radius_px), projection_norm=norm)
 
 
 def explained_signal(score: np.ndarray, information: float) -> float:
@@ -121,7 +125,7 @@ class JunkDecision:
     distance : (n,) float, each particle's robust distance from the particles' cluster
         (Mahalanobis, in the cluster's standard deviations).
     threshold : the distance beyond which a particle is junk.
-    centre : (2,) the cluster's mean ``(amplitude / micrograph median, residual_excess)``.
+    centre : (2,) the cluster's centre ``((amplitude - micrograph's) ||p||, residual_excess)``.
     """
 
     keep: np.ndarray
@@ -135,24 +139,23 @@ class JunkDecision:
         return float(1 - self.keep.mean()) if len(self.keep) else 0.0
 
 
-def normalised_amplitude(amplitude: np.ndarray, groups: np.ndarray | None, trusted: np.ndarray,
+def micrograph_amplitude(amplitude: np.ndarray, groups: np.ndarray | None, trusted: np.ndarray,
                          shrink: float = 10.0) -> np.ndarray:
-    """Amplitudes over their micrograph's median amplitude of the ``trusted`` particles (a
-    micrograph with few trusted particles is pulled towards the global median).
+    """(n,) each particle's reference amplitude: its micrograph's median amplitude over the
+    ``trusted`` particles (a micrograph with few trusted particles is pulled towards the global
+    median with the weight of ``shrink`` particles).
     """
     global_median = float(np.median(amplitude[trusted])) if trusted.any() else 1.0
     if groups is None:
-        return amplitude / max(global_median, 1e-12)
+        return np.full_like(amplitude, max(global_median, 1e-12))
     _, g = np.unique(groups, return_inverse=True)
     out = np.empty_like(amplitude)
     order = np.argsort(g, kind="stable")
-    bounds = np.flatnonzero(np.diff(g[order])) + 1
-    for rows in np.split(order, bounds):
+    for rows in np.split(order, np.flatnonzero(np.diff(g[order])) + 1):
         good = rows[trusted[rows]]
         m = len(good)
         med = float(np.median(amplitude[good])) if m else global_median
-        ref = (m * med + shrink * global_median) / (m + shrink)
-        out[rows] = amplitude[rows] / max(ref, 1e-12)
+        out[rows] = max((m * med + shrink * global_median) / (m + shrink), 1e-12)
     return out
 
 
@@ -175,7 +178,7 @@ def classify_junk(scores: ParticleScores, groups: np.ndarray | None = None, *, s
     The fit starts from the ``start_fraction`` best-scoring particles of each micrograph, then
     alternates: the
     cluster's mean and covariance from the particles within ``threshold`` of it (robust
-    distance), the micrograph-normalised amplitudes from the particles kept. Particles farther
+    distance), the micrographs' reference amplitudes from the particles kept. Particles farther
     than ``threshold`` standard deviations are junk.
     """
     n = len(scores.score)
@@ -183,8 +186,12 @@ def classify_junk(scores: ParticleScores, groups: np.ndarray | None = None, *, s
         return JunkDecision(np.ones(n, bool), np.zeros(n), threshold, np.zeros(2))
     inside = _top_per_group(scores.score, groups, start_fraction)
     cov = None
+    # The amplitude's noise is 1/||p||: its deviation from the micrograph's, times ||p||, is in
+    # noise standard deviations for every particle, whatever its defocus and signal.
+    norm = scores.projection_norm if scores.projection_norm is not None else np.ones(n)
     for _ in range(iterations):
-        feats = np.stack([normalised_amplitude(scores.amplitude, groups, inside), scores.residual_excess], 1)
+        reference = micrograph_amplitude(scores.amplitude, groups, inside)
+        feats = np.stack([(scores.amplitude - reference) * norm, scores.residual_excess], 1)
         core = feats[inside]
         centre = np.median(core, axis=0)
         d_core = core - centre

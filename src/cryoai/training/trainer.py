@@ -485,7 +485,7 @@ class Trainer:
         """
         if self.dataset.noise is None:
             return float("nan")
-        score, _, _ = score_spectra(self.model.formation, found.fourier_volume, found.spectra, found.ctf,
+        score, _, _, _ = score_spectra(self.model.formation, found.fourier_volume, found.spectra, found.ctf,
                                     found.rotations, found.shifts_px, radius_px)
         return explained_signal(score.cpu().numpy(), self.dataset.noise.information(radius_px))
 
