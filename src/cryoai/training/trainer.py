@@ -676,6 +676,14 @@ class Trainer:
                           "seconds": time.perf_counter() - t0})
         return rec
 
+    def _kept_count(self) -> int:
+        """How many particles the reconstruction used (per step: no pass over the set)."""
+        if self.kept is None:
+            return len(self.table)
+        if getattr(self, "_kept_count_of", None) is not self.kept:
+            self._kept_count_of, self._kept_count_value = self.kept, int(self.kept.sum())
+        return self._kept_count_value
+
     def _kept_rows(self) -> np.ndarray:
         """The particles not called junk (all when the junk stage did not run)."""
         return np.arange(len(self.table)) if self.kept is None else np.flatnonzero(self.kept)
@@ -876,38 +884,38 @@ class Trainer:
         :func:`cryoai.training.losses.pose_loss_terms` at the fixed poses (plus the MAP prior),
         or at the encoder's hypotheses (minimum over heads and, with the symmetric loss, paths).
         """
-        formation = self.model.formation
-        keep = self._radius_keep()
-        target = formation.spectra(batch.images)
-        ctf = formation.ctf(batch)
-        if keep is not None:
-            target, ctf = target[:, keep], ctf[:, keep]
         if self.poses is not None:
             loss = self._fixed_pose_terms(batch).mean()
             if self.prior_lam is not None:
                 # MAP prior (the Wiener regulariser), per particle of the reconstruction.
                 v = self.model.decoder.fourier_volume()
-                loss = loss + (self.prior_lam * v.abs() ** 2).sum() / len(self._kept_rows())
+                loss = loss + (self.prior_lam * v.abs() ** 2).sum() / self._kept_count()
         else:
+            target, ctf, keep = self._targets(batch)
             rot, shifts = encoder_hypotheses(self.model, batch.images, self.mask,
                                              learn_shifts=self.cfg.learn_shifts)
-            terms = pose_loss_terms(formation, self.model.decoder, target, ctf, rot, shifts,
+            terms = pose_loss_terms(self.model.formation, self.model.decoder, target, ctf, rot, shifts,
                                     symmetric=self.cfg.loss == "symmetric", keep=keep)
             loss = terms.flatten(1).min(dim=-1).values.mean()
         return loss / float(self.box) ** 2
 
-    def _fixed_pose_terms(self, batch: ParticleBatch) -> torch.Tensor:
-        """The data term (B,) of each image of a batch (on the device) at its fixed pose."""
+    def _targets(self, batch: ParticleBatch):
+        """``(spectra, ctf, keep)`` of a batch on the device, within the loss's band ``keep``."""
         formation = self.model.formation
         keep = self._radius_keep()
         target = formation.spectra(batch.images)
         ctf = formation.ctf(batch)
         if keep is not None:
             target, ctf = target[:, keep], ctf[:, keep]
+        return target, ctf, keep
+
+    def _fixed_pose_terms(self, batch: ParticleBatch) -> torch.Tensor:
+        """The data term (B,) of each image of a batch (on the device) at its fixed pose."""
+        target, ctf, keep = self._targets(batch)
         idx = batch.index.cpu()
         rot = self.poses.rotations[idx].to(self.device)[:, None]
         shifts = self.poses.shifts_a[idx].to(self.device)[:, None]
-        terms = pose_loss_terms(formation, self.model.decoder, target, ctf, rot, shifts,
+        terms = pose_loss_terms(self.model.formation, self.model.decoder, target, ctf, rot, shifts,
                                 symmetric=False, keep=keep)
         return terms.reshape(len(batch))
 
