@@ -338,6 +338,82 @@ def assign_global(formation: ImageFormation, fourier_volume: torch.Tensor, spect
     return torch.cat(rots), torch.cat(shs)
 
 
+@dataclass
+class PrunedGrid:
+    """The coarse pass of :func:`assign_pruned`: the grid's slices in a lower band, a coarser
+    shift grid, and how many rotations of each image it keeps for the full scoring.
+
+    Attributes
+    ----------
+    radius_px : the coarse band, frequency px.
+    projections : (R, Pc) the grid's slices in it.
+    shifts_px : (Sc, 2) the coarse shift grid, pixels.
+    keep : rotations kept per image (T).
+    """
+
+    radius_px: float
+    projections: torch.Tensor
+    shifts_px: torch.Tensor
+    keep: int
+
+    @classmethod
+    def make(cls, formation: ImageFormation, fourier_volume: torch.Tensor, grid: torch.Tensor,
+             radius_px: float, max_shift_px: float, shift_step_px: float, keep: int) -> PrunedGrid:
+        """The coarse pass for ``grid`` (R, 3, 3) against a map (its slices made here)."""
+        coords = formation.coords_px[formation.band(radius_px)]
+        return cls(float(radius_px), sample_volume(fourier_volume, slice_coords(grid, coords)),
+                   shift_grid(max_shift_px, shift_step_px, device=fourier_volume.device), int(keep))
+
+
+def assign_pruned(formation: ImageFormation, spectra: torch.Tensor, ctf: torch.Tensor, radius_px: float,
+                  grid: torch.Tensor, shifts_px: torch.Tensor, projections: torch.Tensor, coarse: PrunedGrid,
+                  chunk: int = 128, workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global first guess of :func:`assign_global` in two passes: every rotation of the
+    grid is scored in a lower band over a coarser shift grid (``coarse``), and each image's
+    ``coarse.keep`` best rotations (best over the coarse shifts) are scored again in the full
+    band over the full shift grid (:func:`score_hypotheses`).
+
+    The exhaustive search's cost is the (B, S, R) array of scores, written and read several
+    times, as much as the matrix product that fills it: the coarse pass shrinks it by
+    ``S / Sc`` and the product by ``P / Pc``. The low frequencies carry most of a noisy image's
+    signal, so the best rotation is almost always among those kept: at L=64, -10 dB, 4,608
+    rotations, with a band of 0.7x, shifts 1/0.7 further apart (the same largest phase error)
+    and 64 rotations kept, 99.5% of the first guesses were within 10 deg of the exhaustive
+    search's, at 0.57x its time (docs/benchmarks.md).
+
+    Parameters
+    ----------
+    formation, spectra, ctf, radius_px, grid, shifts_px : as :func:`assign_global`.
+    projections : (R, P) the grid's slices in the full band.
+    coarse : the coarse pass (:meth:`PrunedGrid.make`).
+    chunk : images scored at a time.
+    workspace : buffers to reuse.
+
+    Returns
+    -------
+    rotations (B, 3, 3) and shifts (B, 2) pixels.
+    """
+    d_all = SearchData.in_band(formation, spectra, ctf, radius_px)
+    c_all = SearchData.in_band(formation, spectra, ctf, coarse.radius_px)
+    workspace = workspace or Workspace()
+    n_rot = len(grid)
+    keep = min(coarse.keep, n_rot)
+    rots, shs = [], []
+    for start in range(0, len(spectra), chunk):
+        c = c_all.rows(start, start + chunk)
+        buf = workspace.get("coarse_scores", (chunk * len(coarse.shifts_px) * n_rot,),
+                            dtype=coarse.projections.real.dtype, device=spectra.device)
+        errors = score_grid(c, coarse.projections, coarse.shifts_px, out=buf)  # (b, Sc, R)
+        top = errors.amin(dim=1).topk(keep, dim=-1, largest=False).indices  # (b, T)
+        d = d_all.rows(start, start + chunk)
+        err = score_hypotheses(d, projections[top], shifts_px)  # (b, S, T)
+        b, _, k = err.shape
+        arg = err.reshape(b, -1).argmin(dim=-1)
+        rots.append(grid[top[torch.arange(b, device=top.device), arg % k]])
+        shs.append(shifts_px[arg // k])
+    return torch.cat(rots), torch.cat(shs)
+
+
 def argmin_rows(errors: torch.Tensor) -> torch.Tensor:
     """The flat index ``s * R + r`` of each image's smallest error in ``errors`` (B, S, R), as
     ``errors.view(B, -1).argmin(-1)`` (the first of equal ones), in two stages: the minimum of
@@ -379,7 +455,10 @@ def score_hypotheses(data: SearchData, projections: torch.Tensor, shifts_px: tor
     s, k = z.shape[1], projections.shape[1]
     pairs = torch.view_as_real(projections.resolve_conj().contiguous()).reshape(b, k, 2 * p)
     cross = torch.bmm(torch.view_as_real(z).reshape(b, s, 2 * p), pairs.transpose(1, 2))  # (B, S, K)
-    norm = torch.bmm(_power(projections), (c * c * w)[:, :, None]).transpose(1, 2)  # (B, 1, K)
+    # <C^2 w, |P_k|^2> as one product over the (Re, Im) pairs, each weighted by C^2 w (a sum
+    # over the pairs' axis of length 2 would be a strided reduction, 3x slower here).
+    ccw = (c * c * w).repeat_interleave(2, dim=-1)  # (B, 2P)
+    norm = torch.bmm(ccw[:, None, :], pairs.square().transpose(1, 2))  # (B, 1, K)
     return cross.mul_(-2).add_(norm)
 
 

@@ -115,14 +115,15 @@ class SubsetSearch:
 
 def assign_settings(settings: SearchSettings, *, rounds: int = 4, candidates: int = 16,
                     radius_frac: float = 0.45, hypotheses: int = 32,
-                    method: str = "newton") -> AssignSettings:
+                    method: str = "newton", prune_keep: int = 64) -> AssignSettings:
     """The settings that pose particles against the search's map: its grids and final band,
     with the given refinement schedule (the search's own, longer one refines the subset while
     the map is still being made).
     """
     return AssignSettings(radius_px=settings.radius_end_px, max_shift_px=settings.max_shift_px,
                           shift_step_px=settings.shift_step_px, n_rotations=settings.n_rotations,
-                          hypotheses=hypotheses, refine_method=method, refine_rounds=rounds,
+                          hypotheses=hypotheses, prune_keep=prune_keep, refine_method=method,
+                          refine_rounds=rounds,
                           refine_candidates=candidates,
                           refine_radius_frac=radius_frac,
                           refine_start_deg=math.degrees((8 * math.pi**2 / settings.n_rotations) ** (1 / 3)),

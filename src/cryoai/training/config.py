@@ -59,6 +59,9 @@ class TrainConfig:
     pose_encoder: str = "auto"
     encoder_minutes: float = 2.0  # training budget of the pose encoder
     encoder_hypotheses: int = 32  # encoder rotations scored per particle
+    # the global first guess (no encoder, or a particle it is not sure of) keeps each particle's best
+    # rotations of a pass in a lower band over coarser shifts, then scores them fully; 0: exhaustive
+    assign_prune_keep: int = 64
     assign_refine_method: str = "newton"  # 'newton' (quadratic model) or 'random' (best of candidates)
     assign_refine_rounds: int = 4  # local refinement rounds of the particles posed against the map
     assign_refine_candidates: int = 16  # local rotations tried per particle and round ('random')
@@ -122,6 +125,8 @@ class TrainConfig:
         if self.encoder_minutes < 0 or self.encoder_hypotheses < 1:
             raise InputError(f"encoder_minutes must be >= 0 and encoder_hypotheses >= 1 (got "
                              f"{self.encoder_minutes}, {self.encoder_hypotheses})")
+        if self.assign_prune_keep < 0:
+            raise InputError(f"assign_prune_keep must be >= 0 (got {self.assign_prune_keep})")
         if self.assign_refine_method not in ("newton", "random"):
             raise InputError("assign_refine_method must be 'newton' or 'random' "
                              f"(got {self.assign_refine_method!r})")

@@ -239,7 +239,8 @@ def assignment_settings(cfg: TrainConfig, box_px: int) -> AssignSettings:
     """How particles are posed against a run's map (the assignment stage, predict-poses)."""
     return assign_settings(search_settings(cfg, box_px), rounds=cfg.assign_refine_rounds,
                            candidates=cfg.assign_refine_candidates, method=cfg.assign_refine_method,
-                           radius_frac=cfg.assign_refine_radius_frac, hypotheses=cfg.encoder_hypotheses)
+                           radius_frac=cfg.assign_refine_radius_frac, hypotheses=cfg.encoder_hypotheses,
+                           prune_keep=cfg.assign_prune_keep)
 
 
 def encoder_min_confidence(check: dict | None, cfg: TrainConfig) -> float:
@@ -437,10 +438,11 @@ class Trainer:
             settings = replace(search_settings(cfg, self.box), seed=cfg.seed + 1000 * attempt)
             found = search_subset(self._spectra(), settings, log=self._log, deadline=deadline)
             found = self._handle_inverted_contrast(found)
-            # The subset posed afresh against the search's final map (pose_search.repose_subset).
+            # The subset posed afresh against the search's final map (pose_search.repose_subset),
+            # by the exhaustive global search: these poses teach and check the encoder.
             t0 = time.perf_counter()
-            found = repose_subset(found, PoseAssigner(self.model.formation, found.fourier_volume,
-                                                      assignment_settings(cfg, self.box)))
+            exhaustive = replace(assignment_settings(cfg, self.box), prune_keep=0)
+            found = repose_subset(found, PoseAssigner(self.model.formation, found.fourier_volume, exhaustive))
             repose_seconds = time.perf_counter() - t0
             self.state.minutes += (found.seconds + repose_seconds) / 60
             explained = self._explained(found, settings.radius_end_px)
@@ -560,9 +562,16 @@ class Trainer:
                   f"the {1 - check.amortized_fraction:.0%} the encoder is least sure of: "
                   f"{check.combined_agreement:.0%} ({check.combined_images_per_s:.0f} img/s)")
         if not use:
-            self._log(f"encoder: not used (fewer than {MIN_AMORTIZED_FRACTION:.0%} of the particles can "
-                      f"skip the global search as accurately, or not {MIN_SPEEDUP:g}x faster): the other "
-                      "particles get the global search (--encoder-minutes trains it longer)")
+            if check.amortized_fraction < MIN_AMORTIZED_FRACTION:
+                why = (f"only {check.amortized_fraction:.0%} of the particles could skip the global search "
+                       f"as accurately (at least {MIN_AMORTIZED_FRACTION:.0%} needed; --encoder-minutes "
+                       "trains it longer)")
+            else:
+                why = (f"with it, {check.combined_images_per_s:.0f} img/s; the global search alone poses "
+                       f"{check.global_images_per_s:.0f} img/s here, and the encoder must be "
+                       f"{MIN_SPEEDUP:g}x faster to be worth its errors")
+            self._log(f"encoder: not used ({why}): the other particles get the global search; it is saved, "
+                      "and predict-poses --first-guess encoder uses it")
         seconds = time.perf_counter() - t0
         self.state.minutes += seconds / 60
         self.run_dir.log({"stage": "encoder", "seconds": seconds, "minutes": self.state.minutes, **fit,
