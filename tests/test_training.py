@@ -399,3 +399,18 @@ def test_max_minutes_bounds_the_search(sim, tmp_path, capsys):
     assert rec["time_limit_reached"] and rec["search_seconds"] < 60
     assert len(load_particles(out / "poses.star")) == N_PARTICLES
     assert (out / "volume.mrc").is_file()
+
+
+def test_a_new_run_starts_its_logs_afresh_and_a_resumed_one_appends(tmp_path):
+    """``train --force`` in an old run's directory must not append to the old run's logs (the
+    report would plot both runs as one)."""
+    from cryoai.training.run_dir import FSC_LOG, TRAIN_LOG, RunDirectory
+
+    for name in (TRAIN_LOG, FSC_LOG):
+        (tmp_path / name).write_text('{"step": 1}\n')
+    RunDirectory(tmp_path).log({"step": 2})  # resumed (the default): appended
+    assert len((tmp_path / TRAIN_LOG).read_text().splitlines()) == 2
+    run = RunDirectory(tmp_path, fresh=True)
+    assert not (tmp_path / TRAIN_LOG).exists() and not (tmp_path / FSC_LOG).exists()
+    run.log({"step": 1})
+    assert (tmp_path / TRAIN_LOG).read_text().splitlines() == ['{"step": 1}']

@@ -38,14 +38,20 @@ class RunDirectory:
     path : the run directory (created by the caller).
     writes : whether this process writes (rank 0); False makes every write a no-op.
     tensorboard : open a TensorBoard writer in ``path/tensorboard``.
+    fresh : a new run (not resumed): the logs of a previous run in ``path`` are removed, not
+        appended to.
     """
 
-    def __init__(self, path: str | Path, *, writes: bool = True, tensorboard: bool = False):
+    def __init__(self, path: str | Path, *, writes: bool = True, tensorboard: bool = False,
+                 fresh: bool = False):
         self.path = Path(path)
         self.writes = writes
         self.tensorboard = None
         if writes:
             remove_stale_temporaries(self.path)  # left by a killed run
+            if fresh:  # a new run in the directory of an old one (--force): its logs start empty
+                for name in (TRAIN_LOG, FSC_LOG):
+                    (self.path / name).unlink(missing_ok=True)
         if tensorboard and writes:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -291,7 +291,8 @@ class Trainer:
         self.argv = argv or sys.argv
         self.mode = "given" if fixed_poses is not None else \
             {"search": "search", "encoder": "amortized"}[cfg.ab_initio]
-        self.run_dir = RunDirectory(outdir, writes=self.is_main, tensorboard=cfg.tensorboard)
+        self.run_dir = RunDirectory(outdir, writes=self.is_main, tensorboard=cfg.tensorboard,
+                                    fresh=not resume)
         self.outdir = self.run_dir.path
         # Model initialisation draws from the global generators.
         torch.manual_seed(cfg.seed)
