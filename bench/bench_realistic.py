@@ -17,6 +17,8 @@ Example (the table in docs/simulation.md; about 45 minutes on 2 cores):
   python bench/bench_realistic.py --outdir /tmp/bench-realistic
   python bench/bench_realistic.py --outdir /tmp/bench-realistic --only hostile-junk hostile-views
   python bench/bench_realistic.py --outdir /tmp/bench-realistic --only large-complex --seeds 0 1 2
+  python bench/bench_realistic.py --outdir /tmp/bench-realistic --only large-complex hostile-noise \
+      --start-from-truth 60 --run-name run-start   # the same sets, the search started at 60 A
 """
 
 from __future__ import annotations
@@ -93,6 +95,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one simulated set and run per seed (the recipe's data and the run's seed)")
     p.add_argument("--extra", default="", help="extra train flags")
+    p.add_argument("--start-from-truth", type=float, default=None, metavar="RES_A",
+                   help="start the search from the set's true map low-passed to RES_A (--initial-map): "
+                        "what the rest of the run does given a right low-resolution start")
+    p.add_argument("--run-name", default="run", help="the run's folder in each case's (the sets are reused)")
     args = p.parse_args()
     rows = []
     for name, seed in [(name, seed) for name in args.only or CASES for seed in args.seeds]:
@@ -100,12 +106,17 @@ def main() -> None:
         out = args.outdir / (name if seed == 0 else f"{name}-seed{seed}")
         report = simulate(out / "sim", n, flags, seed)
         star = out / "sim" / "particles.star"
+        start = [] if args.start_from_truth is None else \
+            ["--initial-map", str(out / "sim" / "ground_truth.mrc"), "--initial-map-resolution-a",
+             str(args.start_from_truth)]
+        run_dir, tag = out / args.run_name, "" if args.run_name == "run" else f"_{args.run_name}"
         t0 = time.perf_counter()
-        rc = cli(["train", str(star), "--outdir", str(out / "run"), "--force", "--quiet",
+        rc = cli(["train", str(star), "--outdir", str(run_dir), "--force", "--quiet",
                   "--no-tensorboard", "--seed", str(seed), "--volume-every-minutes", "1000",
-                  *args.extra.split()])
+                  *start, *args.extra.split()])
         minutes = (time.perf_counter() - t0) / 60
         row = {"case": name, "seed": seed, "particles": n, "minutes": round(minutes, 2),
+               "start": "blob" if args.start_from_truth is None else f"truth at {args.start_from_truth:g} A",
                "real_particles": report["real_particles"], "junk": report["junk"],
                "snr_db_box": round(report["snr_db_box"], 2), "isnr": round(report["isnr"], 1),
                "views_scf": round(report["views_scf"], 3)}
@@ -117,26 +128,26 @@ def main() -> None:
         truth = pd.read_csv(out / "sim" / "truth.csv")
         is_junk = truth["kind"].to_numpy() != "particle"
         real = np.flatnonzero(~is_junk)
-        outputs = json.loads((out / "run" / "outputs.json").read_text())
+        outputs = json.loads((run_dir / "outputs.json").read_text())
         row.update({"explained_signal": outputs.get("search_explained_signal"),
                     "views_scf_run": outputs.get("views_scf"), "warnings": len(outputs.get("warnings", []))})
-        classes = starfile.read(out / "run" / "poses.star", always_dict=True)["particles"]
+        classes = starfile.read(run_dir / "poses.star", always_dict=True)["particles"]
         if "rlnClassNumber" in classes:
             called = classes["rlnClassNumber"].to_numpy() == 2
             row.update({"junk_called": int(called.sum()),
                         "junk_recall": float((called & is_junk).sum() / max(is_junk.sum(), 1)),
                         "junk_precision": float((called & is_junk).sum() / max(called.sum(), 1))})
         gt_table = load_particles(star).subset(real)
-        run_table = load_particles(out / "run" / "poses.star").subset(real)
+        run_table = load_particles(run_dir / "poses.star").subset(real)
         write_star(out / "gt_real.star", gt_table)
-        write_star(out / "run_real.star", run_table)
+        write_star(out / f"run_real{tag}.star", run_table)
         gt_map = out / "sim" / "ground_truth.mrc"
         run_map = real_particle_map(gt_table, run_table.rotations, run_table.shifts_a,
-                                    out / "run_real_map.mrc")
+                                    out / f"run_real_map{tag}.mrc")
         known_map = real_particle_map(gt_table, gt_table.rotations, gt_table.shifts_a,
                                       out / "known_real_map.mrc")
         gt_real = out / "gt_real.star"
-        run_metrics = evaluate(run_map, out / "run_real.star", gt_real, gt_map, out / "eval_run")
+        run_metrics = evaluate(run_map, out / f"run_real{tag}.star", gt_real, gt_map, out / f"eval_run{tag}")
         known_metrics = evaluate(known_map, gt_real, gt_real, gt_map, out / "eval_known")
         row.update({"rotation_error_deg_median": run_metrics.get("rotation_error_deg_median"),
                     "fsc05_px": run_metrics.get("resolution_px_0.5"),
@@ -145,7 +156,8 @@ def main() -> None:
                     "known_fsc0143_px": known_metrics.get("resolution_px_0.143")})
         rows.append(row)
         print(json.dumps(row), flush=True)
-    (args.outdir / "results.json").write_text(json.dumps(rows, indent=1))
+    (args.outdir / f"results{'' if args.run_name == 'run' else '_' + args.run_name}.json").write_text(
+        json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

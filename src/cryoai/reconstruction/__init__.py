@@ -31,10 +31,11 @@ from .pose_search import (
     repose_subset,
     search_poses,
     search_subset,
+    starting_map,
 )
 from .regularised import Reconstruction, reconstruct
 from .spectra import ParticleSpectra
 
 __all__ = ["AssignSettings", "ParticleSpectra", "PoseAssigner", "Reconstruction", "SearchSettings",
            "SubsetSearch", "assign_poses", "assign_remaining", "assign_settings", "backproject",
-           "reconstruct", "repose_subset", "search_poses", "search_subset"]
+           "reconstruct", "repose_subset", "search_poses", "search_subset", "starting_map"]

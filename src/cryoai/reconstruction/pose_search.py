@@ -6,8 +6,9 @@ not grow with the data set):
 
 1. stochastic expectation-maximisation over a near-uniform SO(3) grid x a shift grid at low
    resolution, with frequency marching (band from ``radius_start_px`` to ``radius_end_px``).
-   The first map is a back-projection at random poses (a blob of the right size). Each
-   iteration uses a mini-batch; the back-projected sums are decayed running averages
+   The first map is a back-projection at random poses (a blob of the right size), or a map
+   the user gives (:func:`starting_map`: low-passed, and the EM then runs at its final band
+   from the start). Each iteration uses a mini-batch; the back-projected sums are decayed running averages
    (:class:`cryoai.reconstruction.em.ExpectationMaximisation`);
 2. a global assignment of every subset image against the final low-resolution map, then local
    refinement (a shrinking angular range, a finer shift grid and a widening band) with a hard
@@ -36,7 +37,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..physics.fft import ifft3_c
+from ..physics.fft import fft3_c, ifft3_c
 from ..physics.grids import grid_3d, max_paired_radius_px
 from ..physics.poses import Poses
 from ..physics.shifts import phase_shift
@@ -149,7 +150,8 @@ def centre_of_mass(volume: torch.Tensor) -> torch.Tensor:
 
 
 def search_subset(particles: ParticleSpectra, settings: SearchSettings, *,
-                  log: Callable[[str], None] = print, deadline: float | None = None) -> SubsetSearch:
+                  log: Callable[[str], None] = print, deadline: float | None = None,
+                  start: torch.Tensor | None = None) -> SubsetSearch:
     """Steps 1-2 of the module docstring: the EM and the refinement on the subset.
 
     Parameters
@@ -159,8 +161,31 @@ def search_subset(particles: ParticleSpectra, settings: SearchSettings, *,
     log : progress lines.
     deadline : a ``time.perf_counter()`` time: past it, the EM stops and the remaining local
         refinement rounds are skipped, and the log says so.
+    start : (N, N, N) complex, a map to start the EM from (:func:`starting_map`) instead of a
+        blob; the EM then runs at ``radius_end_px`` from its first iteration, and the poses are
+        in this map's frame.
     """
-    return _Search(particles, settings, log, deadline).run()
+    return _Search(particles, settings, log, deadline, start=start).run()
+
+
+def starting_map(volume: torch.Tensor, pixel_size_a: float, resolution_a: float) -> torch.Tensor:
+    """A user's map as the search's start: its centred Fourier transform (1/N scale) under a
+    Gaussian low-pass whose amplitude falls to exp(-1/2) at ``resolution_a``.
+
+    A blob of the molecule's shape is all the start needs: at a whitened signal energy of 93
+    per image (an SNR where the blob start fails), the true map blurred to 40, 60 or 80 A
+    gave the same poses (2.1 deg; docs/realistic-data.md, section 7). Blurring keeps a detailed
+    start (a homologue, another run's map) from imposing its detail on the particles.
+
+    Parameters
+    ----------
+    volume : (N, N, N) real map, [z, y, x].
+    pixel_size_a : its voxel size, Angstrom.
+    resolution_a : the low-pass, Angstrom.
+    """
+    n = volume.shape[-1]
+    k = grid_3d(n, device=volume.device, dtype=volume.dtype).norm(dim=-1) / (n * pixel_size_a)  # 1/A
+    return fft3_c(volume) / n * torch.exp(-0.5 * (k * resolution_a) ** 2)
 
 
 def repose_subset(found: SubsetSearch, assigner: PoseAssigner, *, block: int = 4096) -> SubsetSearch:
@@ -245,8 +270,10 @@ def assign_poses(particles: ParticleSpectra, assigner: PoseAssigner, *, block: i
 class _Search:
     """The state of one :func:`search_poses` run: the EM (map and grids) and the generator."""
 
-    def __init__(self, particles: ParticleSpectra, settings: SearchSettings, log, deadline=None):
+    def __init__(self, particles: ParticleSpectra, settings: SearchSettings, log, deadline=None,
+                 start: torch.Tensor | None = None):
         self.particles = particles
+        self.start = start
         self.deadline = deadline
         self.deadline_said = False
         self.formation = particles.formation
@@ -273,7 +300,19 @@ class _Search:
         y, c = self.particles.read(subset)
         r0, r1 = self._radius(st.radius_start_px), self._radius(st.radius_end_px)
         em = self.em
-        em.initialise(y[: st.batch], c[: st.batch], r0)
+        if self.start is None:
+            em.initialise(y[: st.batch], c[: st.batch], r0)
+        else:
+            # The given map, at the scale of the data (the blob of random poses is: the power of
+            # both within the band is made equal), and the EM at its final band from the start:
+            # at the first band a start is lost again (docs/realistic-data.md, section 7).
+            r0 = r1
+            em.initialise(y[: st.batch], c[: st.batch], r1)
+            band = grid_3d(self.n, device=em.fourier_volume.device).norm(dim=-1) <= r1
+            start = self.start.to(em.fourier_volume.device, em.fourier_volume.dtype)
+            gain = (em.fourier_volume[band].abs().square().sum() /
+                    start[band].abs().square().sum().clamp_min(1e-30)).sqrt()
+            em.fourier_volume = start * gain
         for it in range(st.iterations):
             r = r0 + (r1 - r0) * min(1.0, it / max(1, int(0.7 * st.iterations)))
             idx = torch.randperm(n_sub, generator=self.gen)[: st.batch].to(self.particles.device)

@@ -46,6 +46,10 @@ class TrainConfig:
     search_ema: float = 0.7  # decay of the running back-projection sums
     search_retries: int = 2  # searches again from another seed when the map explains less than
     min_explained: float = 0.5  # ... this share of the signal the images carry (right: 0.64-1.2)
+    # a map (MRC, the particles' box and pixel size) to start the search from instead of a blob,
+    # low-passed to initial_map_resolution_a (A); poses and map come out in its frame
+    initial_map: str | None = None
+    initial_map_resolution_a: float = 60.0
     search_radius_start: float = 5.0  # EM band, cycles per box
     search_radius_end: float = 10.0
     search_max_shift_px: float | None = None  # default 0.12 * box
@@ -125,6 +129,8 @@ class TrainConfig:
         if self.encoder_minutes < 0 or self.encoder_hypotheses < 1:
             raise InputError(f"encoder_minutes must be >= 0 and encoder_hypotheses >= 1 (got "
                              f"{self.encoder_minutes}, {self.encoder_hypotheses})")
+        if self.initial_map_resolution_a <= 0:
+            raise InputError(f"initial_map_resolution_a must be > 0 (got {self.initial_map_resolution_a})")
         if self.assign_prune_keep < 0:
             raise InputError(f"assign_prune_keep must be >= 0 (got {self.assign_prune_keep})")
         if self.assign_refine_method not in ("newton", "random"):
@@ -196,6 +202,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
             typ = type(default) if default is not None else float
             if f.name in ("max_shift_a", "max_minutes", "search_max_shift_px"):
                 typ = float
+            elif f.name == "initial_map":
+                typ = str
             elif f.name in ("encoder_input_px", "threads", "decoder_max_images"):
                 typ = int
             group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", type=typ, default=None,

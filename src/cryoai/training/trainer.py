@@ -45,6 +45,7 @@ from ..data.noise import measure_noise
 from ..errors import CryoaiError, InputError
 from ..evaluation.report import SCF_WARNING
 from ..io.images import ImageSource
+from ..io.mrc import read_volume
 from ..io.particles import ParticleTable
 from ..models.cryoai import CryoAI, build_model, estimate_amplitude_profile
 from ..models.decoders import decoder_to_volume
@@ -65,6 +66,7 @@ from ..reconstruction import (
     reconstruct,
     repose_subset,
     search_subset,
+    starting_map,
 )
 from ..reconstruction.particle_scores import (
     ParticleScores,
@@ -214,6 +216,8 @@ def check_inputs(table: ParticleTable, cfg: TrainConfig, given_poses: ParticleTa
     """
     source = source or ImageSource(table)
     source.validate()
+    if cfg.initial_map:
+        read_initial_map(cfg.initial_map, table.box_px, table.median_pixel_size_a())
     source.read(np.unique([0, len(table) - 1]))
     scale = estimate_scale(table, cfg.normalize_samples, cfg.seed, source=source)
     if given_poses is not None and (len(given_poses) != len(table) or not given_poses.has_poses):
@@ -221,6 +225,27 @@ def check_inputs(table: ParticleTable, cfg: TrainConfig, given_poses: ParticleTa
                          f"{len(table)} particles (it has {len(given_poses)}"
                          f"{'' if given_poses.has_poses else ', without poses'})")
     return scale
+
+
+def read_initial_map(path: str, box_px: int, pixel_size_a: float) -> np.ndarray:
+    """The map of ``--initial-map``, checked against the particles: the same box, and the same
+    voxel size within 1% where its header gives one (an unset one, 0, is taken as theirs).
+
+    Raises
+    ------
+    InputError
+        One line naming the file and the problem.
+    """
+    volume, voxel_a = read_volume(path)
+    if volume.shape[-1] != box_px:
+        raise InputError(f"{path}: box {volume.shape[-1]} differs from the particles' {box_px} "
+                         "(resample the map to their box first)")
+    if voxel_a > 0 and abs(voxel_a - pixel_size_a) > 0.01 * pixel_size_a:
+        raise InputError(f"{path}: voxel size {voxel_a:.3f} A differs from the particles' "
+                         f"{pixel_size_a:.3f} A (resample the map first)")
+    if not np.isfinite(volume).all() or float(np.abs(volume).max()) == 0:
+        raise InputError(f"{path}: the map is empty or holds NaN/infinite values")
+    return volume
 
 
 def search_settings(cfg: TrainConfig, box_px: int) -> SearchSettings:
@@ -437,7 +462,8 @@ class Trainer:
             if deadline is not None and attempt > 0 and time.perf_counter() >= deadline:
                 break
             settings = replace(search_settings(cfg, self.box), seed=cfg.seed + 1000 * attempt)
-            found = search_subset(self._spectra(), settings, log=self._log, deadline=deadline)
+            found = search_subset(self._spectra(), settings, log=self._log, deadline=deadline,
+                                  start=self._starting_map())
             found = self._handle_inverted_contrast(found)
             # The subset posed afresh against the search's final map (pose_search.repose_subset),
             # by the exhaustive global search: these poses teach and check the encoder.
@@ -497,6 +523,17 @@ class Trainer:
         self.warnings.append(message)
         if self.is_main:
             print(f"warning: {message}", file=sys.stderr)
+
+    def _starting_map(self) -> torch.Tensor | None:
+        """``--initial-map`` as the search's start (low-passed), or None (a blob)."""
+        cfg = self.cfg
+        if not cfg.initial_map:
+            return None
+        volume = read_initial_map(cfg.initial_map, self.box, self.pixel_size_a)
+        self._log(f"search: starting from {cfg.initial_map} low-passed to "
+                  f"{cfg.initial_map_resolution_a:g} A, the EM at its final band from the start")
+        return starting_map(torch.as_tensor(volume, dtype=torch.float32, device=self.device),
+                            self.pixel_size_a, cfg.initial_map_resolution_a)
 
     def _handle_inverted_contrast(self, found):
         """Data of the other contrast sign (protein dark) make the search's map negative: say so,
