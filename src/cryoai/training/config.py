@@ -46,8 +46,9 @@ class TrainConfig:
     search_ema: float = 0.7  # decay of the running back-projection sums
     search_retries: int = 2  # searches again from another seed when the map explains less than
     min_explained: float = 0.5  # ... this share of the signal the images carry (right: 0.64-1.2)
-    # a map (MRC, the particles' box and pixel size) to start the search from instead of a blob,
-    # low-passed to initial_map_resolution_a (A); poses and map come out in its frame
+    # a map (MRC, the particles' box and pixel size, protein positive as the images read after
+    # --invert-contrast) to start the search from instead of a blob, low-passed to
+    # initial_map_resolution_a (A); poses and map come out in its frame
     initial_map: str | None = None
     initial_map_resolution_a: float = 60.0
     search_radius_start: float = 5.0  # EM band, cycles per box
