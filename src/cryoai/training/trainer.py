@@ -461,14 +461,14 @@ class Trainer:
         cfg = self.cfg
         best, attempts = None, []
         t_all = time.perf_counter()
+        start = self._starting_map()  # read and low-passed once for every attempt
         for attempt in range(cfg.search_retries + 1):
             deadline = None if cfg.max_minutes is None else \
                 time.perf_counter() + (cfg.max_minutes - self.state.minutes) * 60
             if deadline is not None and attempt > 0 and time.perf_counter() >= deadline:
                 break
             settings = replace(search_settings(cfg, self.box), seed=cfg.seed + 1000 * attempt)
-            found = search_subset(self._spectra(), settings, log=self._log, deadline=deadline,
-                                  start=self._starting_map())
+            found = search_subset(self._spectra(), settings, log=self._log, deadline=deadline, start=start)
             found = self._handle_inverted_contrast(found)
             # The subset posed afresh against the search's final map (pose_search.repose_subset),
             # by the exhaustive global search: these poses teach and check the encoder.
