@@ -129,6 +129,10 @@ def main() -> None:
         is_junk = truth["kind"].to_numpy() != "particle"
         real = np.flatnonzero(~is_junk)
         outputs = json.loads((run_dir / "outputs.json").read_text())
+        attempts = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()
+                    if '"stage": "search"' in line]
+        if attempts:  # what each search attempt started from (--search-start auto chooses)
+            row["start"] = ", ".join(a.get("start", "?") for a in attempts)
         row.update({"explained_signal": outputs.get("search_explained_signal"),
                     "views_scf_run": outputs.get("views_scf"), "warnings": len(outputs.get("warnings", []))})
         classes = starfile.read(run_dir / "poses.star", always_dict=True)["particles"]

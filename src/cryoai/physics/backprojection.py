@@ -49,3 +49,44 @@ def insert_slices(values: torch.Tensor, weights: torch.Tensor, points_px: torch.
     mate = out.flip(0, 1, 2)
     numerator = torch.complex(out[..., 0] + mate[..., 0], out[..., 1] - mate[..., 1])[:n, :n, :n]
     return numerator.contiguous(), (out[..., 2] + mate[..., 2])[:n, :n, :n].contiguous()
+
+
+def insert_planes(values: torch.Tensor, weights: torch.Tensor, points_px: torch.Tensor,
+                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear insertion of complex values at 2D frequency points into K grids, and of their
+    Hermitian mates (the adjoint of :func:`cryoai.physics.projection.sample_planes`, the 2D
+    counterpart of :func:`insert_slices`).
+
+    Parameters
+    ----------
+    values : (K, Q) complex values (e.g. CTF-weighted image coefficients, per class).
+    weights : (K, Q) real weights accumulated the same way (e.g. CTF^2).
+    points_px : (Q, 2) points ``(x, y)`` in centred frequency pixels, the same for every grid.
+    n : grid size N.
+
+    Returns
+    -------
+    numerator (K, N, N) complex and denominator (K, N, N) real, indexed [y, x]; each value is
+    inserted at ``k`` and its conjugate at ``-k``.
+    """
+    n_grids = values.shape[0]
+    pts = points_px.reshape(-1, 2)
+    data = torch.stack([values.real.to(pts.dtype), values.imag.to(pts.dtype),
+                        weights.to(pts.dtype)], dim=-1)  # (K, Q, 3)
+    m = n + 1  # index N (+N/2) kept until the reflection, as in insert_slices
+    idx = pts + n // 2
+    base = torch.floor(idx)
+    frac = idx - base
+    base = base.long()
+    out = torch.zeros(n_grids, m * m, 3, dtype=pts.dtype, device=pts.device)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            cx, cy = base[:, 0] + dx, base[:, 1] + dy
+            w = (frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
+            ok = (cx >= 0) & (cx <= n) & (cy >= 0) & (cy <= n)
+            flat = torch.where(ok, cy * m + cx, 0)
+            out.index_add_(1, flat, data * (w * ok)[None, :, None])
+    out = out.reshape(n_grids, m, m, 3)
+    mate = out.flip(1, 2)
+    numerator = torch.complex(out[..., 0] + mate[..., 0], out[..., 1] - mate[..., 1])[:, :n, :n]
+    return numerator.contiguous(), (out[..., 2] + mate[..., 2])[:, :n, :n].contiguous()

@@ -167,3 +167,40 @@ def project_real_space(volume: torch.Tensor, rotations: torch.Tensor, *, chunk: 
         vals = sample_volume(volume, rotated).reshape(-1, n, n, n)
         out.append(vals.sum(dim=1))
     return torch.cat(out, dim=0) if out else volume.new_zeros(0, n, n)
+
+
+def sample_planes(planes: torch.Tensor, coords_px: torch.Tensor) -> torch.Tensor:
+    """Bilinear interpolation of K (real or complex) 2D grids at the same points.
+
+    The 2D counterpart of :func:`sample_volume`: e.g. class averages' centred spectra read at
+    in-plane rotated frequencies (:func:`inplane_rotations`).
+
+    Parameters
+    ----------
+    planes : (K, N, N) tensor, each indexed [y, x], centre ``N//2``.
+    coords_px : (..., 2) points ``(x, y)`` in centred pixel units; outside the box reads 0.
+
+    Returns
+    -------
+    (K, ...) tensor with the planes' dtype.
+    """
+    if planes.is_complex():
+        parts = torch.cat([planes.real, planes.imag])
+        out = sample_planes(parts, coords_px)
+        k = planes.shape[0]
+        return torch.complex(out[:k], out[k:])
+    n = planes.shape[-1]
+    lead = coords_px.shape[:-1]
+    scale = 2.0 / (n - 1)  # centred pixels -> grid_sample's [-1, 1] (align_corners=True)
+    grid = coords_px.reshape(1, -1, 1, 2).to(planes.dtype) * scale + (n // 2 * scale - 1.0)
+    out = F.grid_sample(planes[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.reshape(planes.shape[0], *lead)
+
+
+def inplane_rotations(angles_rad: torch.Tensor, coords_2d: torch.Tensor) -> torch.Tensor:
+    """In-plane rotated points: ``(J, M, 2)`` = ``R(angle_j) @ (x, y)`` for (J,) angles and
+    (M, 2) points (counter-clockwise for positive angles).
+    """
+    c, s = torch.cos(angles_rad).to(coords_2d.dtype), torch.sin(angles_rad).to(coords_2d.dtype)
+    x, y = coords_2d[:, 0], coords_2d[:, 1]
+    return torch.stack([c[:, None] * x - s[:, None] * y, s[:, None] * x + c[:, None] * y], dim=-1)

@@ -43,8 +43,10 @@ from ..physics.poses import Poses
 from ..physics.shifts import phase_shift
 from .amortized import AssignSettings, PoseAssigner
 from .backproject import backproject
+from .class_averages import ClassAverages, ClassAverageSettings, class_averages, class_particles
 from .em import ExpectationMaximisation, assign_global, refine_local
-from .spectra import ParticleSpectra
+from .particle_scores import score_spectra
+from .spectra import ParticleSpectra, SpectraInMemory
 
 
 @dataclass
@@ -102,6 +104,7 @@ class SubsetSearch:
     spectra, ctf : (n, M) the subset's coefficients and CTFs (kept for the encoder stage).
     seconds : how long the search took.
     time_limit_reached : whether the deadline cut it short.
+    class_averages : the 2D classes its start was made from (``start="classes"``), else None.
     """
 
     subset: np.ndarray
@@ -112,6 +115,26 @@ class SubsetSearch:
     ctf: torch.Tensor
     seconds: float = 0.0
     time_limit_reached: bool = False
+    class_averages: ClassAverages | None = None
+
+
+#: Searches of the class averages' poses from different seeds, the best kept (by how much of
+#: the averages the map explains): each costs a few seconds.
+CLASS_SEARCH_SEEDS = 3
+#: Images per class the number of classes aims at (at most ``ClassAverageSettings.n_classes``).
+IMAGES_PER_CLASS = 60
+
+
+def class_average_settings(settings: SearchSettings, n_images: int) -> ClassAverageSettings:
+    """The 2D classification that makes the search's start from class averages: the search's
+    final band, mask and shift grid, and about :data:`IMAGES_PER_CLASS` images per class (at
+    most 50 classes).
+    """
+    n_classes = int(min(50, max(2, n_images // IMAGES_PER_CLASS)))
+    return ClassAverageSettings(mask_radius_px=settings.mask_radius_px, n_classes=n_classes,
+                                radius_px=settings.radius_end_px,
+                                max_shift_px=settings.max_shift_px, shift_step_px=settings.shift_step_px,
+                                seed=settings.seed)
 
 
 def assign_settings(settings: SearchSettings, *, rounds: int = 4, candidates: int = 16,
@@ -151,7 +174,7 @@ def centre_of_mass(volume: torch.Tensor) -> torch.Tensor:
 
 def search_subset(particles: ParticleSpectra, settings: SearchSettings, *,
                   log: Callable[[str], None] = print, deadline: float | None = None,
-                  start: torch.Tensor | None = None) -> SubsetSearch:
+                  start: torch.Tensor | str | None = None) -> SubsetSearch:
     """Steps 1-2 of the module docstring: the EM and the refinement on the subset.
 
     Parameters
@@ -163,9 +186,61 @@ def search_subset(particles: ParticleSpectra, settings: SearchSettings, *,
         refinement rounds are skipped, and the log says so.
     start : (N, N, N) complex, a map to start the EM from (:func:`starting_map`) instead of a
         blob; the EM then runs at ``radius_end_px`` from its first iteration, and the poses are
-        in this map's frame.
+        in this map's frame. ``"classes"``: such a map made from the subset's 2D class averages
+        (:func:`start_from_class_averages`), for data whose images carry too little signal each
+        for the search from a blob.
     """
     return _Search(particles, settings, log, deadline, start=start).run()
+
+
+def start_from_class_averages(formation, spectra: torch.Tensor, ctf: torch.Tensor,
+                              settings: SearchSettings, *, log: Callable[[str], None] = print,
+                              deadline: float | None = None) -> tuple[torch.Tensor, ClassAverages]:
+    """A start for the search made from the images' 2D class averages.
+
+    At a whitened signal energy of about 200 per image (within 10 px), the search from a blob
+    fails while a map of the molecule's shape at 80 A is enough for the same images to pose
+    themselves (docs/realistic-data.md, section 7). Averages of about 60 images carry 60 times
+    the energy each. So: the images are classified in 2D (:func:`class_averages`), the class
+    averages are posed by the search as particles (:func:`class_particles`;
+    :data:`CLASS_SEARCH_SEEDS` seeds, the map that explains most of them kept), and that map
+    is the start.
+
+    Parameters
+    ----------
+    formation : the coefficient layout.
+    spectra, ctf : (B, M) the search subset's coefficients and CTFs.
+    settings : the search's options (its band, grids, mask and seed).
+    log : progress lines.
+    deadline : as :func:`search_subset`'s.
+
+    Returns
+    -------
+    The start, (N, N, N) complex (1/N scale), and the class averages.
+    """
+    t0 = time.perf_counter()
+    classify = class_average_settings(settings, len(spectra))
+    averages = class_averages(formation, spectra, ctf, classify, log=log)
+    y, c = class_particles(formation, averages, min_images=classify.min_images)
+    if len(y) < 2:
+        raise RuntimeError("the 2D classification left fewer than 2 classes to make a start from")
+    r_max = max_paired_radius_px(formation.box_px)
+    best = None
+    for k in range(CLASS_SEARCH_SEEDS):
+        seed = settings.seed + 100 * k
+        on_classes = replace(settings, subset=len(y), batch=len(y), seed=seed, refine_rounds=4,
+                             refine_radius_frac=averages.radius_px / r_max)
+        found = _Search(SpectraInMemory(y, c, formation), on_classes, lambda _m: None, deadline).run()
+        score, _, _, _ = score_spectra(formation, found.fourier_volume, y, c, found.rotations,
+                                       found.shifts_px, averages.radius_px)
+        fit = float(score.clamp_min(0).square().sum())  # the averages' signal energy the map explains
+        if best is None or fit > best[0]:
+            best = (fit, found.fourier_volume)
+    kept = int((averages.sizes >= classify.min_images).sum())
+    log(f"search start: {kept} class averages of {len(spectra)} images (2D classification "
+        f"{averages.seconds:.0f} s), posed from {CLASS_SEARCH_SEEDS} seeds; "
+        f"{time.perf_counter() - t0:.0f} s in all")
+    return best[1], averages
 
 
 def starting_map(volume: torch.Tensor, pixel_size_a: float, resolution_a: float) -> torch.Tensor:
@@ -300,6 +375,12 @@ class _Search:
         y, c = self.particles.read(subset)
         r0, r1 = self._radius(st.radius_start_px), self._radius(st.radius_end_px)
         em = self.em
+        averages = None
+        if isinstance(self.start, str):
+            if self.start != "classes":
+                raise ValueError(f"unknown search start {self.start!r}")
+            self.start, averages = start_from_class_averages(self.formation, y, c, st, log=self.log,
+                                                             deadline=self.deadline)
         if self.start is None:
             em.initialise(y[: st.batch], c[: st.batch], r0)
         else:
@@ -332,7 +413,7 @@ class _Search:
         seconds = time.perf_counter() - t0
         self.log(f"search done in {seconds:.0f} s")
         return SubsetSearch(subset, rot, shifts, em.fourier_volume, y, c, seconds=seconds,
-                            time_limit_reached=self.deadline_said)
+                            time_limit_reached=self.deadline_said, class_averages=averages)
 
     def _past_deadline(self, what: str) -> bool:
         """Whether the deadline has passed (said once, with what the search cuts short)."""

@@ -47,3 +47,26 @@ class ParticleSpectra:
             ys.append(y)
             cs.append(c)
         return torch.cat(ys), torch.cat(cs)
+
+
+class SpectraInMemory:
+    """Spectra and CTFs already on a device, read as :class:`ParticleSpectra` reads its
+    particles' (e.g. class averages standing as particles for the search).
+
+    Parameters
+    ----------
+    spectra, ctf : (B, M) complex coefficients and real CTFs in ``formation``'s layout.
+    formation : the coefficient layout.
+    """
+
+    def __init__(self, spectra: torch.Tensor, ctf: torch.Tensor, formation: ImageFormation):
+        self.spectra, self.ctf, self.formation = spectra, ctf, formation
+        self.device = spectra.device
+
+    def __len__(self) -> int:
+        return len(self.spectra)
+
+    def read(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spectra and CTFs of ``indices``."""
+        idx = torch.as_tensor(np.asarray(indices), device=self.device)
+        return self.spectra[idx], self.ctf[idx]

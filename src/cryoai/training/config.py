@@ -51,6 +51,10 @@ class TrainConfig:
     # initial_map_resolution_a (A); poses and map come out in its frame
     initial_map: str | None = None
     initial_map_resolution_a: float = 60.0
+    # what the search starts from without --initial-map: "blob" (random poses), "classes" (a
+    # map posed from the subset's 2D class averages), or "auto": classes when the images' whitened
+    # signal energy within 10 px is below 250, else a blob and classes if it fails
+    search_start: str = "auto"
     search_radius_start: float = 5.0  # EM band, cycles per box
     search_radius_end: float = 10.0
     search_max_shift_px: float | None = None  # default 0.12 * box
@@ -130,6 +134,8 @@ class TrainConfig:
         if self.encoder_minutes < 0 or self.encoder_hypotheses < 1:
             raise InputError(f"encoder_minutes must be >= 0 and encoder_hypotheses >= 1 (got "
                              f"{self.encoder_minutes}, {self.encoder_hypotheses})")
+        if self.search_start not in ("auto", "blob", "classes"):
+            raise InputError(f"search_start must be 'auto', 'blob' or 'classes' (got {self.search_start!r})")
         if self.initial_map_resolution_a <= 0:
             raise InputError(f"initial_map_resolution_a must be > 0 (got {self.initial_map_resolution_a})")
         if self.assign_prune_keep < 0:

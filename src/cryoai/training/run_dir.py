@@ -2,7 +2,7 @@
 
 ``config.yaml`` (the resolved options), ``checkpoint.pt``, ``volume.mrc`` and the half maps
 ``volume_half1.mrc``/``volume_half2.mrc``, ``poses.star`` and ``poses.cs`` (RELION and
-cryoSPARC), the JSON-lines logs
+cryoSPARC), ``class_averages.mrcs`` (when the search started from them), the JSON-lines logs
 (``train_log.jsonl``: loss records and one record per stage; ``fsc_log.jsonl``: FSC against a
 reference) and TensorBoard. Every file is written atomically (a temporary file, then a rename).
 Under torch.distributed only rank 0 writes: on the other ranks every write is a no-op.
@@ -18,7 +18,7 @@ import numpy as np
 
 from ..io import write_text_atomic
 from ..io.cryosparc import write_cs
-from ..io.mrc import write_volume
+from ..io.mrc import write_stack, write_volume
 from ..io.particles import ParticleTable
 from ..io.star import write_star
 from ..physics.poses import Poses
@@ -129,6 +129,15 @@ class RunDirectory:
                 proj = (proj - proj.min()) / max(float(np.ptp(proj)), 1e-12)
                 self.tensorboard.add_image("volume/projection_z", proj[None], step)
         return self.volume_path
+
+    def write_class_averages(self, images: np.ndarray, sizes: np.ndarray, pixel_size_a: float) -> None:
+        """``class_averages.mrcs``: the 2D class averages the search started from, largest class
+        first, each with its size in ``train_log.jsonl`` (stage ``class_averages``).
+        """
+        if self.writes:
+            order = np.argsort(-sizes, kind="stable")
+            write_stack(self.path / "class_averages.mrcs", images[order].astype(np.float32), pixel_size_a)
+            self.log({"stage": "class_averages", "sizes": [int(round(float(v))) for v in sizes[order]]})
 
     def write_half_maps(self, half_maps: Iterable[np.ndarray], pixel_size_a: float) -> None:
         """``volume_half1.mrc`` and ``volume_half2.mrc``."""

@@ -103,10 +103,15 @@ class TrainingDiverged(CryoaiError):
 #: structural and coloured noise); it converged on every set at 274 or more (docs/realistic-data.md).
 LOW_SIGNAL_ENERGY = 150.0
 
-#: The same for a search started from a given map (``--initial-map``): from the true map blurred
-#: to 60-80 A it posed a set at 93 (2.1 deg) and failed on one at 14 (docs/realistic-data.md,
-#: section 7).
+#: The same for a search started from a map (``--initial-map``, or one made from class
+#: averages): from the true map blurred to 60-80 A it posed a set at 93 (2.1 deg) and failed on
+#: one at 14 (docs/realistic-data.md, section 7); from class averages it posed the set at 93 too
+#: (section 8).
 LOW_SIGNAL_ENERGY_WITH_START = 50.0
+#: ``--search-start auto`` starts from class averages below this whitened signal energy per
+#: image within 10 px: the search from a blob converged on every set measured with 274 or more
+#: and failed on every one with 215 or less (docs/realistic-data.md, sections 6 and 8).
+CLASS_START_ENERGY = 250.0
 
 
 class _BestState:
@@ -462,6 +467,9 @@ class Trainer:
         best, attempts = None, []
         t_all = time.perf_counter()
         start = self._starting_map()  # read and low-passed once for every attempt
+        info = self.dataset.noise.information(10.0) if self.dataset.noise is not None else float("nan")
+        if start is None:
+            start = self._search_start(info)
         for attempt in range(cfg.search_retries + 1):
             deadline = None if cfg.max_minutes is None else \
                 time.perf_counter() + (cfg.max_minutes - self.state.minutes) * 60
@@ -479,7 +487,8 @@ class Trainer:
             self.state.minutes += (found.seconds + repose_seconds) / 60
             explained = self._explained(found, settings.radius_end_px)
             attempts.append(explained)
-            self.run_dir.log({"stage": "search", "attempt": attempt + 1, "seed": settings.seed,
+            kind = start if isinstance(start, str) else "blob" if start is None else "map"
+            self.run_dir.log({"stage": "search", "attempt": attempt + 1, "seed": settings.seed, "start": kind,
                               "minutes": self.state.minutes, "search_seconds": found.seconds + repose_seconds,
                               "repose_seconds": repose_seconds, "subset": len(found.subset),
                               "explained_signal": explained, "time_limit_reached": found.time_limit_reached})
@@ -487,21 +496,27 @@ class Trainer:
                 best = (found, explained)
             if not explained < cfg.min_explained:  # (NaN: unknown, no noise model: accept)
                 break
+            again = "searching again from another seed"
+            if start is None and cfg.search_start == "auto":
+                start, again = "classes", "searching again from 2D class averages"
             self._log(f"search: the map explains {explained:.0%} of the signal the images carry (a right "
                       f"one about 100%): a wrong start; "
-                      + ("searching again from another seed" if attempt < cfg.search_retries else
-                         "no retries left"))
+                      + (again if attempt < cfg.search_retries else "no retries left"))
         found, explained = best
         self.search_explained = explained
-        info = self.dataset.noise.information(10.0) if self.dataset.noise is not None else float("nan")
-        low = LOW_SIGNAL_ENERGY_WITH_START if cfg.initial_map else LOW_SIGNAL_ENERGY
+        if found.class_averages is not None:
+            ca = found.class_averages
+            self.run_dir.write_class_averages(ca.images.cpu().numpy() * self.box, ca.sizes.cpu().numpy(),
+                                              self.pixel_size_a)
+        started = "from a given map " if cfg.initial_map else \
+            "from class averages " if found.class_averages is not None else ""
+        low = LOW_SIGNAL_ENERGY_WITH_START if started else LOW_SIGNAL_ENERGY
         if explained >= cfg.min_explained and info < low:
             # (at this little signal, the best pose of each image fits noise too: the share
             # explained is not a measure any more)
-            start = "from a given map " if cfg.initial_map else ""
             self._warn(f"{self.table.source_path or 'the particles'}: the images carry little signal "
                        f"each (whitened signal energy {info:.0f} per image within 10 px, below the "
-                       f"{low:.0f} under which the search {start}has failed on every set it was "
+                       f"{low:.0f} under which the search {started}has failed on every set it was "
                        f"measured on): the map and poses are likely wrong")
         if explained < cfg.min_explained:
             self._warn(f"{self.table.source_path or 'the particles'}: the ab initio search failed "
@@ -530,6 +545,17 @@ class Trainer:
         self.warnings.append(message)
         if self.is_main:
             print(f"warning: {message}", file=sys.stderr)
+
+    def _search_start(self, info: float) -> str | None:
+        """``--search-start`` without ``--initial-map``: ``"classes"`` or None (a blob), said."""
+        choice = self.cfg.search_start
+        if choice == "auto":
+            choice = "classes" if info < CLASS_START_ENERGY else "blob"
+            self._log(f"search: whitened signal energy {info:.0f} per image within 10 px: starting from "
+                      + ("2D class averages (below " if choice == "classes" else "a blob (at or above ")
+                      + f"{CLASS_START_ENERGY:.0f})")
+        self.run_dir.log({"stage": "search_start", "start": choice, "signal_energy": info})
+        return "classes" if choice == "classes" else None
 
     def _starting_map(self) -> torch.Tensor | None:
         """``--initial-map`` as the search's start (low-passed), or None (a blob)."""
