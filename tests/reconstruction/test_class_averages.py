@@ -93,3 +93,6 @@ def test_search_from_class_averages_finds_poses(tmp_path):
                 "--gt-poses", str(sim / "particles.star"), "--outdir", str(ev)]) == 0
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["rotation_error_deg_median"] < 10.0, metrics["rotation_error_deg_median"]
+    assert cli(["report", str(run)]) == 0  # the report shows the class averages
+    page = (run / "report" / "report.html").read_text()
+    assert "2D class averages" in page and (run / "report" / "class_averages.png").exists()

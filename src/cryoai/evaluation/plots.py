@@ -211,3 +211,21 @@ def plot_particle_scores(score: np.ndarray, kept: np.ndarray, path: str | Path) 
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def plot_class_averages(images: np.ndarray, sizes: list[int] | None, path: str | Path,
+                        columns: int = 10) -> None:
+    """A gallery of 2D class averages (K, N, N), each titled with its number of images."""
+    plt = _pyplot()
+    k = len(images)
+    rows = max(1, -(-k // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.45 * rows), dpi=110, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < k:
+            ax.imshow(images[i], cmap="gray")
+            if sizes is not None and i < len(sizes):
+                ax.set_title(str(sizes[i]), fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputError
-from ..io import load_particles, read_volume, write_json_atomic, write_text_atomic
+from ..io import load_particles, read_stack_images, read_volume, write_json_atomic, write_text_atomic
 from ..physics.fsc import fsc, resolution_px
 from ..simulate.views import sampling_compensation_factor
 from . import plots
@@ -144,6 +144,16 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
         figures.append(("Fourier shell correlation", "fsc.png",
                         "Against the ground truth (after alignment) and/or between the two half maps; "
                         "dashed 0.5, dotted 0.143."))
+
+    if (run / "class_averages.mrcs").exists():
+        sizes = next((r["sizes"] for r in reversed(log) if r.get("stage") == "class_averages"), None)
+        averages = read_stack_images(run / "class_averages.mrcs")
+        plots.plot_class_averages(averages, sizes, out / "class_averages.png")
+        figures.append(("2D class averages", "class_averages.png",
+                        f"The {len(averages)} class averages the search started from (largest first, "
+                        "each titled with its number of images; classes of under 10 were not used): "
+                        "they should look like views of one molecule, and junk gathers in classes "
+                        "of its own."))
 
     plots.plot_map_slices(shown, out / "map.png",
                           title="map aligned to the ground truth" if shown is not volume else "map")

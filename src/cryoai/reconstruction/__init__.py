@@ -13,6 +13,8 @@ The default ab initio path of ``cryoai train`` reads, as a sequence:
   posed afresh by :func:`repose_subset`, then :func:`assign_remaining` for the other particles;
   :func:`search_poses` all three), and the
   assignment of particles against a given map (:func:`assign_poses`: new particles, a run's map);
+- :mod:`.class_averages`: 2D class averages (in-plane EM) and the averages as particles, from
+  which :func:`search_subset` makes its start when the images carry little signal each;
 - :mod:`.amortized`: posing particles against a fixed map at a constant cost each: the
   encoder's hypotheses (or the whole grid), then local refinement (:class:`PoseAssigner`);
 - :mod:`.backproject`: the one back-projection ``sum C conj(T) Y`` and ``sum C^2``;

@@ -6,10 +6,12 @@ not grow with the data set):
 
 1. stochastic expectation-maximisation over a near-uniform SO(3) grid x a shift grid at low
    resolution, with frequency marching (band from ``radius_start_px`` to ``radius_end_px``).
-   The first map is a back-projection at random poses (a blob of the right size), or a map
+   The first map is a back-projection at random poses (a blob of the right size), a map
    the user gives (:func:`starting_map`: low-passed, and the EM then runs at its final band
-   from the start). Each iteration uses a mini-batch; the back-projected sums are decayed running averages
-   (:class:`cryoai.reconstruction.em.ExpectationMaximisation`);
+   from the start), or a map posed from the subset's 2D class averages
+   (:func:`start_from_class_averages`, for images that carry too little signal each to find
+   the molecule from a blob). Each iteration uses a mini-batch; the back-projected sums are
+   decayed running averages (:class:`cryoai.reconstruction.em.ExpectationMaximisation`);
 2. a global assignment of every subset image against the final low-resolution map, then local
    refinement (a shrinking angular range, a finer shift grid and a widening band) with a hard
    back-projection after each round;
@@ -195,7 +197,7 @@ def search_subset(particles: ParticleSpectra, settings: SearchSettings, *,
 
 def start_from_class_averages(formation, spectra: torch.Tensor, ctf: torch.Tensor,
                               settings: SearchSettings, *, log: Callable[[str], None] = print,
-                              deadline: float | None = None) -> tuple[torch.Tensor, ClassAverages]:
+                              deadline: float | None = None) -> tuple[torch.Tensor | None, ClassAverages]:
     """A start for the search made from the images' 2D class averages.
 
     At a whitened signal energy of about 200 per image (within 10 px), the search from a blob
@@ -216,14 +218,17 @@ def start_from_class_averages(formation, spectra: torch.Tensor, ctf: torch.Tenso
 
     Returns
     -------
-    The start, (N, N, N) complex (1/N scale), and the class averages.
+    The start, (N, N, N) complex (1/N scale) (None, a blob, when fewer than 2 classes hold
+    enough images), and the class averages.
     """
     t0 = time.perf_counter()
     classify = class_average_settings(settings, len(spectra))
     averages = class_averages(formation, spectra, ctf, classify, log=log)
     y, c = class_particles(formation, averages, min_images=classify.min_images)
     if len(y) < 2:
-        raise RuntimeError("the 2D classification left fewer than 2 classes to make a start from")
+        log(f"search start: the 2D classification left {len(y)} class(es) of "
+            f"{classify.min_images:g}+ images: starting from a blob")
+        return None, averages
     r_max = max_paired_radius_px(formation.box_px)
     best = None
     for k in range(CLASS_SEARCH_SEEDS):

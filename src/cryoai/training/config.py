@@ -45,7 +45,7 @@ class TrainConfig:
     search_stop_posterior: float = 0.9  # stop the EM once the band is full and the posterior this peaked
     search_ema: float = 0.7  # decay of the running back-projection sums
     search_retries: int = 2  # searches again from another seed when the map explains less than
-    min_explained: float = 0.5  # ... this share of the signal the images carry (right: 0.64-1.2)
+    min_explained: float = 0.58  # ... this share of the signal the images carry (right: 0.64-1.2)
     # a map (MRC, the particles' box and pixel size, protein positive as the images read after
     # --invert-contrast) to start the search from instead of a blob, low-passed to
     # initial_map_resolution_a (A); poses and map come out in its frame

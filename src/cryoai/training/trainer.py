@@ -5,7 +5,9 @@
 1. **poses**: given (``--poses``), or none (``--ab-initio encoder``: the encoder learns them,
    the paper's amortized training), or, by default, found in three steps:
 
-   a. **search** a subset (:func:`cryoai.reconstruction.search_subset`): its map and poses;
+   a. **search** a subset (:func:`cryoai.reconstruction.search_subset`): its map and poses,
+      from a blob, a given map (``--initial-map``) or, for images that carry little signal
+      each, a map posed from the subset's 2D class averages (``--search-start``);
    b. **encoder**: a pose encoder learns from that map and those poses, and is checked
       against the search on held-out subset particles (:mod:`cryoai.training.encoder_fit`);
    c. **assignment**: every other particle is posed against the subset's map, from the
