@@ -249,8 +249,8 @@ def test_noise_free_images_are_not_whitened():
 
 def test_a_search_that_explains_too_little_is_run_again_and_the_run_warns(tmp_path):
     """With a bar no map can pass (--min-explained 5), the search runs 1 + --search-retries times
-    from different seeds and the run ends with a warning naming the share explained; poses.star
-    carries the junk stage's columns.
+    from different seeds (the retries from class averages) and the run ends with a warning naming
+    the share explained; poses.star carries the junk stage's columns.
     """
     import json
 
@@ -269,6 +269,8 @@ def test_a_search_that_explains_too_little_is_run_again_and_the_run_warns(tmp_pa
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     attempts = [r for r in log if r.get("stage") == "search"]
     assert [r["attempt"] for r in attempts] == [1, 2] and attempts[0]["seed"] != attempts[1]["seed"]
+    # --search-start auto: a retry after a failed search starts from 2D class averages
+    assert attempts[1]["start"] == "classes", attempts
     assert all(0 < r["explained_signal"] < 5 for r in attempts)
     outputs = json.loads((run / "outputs.json").read_text())
     assert any("the ab initio search failed 2 time(s)" in w for w in outputs["warnings"])
