@@ -553,9 +553,13 @@ class Trainer:
         choice = self.cfg.search_start
         if choice == "auto":
             choice = "classes" if info < CLASS_START_ENERGY else "blob"
-            self._log(f"search: whitened signal energy {info:.0f} per image within 10 px: starting from "
-                      + ("2D class averages (below " if choice == "classes" else "a blob (at or above ")
-                      + f"{CLASS_START_ENERGY:.0f})")
+            if info != info:  # NaN: no noise measured (noise-free images, or --noise-model white)
+                self._log("search: the images' signal energy is unknown (no noise measured): "
+                          "starting from a blob")
+            else:
+                self._log(f"search: whitened signal energy {info:.0f} per image within 10 px: starting "
+                          + ("from 2D class averages (below " if choice == "classes" else
+                             "from a blob (at or above ") + f"{CLASS_START_ENERGY:.0f})")
         self.run_dir.log({"stage": "search_start", "start": choice, "signal_energy": info})
         return "classes" if choice == "classes" else None
 
