@@ -19,7 +19,10 @@ The default ab initio path of ``cryoai train`` reads, as a sequence:
   encoder's hypotheses (or the whole grid), then local refinement (:class:`PoseAssigner`);
 - :mod:`.backproject`: the one back-projection ``sum C conj(T) Y`` and ``sum C^2``;
 - :mod:`.regularised`: the regularised (Wiener/MAP) solve and the half-map FSC-regularised
-  reconstruction (:func:`reconstruct`).
+  reconstruction (:func:`reconstruct`);
+- :mod:`.particle_scores` and :mod:`.junk_sorting`: each particle scored against the map at
+  its pose, the junk called, and the particles called junk posed again against the kept
+  particles' map (a wider shift range) before the final call.
 """
 
 from .amortized import AssignSettings, PoseAssigner

@@ -70,11 +70,10 @@ from ..reconstruction import (
     search_subset,
     starting_map,
 )
+from ..reconstruction.junk_sorting import JunkSortSettings, sort_junk
 from ..reconstruction.particle_scores import (
     ParticleScores,
-    classify_junk,
     explained_signal,
-    score_particles,
     score_spectra,
 )
 from ..reconstruction.regularised import INVERTED_SKEWNESS, density_skewness
@@ -735,32 +734,35 @@ class Trainer:
         return rec
 
     def sort_junk(self, rec):
-        """Stage 2a (default mode): every particle scored against the map at its pose
-        (:mod:`cryoai.reconstruction.particle_scores`), the junk called, and the map made again
-        from the particles kept; returns that reconstruction (the given one if none is junk).
+        """Stage 2a (default mode): every particle scored against the map at its pose, the junk
+        called, and the particles called junk posed again against the kept particles' map
+        (:mod:`cryoai.reconstruction.junk_sorting`); returns the kept particles' reconstruction
+        (the given one if none is junk). The poses of the particles posed better change.
         """
-        t0 = time.perf_counter()
-        # The band where the map has signal: the half maps' FSC=0.143 (a resolution in px -> a radius).
-        radius_px = min(max(self.box / resolution_px(rec.fsc_halves, 0.143), 4.0),
-                        float(max_paired_radius_px(self.box)))
-        particles = self._spectra()
-        self.scores = score_particles(particles, rec.fourier_volume, self.poses, radius_px)
-        decision = classify_junk(self.scores, self.table.micrograph_ids, threshold=self.cfg.junk_threshold)
+        sorting = sort_junk(self._spectra(), self.poses, rec, groups=self.table.micrograph_ids,
+                            assign_settings=assignment_settings(self.cfg, self.box),
+                            mask_radius_px=map_mask_radius_px(self.box, self.cfg.mask_radius_frac),
+                            settings=JunkSortSettings(threshold=self.cfg.junk_threshold,
+                                                      passes=self.cfg.junk_passes,
+                                                      max_shift_frac=self.cfg.junk_max_shift_frac),
+                            seed=self.cfg.seed, log=self._log)
+        if self.dist.enabled:
+            broadcast_(sorting.poses.rotations, self.dist)
+            broadcast_(sorting.poses.shifts_a, self.dist)
+        self.poses = sorting.poses
+        self.scores, decision = sorting.scores, sorting.decision
         self.kept, self.junk_distance = decision.keep, decision.distance
         n_junk = int((~decision.keep).sum())
         self._log(f"junk: {n_junk} of {len(self.table)} particles ({decision.junk_fraction:.0%}) lie farther "
                   f"than {decision.threshold:g} sd from the particles' cluster (amplitude, unexplained "
-                  f"power; band {radius_px:.1f} px); the map is made from the other "
-                  f"{int(decision.keep.sum())}")
-        if n_junk:
-            rec = reconstruct(particles, self.poses,
-                              mask_radius_px=map_mask_radius_px(self.box, self.cfg.mask_radius_frac),
-                              seed=self.cfg.seed, indices=np.flatnonzero(self.kept))
+                  f"power; band {sorting.radius_px:.1f} px); {sorting.reposed} took a better pose on a "
+                  f"second look; the map is made from the other {int(decision.keep.sum())}")
         self.run_dir.log({"stage": "junk", "junk": n_junk, "kept": int(decision.keep.sum()),
-                          "junk_fraction": decision.junk_fraction, "band_px": radius_px,
+                          "junk_fraction": decision.junk_fraction, "band_px": sorting.radius_px,
+                          "reposed": sorting.reposed, "passes": self.cfg.junk_passes,
                           "score_median_kept": float(np.median(self.scores.score[self.kept])),
-                          "seconds": time.perf_counter() - t0})
-        return rec
+                          "seconds": sorting.seconds})
+        return sorting.reconstruction
 
     def _kept_count(self) -> int:
         """How many particles the reconstruction used (per step: no pass over the set)."""
