@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -176,6 +178,26 @@ def test_scores_of_particles_and_of_empty_ice():
     decision = classify_junk(scores)
     called = ~decision.keep
     assert called[n_real:].mean() > 0.95 and called[:n_real].mean() < 0.03
+
+    # The residual's power outside a 12 px disk: noise alone there gives about N(0, 1) (its mean
+    # and sd measured on simulated noise); a blob beside 40 of the particles (a neighbour, 16 px
+    # from the centre) stands out, and the call with this third feature takes them as junk.
+    yy, xx = torch.meshgrid(torch.arange(N) - N // 2, torch.arange(N) - N // 2, indexing="ij")
+    blob = torch.exp(-((yy - 11.0) ** 2 + (xx - 11.0) ** 2) / (2 * 2.0**2))
+    blob_spectrum = formation.spectra(blob[None])[0]
+    blob_spectrum[~inside] = 0
+    blob_spectrum *= 1.0 * float(proj[0, inside].abs().norm()) / float(blob_spectrum.abs().norm())
+    y[:40] += blob_spectrum
+    outer = score_particles(_Spectra(), vol, poses, 8.0, outer_radius_px=12.0)
+    clean = outer.outer_excess[40:]
+    assert abs(float(np.mean(clean))) < 0.3 and 0.7 < float(np.std(clean)) < 1.3
+    assert np.median(outer.outer_excess[:40]) > max(4.0, 1.5 * np.median(outer.residual_excess[:40]))
+    with_outer = classify_junk(outer)
+    assert (~with_outer.keep[:40]).mean() > 0.9
+    assert with_outer.keep[40:n_real].mean() > 0.96 and (~with_outer.keep[n_real:]).mean() > 0.95
+    # Without the third feature the blob hides in the whole residual's power more often.
+    without = classify_junk(replace(outer, outer_excess=None))
+    assert (~without.keep[:40]).mean() < (~with_outer.keep[:40]).mean()
 
 
 def test_classify_junk_finds_the_particles_cluster_with_half_junk():

@@ -135,7 +135,7 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
     box = particles.formation.box_px
     poses = Poses(poses.rotations.clone(), poses.shifts_a.clone())
     radius_px = score_band_px(rec)
-    scores = score_particles(particles, rec.fourier_volume, poses, radius_px)
+    scores = score_particles(particles, rec.fourier_volume, poses, radius_px, outer_radius_px=mask_radius_px)
     decision = classify_junk(scores, groups, threshold=st.threshold)
     reposed: set[int] = set()
     wide = replace(assign_settings, max_shift_px=max(assign_settings.max_shift_px, st.max_shift_frac * box))
@@ -148,7 +148,7 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
         assigner = PoseAssigner(particles.formation, rec.fourier_volume, wide, None)
         changed = repose(particles, poses, junk, assigner, radius_px)
         reposed.update(changed.tolist())
-        scores = score_particles(particles, rec.fourier_volume, poses, radius_px)
+        scores = score_particles(particles, rec.fourier_volume, poses, radius_px, mask_radius_px)
         decision = classify_junk(scores, groups, threshold=st.threshold)
         if log is not None:
             log(f"junk, pass {k + 1}: {len(junk)} called junk were posed again against the kept "
