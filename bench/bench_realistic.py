@@ -7,7 +7,7 @@ each nuisance alone, it simulates a set from the embedded 70S map, runs the defa
 - the median rotation error of their poses (after global alignment to the truth);
 - the resolution of the map reconstructed from them at the run's poses (FSC against the truth,
   FSC=0.5 and 0.143), and of the map from their true poses (the known-pose reference);
-- the junk the run called (``rlnClassNumber`` 2 in its poses.star) against the truth's: recall
+- the junk the run called (``rlnCryoaiJunk`` 1 in its poses.star) against the truth's: recall
   and precision;
 - the share of the images' signal the search's map explains (a wrong start: well below 1), the
   SCF* of the run's views, the number of warnings;
@@ -136,8 +136,9 @@ def main() -> None:
         row.update({"explained_signal": outputs.get("search_explained_signal"),
                     "views_scf_run": outputs.get("views_scf"), "warnings": len(outputs.get("warnings", []))})
         classes = starfile.read(run_dir / "poses.star", always_dict=True)["particles"]
-        if "rlnClassNumber" in classes:
-            called = classes["rlnClassNumber"].to_numpy() == 2
+        if "rlnCryoaiJunk" in classes or "rlnClassNumber" in classes:
+            called = (classes["rlnCryoaiJunk"].to_numpy() == 1 if "rlnCryoaiJunk" in classes
+                      else classes["rlnClassNumber"].to_numpy() == 2)
             row.update({"junk_called": int(called.sum()),
                         "junk_recall": float((called & is_junk).sum() / max(is_junk.sum(), 1)),
                         "junk_precision": float((called & is_junk).sum() / max(called.sum(), 1))})

@@ -159,9 +159,29 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
                           title="map aligned to the ground truth" if shown is not volume else "map")
     figures.append(("Map", "map.png", "Central slices (top) and projections (bottom) along z, y, x."))
 
+    for info in outputs.get("classes", []):  # --classes K: each class's map, largest first
+        path = run / info["map"]
+        if not path.exists():
+            continue
+        class_map, _ = read_volume(path)
+        name = f"class_{info['class']:03d}.png"
+        plots.plot_map_slices(class_map, out / name, title=f"3D class {info['class']}")
+        share = info["particles"] / max(len(pred), 1) if pred is not None else float("nan")
+        figures.append((f"3D class {info['class']}", name,
+                        f"{info['particles']} particles ({share:.0%}), {info['junk_called']} of them "
+                        f"called junk; half-map FSC=0.143 at {info['resolution_a']:.1f} A "
+                        f"({info['map']}; rlnClassNumber {info['class']} in poses.star)."))
+        metrics[f"class_{info['class']}_particles"] = info["particles"]
+        metrics[f"class_{info['class']}_resolution_a"] = info["resolution_a"]
+
     if pred is not None:
         columns = particle_columns(poses_path)
-        kept = columns["rlnClassNumber"] == 1 if "rlnClassNumber" in columns else np.ones(len(pred), bool)
+        if "rlnCryoaiJunk" in columns:
+            kept = columns["rlnCryoaiJunk"] == 0
+        elif "rlnClassNumber" in columns and "rlnCryoaiScore" in columns:  # before rlnCryoaiJunk
+            kept = columns["rlnClassNumber"] == 1
+        else:
+            kept = np.ones(len(pred), bool)
         scf = sampling_compensation_factor(pred.rotations[kept])
         metrics["views_scf"] = scf
         plots.plot_viewing_directions(pred.rotations[kept], out / "viewing_directions.png")
@@ -177,7 +197,7 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
             plots.plot_particle_scores(columns["rlnCryoaiScore"], kept, out / "particle_scores.png")
             figures.append(("Particle scores", "particle_scores.png",
                             "Each particle's score against the map at its pose (poses.star: "
-                            "rlnCryoaiScore); junk (rlnClassNumber 2) is what lies far from the "
+                            "rlnCryoaiScore); junk (rlnCryoaiJunk 1) is what lies far from the "
                             "particles' cluster of amplitude and unexplained power."))
     if "rotation_error_deg" in per_particle:
         plots.plot_rotation_errors(per_particle["rotation_error_deg"], out / "rotation_errors.png")
@@ -214,8 +234,8 @@ SCF_WARNING = 0.81
 
 
 def particle_columns(path: Path) -> dict[str, np.ndarray]:
-    """The junk stage's columns of a run's poses.star (``rlnClassNumber``, ``rlnCryoai*``),
-    those present.
+    """The junk and class stages' columns of a run's poses.star (``rlnClassNumber``,
+    ``rlnCryoai*``), those present.
     """
     import starfile
 

@@ -70,3 +70,13 @@ class SpectraInMemory:
         """Spectra and CTFs of ``indices``."""
         idx = torch.as_tensor(np.asarray(indices), device=self.device)
         return self.spectra[idx], self.ctf[idx]
+
+    def batches(self, indices: np.ndarray, batch_size: int = 1024
+                ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """``(indices, spectra, ctf)`` for consecutive blocks of ``indices``, as
+        :meth:`ParticleSpectra.batches` gives them.
+        """
+        indices = np.asarray(indices)
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start:start + batch_size]
+            yield (idx, *self.read(idx))

@@ -85,6 +85,7 @@ class TrainConfig:
     junk_passes: int = 2  # rounds of: map from the kept particles, junk posed again (wider shifts),
     #                       every particle scored and called again (0: one call, no second look)
     junk_max_shift_frac: float = 0.3  # the second look's shift range, fraction of the box
+    classes: int = 1  # 3D classes at the searched poses (classification without alignment); 1: none
     wiener_init: bool = True  # decoder with known/searched poses: start from the regularised
     #                           (half-map FSC) reconstruction and keep its prior in the loss
     keep_best: bool = True  # fixed poses: hold out some particles, and end with the decoder's
@@ -151,6 +152,8 @@ class TrainConfig:
                              f"(got {self.noise_model!r})")
         if self.encoder_heads < 1:
             raise InputError(f"encoder_heads must be at least 1 (got {self.encoder_heads})")
+        if self.classes < 1:
+            raise InputError(f"classes must be at least 1 (got {self.classes})")
         if self.junk_passes < 0 or not 0 <= self.junk_max_shift_frac <= 0.5:
             raise InputError(f"junk_passes must be >= 0 and junk_max_shift_frac in [0, 0.5] (got "
                              f"{self.junk_passes}, {self.junk_max_shift_frac})")

@@ -2,7 +2,8 @@
 
 ``config.yaml`` (the resolved options), ``checkpoint.pt``, ``volume.mrc`` and the half maps
 ``volume_half1.mrc``/``volume_half2.mrc``, ``poses.star`` and ``poses.cs`` (RELION and
-cryoSPARC), ``class_averages.mrcs`` (when the search started from them), the JSON-lines logs
+cryoSPARC), ``class_averages.mrcs`` (when the search started from them), ``class_001.mrc`` ...
+(the 3D classes' maps, ``--classes``), the JSON-lines logs
 (``train_log.jsonl``: loss records and one record per stage; ``fsc_log.jsonl``: FSC against a
 reference) and TensorBoard. Every file is written atomically (a temporary file, then a rename).
 Under torch.distributed only rank 0 writes: on the other ranks every write is a no-op.
@@ -52,6 +53,8 @@ class RunDirectory:
             if fresh:  # a new run in the directory of an old one (--force): its logs start empty
                 for name in (TRAIN_LOG, FSC_LOG):
                     (self.path / name).unlink(missing_ok=True)
+                for stale in self.path.glob("class_[0-9][0-9][0-9].mrc"):  # an old run's 3D classes
+                    stale.unlink()
         if tensorboard and writes:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -138,6 +141,12 @@ class RunDirectory:
             order = np.argsort(-sizes, kind="stable")
             write_stack(self.path / "class_averages.mrcs", images[order].astype(np.float32), pixel_size_a)
             self.log({"stage": "class_averages", "sizes": [int(round(float(v))) for v in sizes[order]]})
+
+    def write_class_maps(self, volumes: list[np.ndarray], pixel_size_a: float) -> None:
+        """``class_001.mrc`` ...: the 3D classes' maps, in the order given (largest first)."""
+        if self.writes:
+            for i, volume in enumerate(volumes):
+                write_volume(self.path / f"class_{i + 1:03d}.mrc", volume.astype(np.float32), pixel_size_a)
 
     def write_half_maps(self, half_maps: Iterable[np.ndarray], pixel_size_a: float) -> None:
         """``volume_half1.mrc`` and ``volume_half2.mrc``."""

@@ -14,8 +14,11 @@
       encoder's hypotheses when its check passed, else by the global search (said), then
       refined locally (:func:`cryoai.reconstruction.assign_remaining`);
 2. **reconstruct**: with poses, the half-map FSC-regularised reconstruction
-   (:func:`cryoai.reconstruction.reconstruct`) of every particle starts the decoder and writes
-   the half maps (with ``--poses``, the encoder stage then learns from this map);
+   (:func:`cryoai.reconstruction.reconstruct`) of every particle; by default the junk is then
+   called and given a second look (:mod:`cryoai.reconstruction.junk_sorting`), and the map of
+   the particles kept starts the decoder and writes the half maps (with ``--poses``, the
+   encoder stage then learns from this map); ``--classes K`` adds K 3D classes at these poses
+   (:mod:`cryoai.reconstruction.classes3d`);
 3. **fit**: mini-batch gradient descent on the images (decoder, and encoder when it learns
    the poses), until ``max_epochs``/``decoder_epochs`` (at most ``decoder_max_images``) or
    ``max_minutes``;
@@ -70,10 +73,13 @@ from ..reconstruction import (
     search_subset,
     starting_map,
 )
-from ..reconstruction.junk_sorting import JunkSortSettings, sort_junk
+from ..reconstruction.classes3d import Classes3DSettings, classify_3d
+from ..reconstruction.junk_sorting import JunkSortSettings, score_band_px, sort_junk
 from ..reconstruction.particle_scores import (
     ParticleScores,
     explained_signal,
+    micrograph_amplitude,
+    score_particles,
     score_spectra,
 )
 from ..reconstruction.regularised import INVERTED_SKEWNESS, density_skewness
@@ -327,6 +333,9 @@ class Trainer:
         self.argv = argv or sys.argv
         self.mode = "given" if fixed_poses is not None else \
             {"search": "search", "encoder": "amortized"}[cfg.ab_initio]
+        if cfg.classes > 1 and self.mode != "search":
+            raise InputError(f"--classes {cfg.classes}: the 3D classes are made at the poses the default "
+                             "run searches (not with --poses or --ab-initio encoder)")
         self.run_dir = RunDirectory(outdir, writes=self.is_main, tensorboard=cfg.tensorboard,
                                     fresh=not resume)
         self.outdir = self.run_dir.path
@@ -357,6 +366,9 @@ class Trainer:
         self.kept: np.ndarray | None = None  # (n,) bool: the particles not called junk (None: all)
         self.scores: ParticleScores | None = None
         self.junk_distance: np.ndarray | None = None
+        self.classes: np.ndarray | None = None  # (n,) int: each particle's 3D class, 0 = the largest
+        self.class_probability: np.ndarray | None = None
+        self.class_info: list[dict] = []  # per class: particles, junk called, resolution
         self.encoder_check: dict | None = None
         self.mask = None  # the encoder input's circular mask
         if cfg.mask_radius_frac > 0:
@@ -429,6 +441,10 @@ class Trainer:
             self.scores = ParticleScores(**{k: v.cpu().numpy().astype(np.float64) if torch.is_tensor(v) else v
                                             for k, v in ckpt["scores"].items()})
             self.junk_distance = ckpt["junk_distance"].cpu().numpy().astype(np.float64)
+        if "classes" in ckpt:
+            self.classes = ckpt["classes"].cpu().numpy().astype(np.int64)
+            self.class_probability = ckpt["class_probability"].cpu().numpy().astype(np.float64)
+            self.class_info = list(ckpt["class_info"])
         if "pose_rotations" in ckpt:  # the searched poses
             self.poses = Poses(ckpt["pose_rotations"].float().cpu(), ckpt["pose_shifts_a"].float().cpu())
 
@@ -451,6 +467,8 @@ class Trainer:
             rec = self.start_decoder_from_reconstruction()
             if self.mode == "given" and self.pose_encoder is None:
                 self.learn_pose_encoder_from_given_poses(rec.fourier_volume)
+            if self.cfg.classes > 1:
+                self.classify_3d(rec)
             self.checkpoint()
         self._sync_from_rank0()
         self.fit(on_volume)
@@ -764,6 +782,46 @@ class Trainer:
                           "seconds": sorting.seconds})
         return sorting.reconstruction
 
+    def classify_3d(self, rec) -> None:
+        """Stage 2c (``--classes K``): K maps and each particle's class at the run's poses
+        (:mod:`cryoai.reconstruction.classes3d`), junk included, so that it gathers in classes of
+        its own; the maps are written as ``class_001.mrc`` ... (largest class first). The run's
+        map stays that of the particles kept by the junk stage.
+        """
+        n = len(self.table)
+        band_px = score_band_px(rec)
+        scores = self.scores if self.scores is not None else \
+            score_particles(self._spectra(), rec.fourier_volume, self.poses, band_px)
+        trusted = self.kept if self.kept is not None else np.ones(n, bool)
+        amplitude = micrograph_amplitude(scores.amplitude, self.table.micrograph_ids, trusted)
+        result = classify_3d(self._spectra(), self.poses, np.arange(n), amplitude=amplitude,
+                             radius_px=band_px,
+                             mask_radius_px=map_mask_radius_px(self.box, self.cfg.mask_radius_frac),
+                             settings=Classes3DSettings(n_classes=self.cfg.classes, seed=self.cfg.seed),
+                             log=self._log)
+        order = np.argsort(-result.sizes, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        self.classes = rank[result.assignment]
+        self.class_probability = result.probability
+        junk = ~trusted
+        self.class_info = []
+        volumes = []
+        for i, k in enumerate(order):
+            members = self.classes == i
+            res_px = float(result.resolution_px[k])
+            self.class_info.append({"class": i + 1, "particles": int(members.sum()),
+                                    "junk_called": int(junk[members].sum()),
+                                    "resolution_px": res_px, "resolution_a": res_px * self.pixel_size_a,
+                                    "map": f"class_{i + 1:03d}.mrc"})
+            volumes.append((ifft3_c(result.reconstructions[k].fourier_volume).real * self.box).cpu().numpy())
+        self.run_dir.write_class_maps(volumes, self.pixel_size_a)
+        self._log("3D classes: " + "; ".join(
+            f"{c['class']}: {c['particles']} particles ({c['junk_called']} called junk), "
+            f"{c['resolution_a']:.1f} A" for c in self.class_info))
+        self.run_dir.log({"stage": "classes", "classes": self.class_info, "iterations": result.iterations,
+                          "seconds": result.seconds})
+
     def _kept_count(self) -> int:
         """How many particles the reconstruction used (per step: no pass over the set)."""
         if self.kept is None:
@@ -827,12 +885,19 @@ class Trainer:
         return total / len(rows) / float(self.box) ** 2
 
     def _particle_columns(self) -> dict[str, np.ndarray] | None:
-        """poses.star's per-particle columns of the junk stage: ``rlnClassNumber`` 1 for the
-        particles kept, 2 for junk, and the scores (:mod:`cryoai.reconstruction.particle_scores`).
+        """poses.star's per-particle columns of the junk stage (``rlnCryoaiJunk`` 1 for junk, the
+        scores of :mod:`cryoai.reconstruction.particle_scores`) and of the 3D classes:
+        ``rlnClassNumber`` is each particle's class (``--classes K``), or else 1 for the particles
+        kept and 2 for junk.
         """
+        classes = {} if self.classes is None else {
+            "rlnClassNumber": self.classes + 1,
+            "rlnCryoaiClassProbability": np.round(self.class_probability, 4)}
         if self.kept is None:
-            return None
-        return {"rlnClassNumber": np.where(self.kept, 1, 2),
+            return classes or None
+        if self.classes is None:
+            classes = {"rlnClassNumber": np.where(self.kept, 1, 2)}
+        return {**classes, "rlnCryoaiJunk": (~self.kept).astype(np.int64),
                 "rlnCryoaiScore": np.round(self.scores.score, 3),
                 "rlnCryoaiAmplitude": np.round(self.scores.amplitude, 4),
                 "rlnCryoaiResidualExcess": np.round(self.scores.residual_excess, 3),
@@ -901,6 +966,8 @@ class Trainer:
                 outputs["search_explained_signal"] = self.search_explained
             if self.kept is not None:
                 outputs["junk"] = int((~self.kept).sum())
+            if self.class_info:
+                outputs["classes"] = self.class_info
         if self.warnings:
             outputs["warnings"] = list(self.warnings)
         return outputs
@@ -1073,6 +1140,10 @@ class Trainer:
             extra["scores"] = {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v
                                for k, v in self.scores.__dict__.items()}
             extra["junk_distance"] = torch.from_numpy(self.junk_distance)
+        if self.classes is not None:
+            extra["classes"] = torch.from_numpy(self.classes)
+            extra["class_probability"] = torch.from_numpy(self.class_probability)
+            extra["class_info"] = self.class_info
         if self.pose_encoder is not None:
             extra["pose_encoder"] = {"settings": self.pose_encoder.settings,
                                      "state": {k: v.cpu() for k, v in self.pose_encoder.state_dict().items()},
