@@ -13,6 +13,11 @@ sorting alternates, ``passes`` times:
 3. every particle is scored again and the junk called again
    (:func:`cryoai.reconstruction.particle_scores.classify_junk`).
 
+The maps of step 1 come from the half sets' back-projected sums of every particle, kept up to
+date as poses change, less the sums of the particles called junk: a pass costs in proportion
+to the junk and to the particles re-posed, not to the whole set (one back-projection of the
+set in all).
+
 Measured on the large-complex set (3,000 picks, 25% junk) at a run's poses: 7% of the real
 particles were more than 10 deg from their pose and most were called junk (precision 0.74);
 two passes pose two thirds of them right, and the whole runs' calls reach 0.88-0.91 recall at
@@ -32,7 +37,13 @@ from ..physics.grids import max_paired_radius_px
 from ..physics.poses import Poses
 from .amortized import AssignSettings, PoseAssigner
 from .particle_scores import JunkDecision, ParticleScores, classify_junk, score_particles, score_spectra
-from .regularised import Reconstruction, reconstruct
+from .regularised import (
+    Reconstruction,
+    backproject_particles,
+    half_sets,
+    reconstruct,
+    reconstruction_from_sums,
+)
 from .spectra import ParticleSpectra
 
 
@@ -86,6 +97,12 @@ def score_band_px(rec: Reconstruction) -> float:
     return min(max(box / resolution_px(rec.fsc_halves, 0.143), 4.0), float(max_paired_radius_px(box)))
 
 
+def _half_sums(particles: ParticleSpectra, poses: Poses, rows: np.ndarray,
+               half: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The back-projected sums of ``rows`` at ``poses``, one per half set (``half``: (n,) 0 or 1)."""
+    return [backproject_particles(particles, rows[half[rows] == h], poses) for h in (0, 1)]
+
+
 @torch.no_grad()
 def repose(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, assigner: PoseAssigner,
            radius_px: float) -> np.ndarray:
@@ -132,21 +149,37 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
     """
     st = settings or JunkSortSettings()
     t0 = time.perf_counter()
-    box = particles.formation.box_px
+    n, box = len(particles), particles.formation.box_px
     poses = Poses(poses.rotations.clone(), poses.shifts_a.clone())
     radius_px = score_band_px(rec)
     scores = score_particles(particles, rec.fourier_volume, poses, radius_px, outer_radius_px=mask_radius_px)
     decision = classify_junk(scores, groups, threshold=st.threshold)
     reposed: set[int] = set()
     wide = replace(assign_settings, max_shift_px=max(assign_settings.max_shift_px, st.max_shift_frac * box))
+    # The half-set sums of every particle at its current pose, kept up to date: a map of the
+    # kept particles is then these less the junk's sums, at a cost in proportion to the junk.
+    half = np.zeros(n, dtype=np.int64)
+    half[half_sets(n, seed)[1]] = 1
+    all_sums = _half_sums(particles, poses, np.arange(n), half) if st.passes else None
+
+    def kept_map() -> Reconstruction:
+        junk_sums = _half_sums(particles, poses, np.flatnonzero(~decision.keep), half)
+        kept_sums = [(a[0] - j[0], a[1] - j[1]) for a, j in zip(all_sums, junk_sums, strict=True)]
+        return reconstruction_from_sums(kept_sums, mask_radius_px=mask_radius_px)
+
     for k in range(st.passes):
         junk = np.flatnonzero(~decision.keep)
         if not len(junk) or decision.keep.sum() < 10:
             break
-        rec = reconstruct(particles, poses, mask_radius_px=mask_radius_px, seed=seed,
-                          indices=np.flatnonzero(decision.keep))
+        rec = kept_map()
         assigner = PoseAssigner(particles.formation, rec.fourier_volume, wide, None)
+        before = Poses(poses.rotations.clone(), poses.shifts_a.clone())
         changed = repose(particles, poses, junk, assigner, radius_px)
+        if len(changed):
+            old_sums = _half_sums(particles, before, changed, half)
+            new_sums = _half_sums(particles, poses, changed, half)
+            all_sums = [(a[0] - o[0] + w[0], a[1] - o[1] + w[1])
+                        for a, o, w in zip(all_sums, old_sums, new_sums, strict=True)]
         reposed.update(changed.tolist())
         scores = score_particles(particles, rec.fourier_volume, poses, radius_px, mask_radius_px)
         decision = classify_junk(scores, groups, threshold=st.threshold)
@@ -155,7 +188,8 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
                 f"particles' map (shifts up to {wide.max_shift_px:.1f} px), {len(changed)} took a "
                 f"better pose; {int((~decision.keep).sum())} now called junk")
     if not decision.keep.all() or reposed:
-        rec = reconstruct(particles, poses, mask_radius_px=mask_radius_px, seed=seed,
-                          indices=np.flatnonzero(decision.keep))
+        rec = kept_map() if all_sums is not None else \
+            reconstruct(particles, poses, mask_radius_px=mask_radius_px, seed=seed,
+                        indices=np.flatnonzero(decision.keep))
     return JunkSorting(poses=poses, scores=scores, decision=decision, reconstruction=rec, radius_px=radius_px,
                        reposed=len(reposed), seconds=time.perf_counter() - t0)

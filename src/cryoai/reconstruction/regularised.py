@@ -121,10 +121,18 @@ def reconstruct(particles: ParticleSpectra, poses: Poses, *, mask_radius_px: flo
     -------
     :class:`Reconstruction`. Maps are kept inside the largest paired radius (``N//2 - 1``).
     """
-    n = particles.formation.box_px
-    device = particles.device
     rows = np.arange(len(particles)) if indices is None else np.asarray(indices, dtype=np.int64)
     sums = [backproject_particles(particles, rows[h], poses) for h in half_sets(len(rows), seed)]
+    return reconstruction_from_sums(sums, mask_radius_px=mask_radius_px, min_ssnr=min_ssnr)
+
+
+def reconstruction_from_sums(sums: list[tuple[torch.Tensor, torch.Tensor]], *, mask_radius_px: float,
+                             min_ssnr: float = 1e-3) -> Reconstruction:
+    """:func:`reconstruct` from the two half sets' back-projected sums ``[(num, den), (num, den)]``
+    (:func:`backproject_particles`), e.g. sums kept up to date as particles leave or change pose.
+    """
+    n = sums[0][0].shape[-1]
+    device = sums[0][0].device
     r_max = max_paired_radius_px(n)
     inside = radius_grid_3d(n, device=device) <= r_max
     mask = spherical_mask(n, mask_radius_px, soft_edge_px=4, device=device)
