@@ -40,6 +40,7 @@ from ..physics.fsc import resolution_px
 from ..physics.poses import Poses
 from ..physics.projection import sample_volume, slice_coords
 from ..physics.shifts import phase_shift
+from .particle_scores import score_band
 from .regularised import Reconstruction, reconstruct
 from .spectra import ParticleSpectra
 
@@ -100,8 +101,7 @@ def class_log_likelihoods(particles: ParticleSpectra, maps: list[torch.Tensor], 
     (n,) the expected amplitude ``a`` of every particle of the data set.
     """
     formation = particles.formation
-    keep = formation.band(radius_px)
-    keep[(formation.coords_px == 0).all(-1)] = False
+    keep = score_band(formation, radius_px)
     weight = formation.hermitian_weight[keep].double()
     out = np.zeros((len(rows), len(maps)))
     position = {int(r): i for i, r in enumerate(rows)}

@@ -71,7 +71,7 @@ def score_spectra(formation, fourier_volume: torch.Tensor, spectra: torch.Tensor
     fifth: the residual's power on those pixels (in the band), to be normalised by
     :func:`outer_noise_power`.
     """
-    keep = _score_band(formation, radius_px)
+    keep = score_band(formation, radius_px)
     coords = formation.coords_px[keep]
     weight = formation.hermitian_weight[keep].double()
     dof, dof_var = float(weight.sum()), float((weight**2).sum())
@@ -91,7 +91,7 @@ def score_spectra(formation, fourier_volume: torch.Tensor, spectra: torch.Tensor
     return (*values, _outer_power(formation, full, outer))
 
 
-def _score_band(formation, radius_px: float) -> torch.Tensor:
+def score_band(formation, radius_px: float) -> torch.Tensor:
     """(M,) bool: the coefficients scored, within ``radius_px`` and without DC (the images' mean,
     not the particle).
     """
@@ -114,7 +114,7 @@ def outer_noise_power(formation, radius_px: float, outer: torch.Tensor, n_images
     noise images (band-limited noise is correlated between pixels: no simple formula).
     """
     gen = torch.Generator().manual_seed(seed)
-    keep = _score_band(formation, radius_px)
+    keep = score_band(formation, radius_px)
     images = torch.randn(n_images, formation.box_px, formation.box_px, generator=gen)
     spectra = formation.spectra(images.to(formation.coords_px.device))
     spectra[:, ~keep] = 0
