@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from scipy.stats import chi2
 
+from ..physics.grids import radius_grid_2d
 from ..physics.poses import Poses
 from ..physics.projection import sample_volume, slice_coords
 from ..physics.shifts import phase_shift
@@ -140,10 +141,8 @@ def score_particles(particles: ParticleSpectra, fourier_volume: torch.Tensor, po
     n = len(particles)
     outer = None
     if outer_radius_px is not None:
-        c = formation.box_px // 2
-        yy, xx = torch.meshgrid(torch.arange(formation.box_px) - c, torch.arange(formation.box_px) - c,
-                                indexing="ij")
-        outer = ((yy**2 + xx**2).double().sqrt() > outer_radius_px).to(particles.device)
+        radius = radius_grid_2d(formation.box_px, device=particles.device, dtype=torch.float64)
+        outer = radius > outer_radius_px
     columns = [np.zeros(n) for _ in range(4 if outer is None else 5)]
     for idx, y, c in particles.batches(np.arange(n)):
         rows = torch.as_tensor(idx)
@@ -234,9 +233,10 @@ def amplitude_deviation(amplitude: np.ndarray, reference: np.ndarray, projection
     """
     relative = amplitude / reference - 1
     noise2 = 1.0 / np.maximum(reference * projection_norm, 1e-12) ** 2
-    core = relative[inside] if inside.sum() >= 10 else relative
+    rows = inside if inside.sum() >= 10 else slice(None)
+    core = relative[rows]
     mad = 1.4826 * float(np.median(np.abs(core - np.median(core))))
-    own2 = max(mad**2 - float(np.median(noise2[inside] if inside.sum() >= 10 else noise2)), 0.0)
+    own2 = max(mad**2 - float(np.median(noise2[rows])), 0.0)
     return relative / np.sqrt(own2 + noise2)
 
 
