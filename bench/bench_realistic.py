@@ -81,9 +81,14 @@ def real_particle_map(table, rotations: np.ndarray, shifts_a: np.ndarray, path: 
     return path
 
 
-def evaluate(volume: Path, poses: Path, gt_poses: Path, gt_map: Path, out: Path) -> dict:
+#: The point group of a case's map, where it has one: a pose is then right up to the group.
+SYMMETRY = {"membrane": "C4" if TRPV1.exists() else "C1"}  # TRPV1 is C4 (../shared/data/README)
+
+
+def evaluate(volume: Path, poses: Path, gt_poses: Path, gt_map: Path, out: Path,
+             symmetry: str = "C1") -> dict:
     assert cli(["evaluate", "--map", str(volume), "--poses", str(poses), "--gt-poses", str(gt_poses),
-                "--gt-map", str(gt_map), "--outdir", str(out)]) == 0
+                "--gt-map", str(gt_map), "--outdir", str(out), "--symmetry", symmetry]) == 0
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -152,8 +157,10 @@ def main() -> None:
         known_map = real_particle_map(gt_table, gt_table.rotations, gt_table.shifts_a,
                                       out / "known_real_map.mrc")
         gt_real = out / "gt_real.star"
-        run_metrics = evaluate(run_map, out / f"run_real{tag}.star", gt_real, gt_map, out / f"eval_run{tag}")
-        known_metrics = evaluate(known_map, gt_real, gt_real, gt_map, out / "eval_known")
+        symmetry = SYMMETRY.get(name, "C1")
+        run_metrics = evaluate(run_map, out / f"run_real{tag}.star", gt_real, gt_map, out / f"eval_run{tag}",
+                               symmetry)
+        known_metrics = evaluate(known_map, gt_real, gt_real, gt_map, out / "eval_known", symmetry)
         row.update({"rotation_error_deg_median": run_metrics.get("rotation_error_deg_median"),
                     "fsc05_px": run_metrics.get("resolution_px_0.5"),
                     "fsc0143_px": run_metrics.get("resolution_px_0.143"),

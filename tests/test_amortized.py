@@ -241,3 +241,60 @@ def test_dataset_spectra_feed_the_encoder(tmp_path):
 
     images = encoder_images(formation, y, c, PoseGridEncoder(24, n_rotations=576, band_px=9.0))
     assert images.shape == (8, 24, 24) and torch.isfinite(images).all()
+
+
+class _SignalGrowingWithArea:
+    """A stand-in noise model: the images' whitened signal energy grows as the band's area."""
+
+    def __init__(self, energy_within_10px: float):
+        self.energy_within_10px = energy_within_10px
+
+    def information(self, radius_px: float) -> float:
+        return self.energy_within_10px * (radius_px / 10) ** 2
+
+
+def test_first_guess_band_follows_the_images_signal():
+    from dataclasses import replace
+
+    from cryoai.physics.grids import max_paired_radius_px
+    from cryoai.training.config import TrainConfig
+    from cryoai.training.trainer import WIDE_FIRST_GUESS_ENERGY, assignment_settings, first_guess_band
+
+    cfg = TrainConfig()
+    wide = round(cfg.assign_refine_radius_frac * max_paired_radius_px(64), 2)
+    band, figures = first_guess_band(cfg, 64, _SignalGrowingWithArea(93.0))
+    assert band == wide == figures["first_guess_band_px"] and wide > cfg.search_radius_end
+    assert figures["energy_in_search_band"] == 93.0 and figures["energy_in_wide_band"] > 93.0
+    # Enough signal within the search's band: that band, as before.
+    band, figures = first_guess_band(cfg, 64, _SignalGrowingWithArea(WIDE_FIRST_GUESS_ENERGY + 1))
+    assert band is None and figures["first_guess_band_px"] == cfg.search_radius_end
+    # A small box whose refinement band is narrower than the search's: never narrowed.
+    assert first_guess_band(cfg, 32, _SignalGrowingWithArea(93.0))[0] is None
+    # Noise-free images (no noise model), or a band given: nothing chosen.
+    assert first_guess_band(cfg, 64, None) == (None, None)
+    given = replace(cfg, assign_radius_px=12.0)
+    assert first_guess_band(given, 64, _SignalGrowingWithArea(93.0)) == (12.0, None)
+    assert assignment_settings(given, 64).radius_px == 12.0
+    assert assignment_settings(cfg, 64).radius_px == cfg.search_radius_end
+
+
+def test_a_run_on_weak_images_guesses_poses_in_the_wider_band_and_says_so(tmp_path, capsys):
+    from cryoai.training.config import TrainConfig, load_yaml
+    from cryoai.training.trainer import WIDE_FIRST_GUESS_ENERGY, Trainer
+
+    bands = {}
+    for snr_db in (-16, -4):
+        sim = tmp_path / f"sim{snr_db}"
+        assert cli(["simulate", "--box", "64", "--n", "300", "--snr-db", str(snr_db), "--seed", "4",
+                    "--outdir", str(sim), "--quiet", "--device", "cpu"]) == 0
+        trainer = Trainer(load_particles(sim / "particles.star"), TrainConfig(), tmp_path / f"run{snr_db}",
+                          device=torch.device("cpu"))
+        trainer.run_dir.write_config(trainer.cfg)
+        bands[snr_db] = (trainer.cfg.assign_radius_px, trainer.first_guess_figures,
+                         load_yaml(tmp_path / f"run{snr_db}" / "config.yaml")["assign_radius_px"])
+    weak, strong = bands[-16], bands[-4]
+    assert weak[1]["energy_in_search_band"] < WIDE_FIRST_GUESS_ENERGY < strong[1]["energy_in_search_band"]
+    assert weak[0] == weak[2] == weak[1]["wide_band_px"] > 10  # kept for predict-poses
+    assert strong[0] is None and strong[2] is None
+    captured = capsys.readouterr()
+    assert "first guessed within 13.95 px" in captured.out + captured.err

@@ -333,6 +333,12 @@ def c_evaluate_truncated_map(case):
              "--outdir", str(case / "ev")], ["volume.mrc", "truncated"])
 
 
+def c_evaluate_unknown_symmetry(case):
+    return (["evaluate", "--map", str(case / "run" / "volume.mrc"), "--gt-map",
+             str(case / "sim" / "ground_truth.mrc"), "--outdir", str(case / "ev"), "--symmetry", "I2"],
+            ["symmetry", "I2"])
+
+
 def c_info_missing(case):
     return ["info", str(case / "absent.cs")], ["absent.cs", "not found"]
 

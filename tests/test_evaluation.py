@@ -188,3 +188,72 @@ def test_evaluate_cli(tiny_sim, tmp_path):
     assert m["shift_error_a_median"] < 1e-3
     assert m["resolution_px_0.5"] <= 3.0
     assert m["pixel_size_a"] == pytest.approx(voxel)
+
+
+def _c4_blobs() -> np.ndarray:
+    """A volume with C4 symmetry about z: the blobs of CENTRES and their copies turned by 90 deg."""
+    copies = [CENTRES[:, [0, 1, 2]]]
+    for _ in range(3):
+        c = copies[-1]
+        copies.append(np.stack([-c[:, 1], c[:, 0], c[:, 2]], axis=1))
+    return sum(blobs(c, sigma=1.2) for c in copies)
+
+
+def test_symmetric_map_projects_alike_at_its_equivalent_poses():
+    from cryoai.physics.projection import project_real_space
+    from cryoai.physics.symmetry import point_group
+
+    group = point_group("C4")
+    assert group.shape == (4, 3, 3)
+    volume = torch.as_tensor(_c4_blobs())
+    poses = torch.as_tensor(_rotations(3, 11))
+    reference = project_real_space(volume, poses)
+    scale = float(reference.abs().max())
+    for s in group[1:]:
+        same = project_real_space(volume, s @ poses)  # S R: the same images
+        other = project_real_space(volume, poses @ s)  # R S: images turned in plane
+        assert float((same - reference).abs().max()) < 1e-6 * scale
+        assert float((other - reference).abs().max()) > 0.1 * scale
+
+
+def test_point_groups_are_groups_and_bad_symbols_are_refused():
+    from cryoai.errors import InputError
+    from cryoai.physics.symmetry import point_group
+
+    for symbol, order in (("C1", 1), ("c4", 4), ("D2", 4), ("D7", 14)):
+        g = point_group(symbol)
+        assert len(g) == order
+        torch.testing.assert_close(g[0], torch.eye(3, dtype=torch.float64))
+        products = (g[:, None] @ g[None]).reshape(-1, 9)
+        distance = torch.cdist(products, g.reshape(-1, 9))
+        assert float(distance.min(dim=1).values.max()) < 1e-6  # closed under products
+    for bad in ("I", "T", "C0", "O2", "D"):
+        with pytest.raises(InputError, match="symmetry"):
+            point_group(bad)
+
+
+def test_align_rotations_measures_errors_up_to_the_symmetry():
+    from cryoai.physics.symmetry import point_group
+
+    group = point_group("C4").numpy()
+    true = _rotations(400, 21)
+    gen = np.random.default_rng(0)
+    element = gen.integers(0, 4, size=len(true))
+    a = _global_rotation()
+    jitter = _small_rotations(len(true), 2.0, seed=5)  # about 2 deg each
+    pred = jitter @ a @ group[element] @ true
+    plain = align_rotations(pred, true)
+    assert np.median(plain["angle_deg"]) > 45  # each pose a random equivalent: far off
+    reg = align_rotations(pred, true, symmetry=torch.as_tensor(group))
+    assert reg["mirror"] is False and np.median(reg["angle_deg"]) < 3
+    # Mirrored, the same.
+    mirrored = align_rotations(J @ pred @ J, true, symmetry=torch.as_tensor(group))
+    assert mirrored["mirror"] is True and np.median(mirrored["angle_deg"]) < 3
+
+
+def _small_rotations(n: int, angle_deg: float, seed: int) -> np.ndarray:
+    from cryoai.physics.rotations import axis_angle_to_matrix
+
+    gen = torch.Generator().manual_seed(seed)
+    vec = torch.randn(n, 3, generator=gen, dtype=torch.float64) * np.radians(angle_deg) / np.sqrt(3)
+    return axis_angle_to_matrix(vec).numpy()

@@ -26,14 +26,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gt-poses", default=None, help="ground-truth poses (.star/.cs)")
     parser.add_argument("--outdir", required=True, help="where metrics.json and the plots go")
     parser.add_argument("--datadir", default=None)
+    parser.add_argument("--symmetry", default="C1",
+                        help="the truth's point group, Cn or Dn (RELION's axes): rotation errors are "
+                             "to the nearest symmetry-equivalent true pose (default C1)")
 
 
-def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, datadir=None) -> dict:
+def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, datadir=None,
+                   symmetry: str = "C1") -> dict:
     from ..evaluation.metrics import evaluate
     from ..evaluation.plots import plot_fsc, plot_map_slices, plot_rotation_errors
     from ..io import load_particles, write_json_atomic
     from ..io.mrc import read_volume, write_volume
+    from ..physics.symmetry import point_group
 
+    point_group(symmetry)  # a bad symbol is said before anything is read
     volume, pixel_size_a = read_volume(map_path)
     truth = None
     if gt_map:
@@ -55,7 +61,8 @@ def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, 
         if p.has_shifts and t.has_shifts:
             pred_sh, true_sh = p.shifts_a, t.shifts_a
     result = evaluate(volume, pixel_size_a, truth_volume=truth, pred_rotations=pred_rot,
-                      true_rotations=true_rot, pred_shifts_a=pred_sh, true_shifts_a=true_sh)
+                      true_rotations=true_rot, pred_shifts_a=pred_sh, true_shifts_a=true_sh,
+                      symmetry=symmetry)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     metrics = result["metrics"]
@@ -78,7 +85,8 @@ def summary_lines(metrics: dict) -> list[str]:
     if "rotation_error_deg_median" in metrics:
         lines.append(f"rotation error: median {metrics['rotation_error_deg_median']:.2f} deg "
                      f"(squared Frobenius {metrics['rotation_error_frobenius_sq_median']:.4f}), "
-                     f"mirror {'yes' if metrics['alignment_mirror'] else 'no'}")
+                     f"mirror {'yes' if metrics['alignment_mirror'] else 'no'}"
+                     + (f", symmetry {metrics['symmetry']}" if metrics.get("symmetry", "C1") != "C1" else ""))
     if "shift_error_a_median" in metrics:
         lines.append(f"shift error: median {metrics['shift_error_a_median']:.2f} A")
     return lines
@@ -86,7 +94,7 @@ def summary_lines(metrics: dict) -> list[str]:
 
 def main(args) -> int:
     metrics = run_evaluation(args.map, args.outdir, poses=args.poses, gt_map=args.gt_map,
-                             gt_poses=args.gt_poses, datadir=args.datadir)
+                             gt_poses=args.gt_poses, datadir=args.datadir, symmetry=args.symmetry)
     for line in summary_lines(metrics):
         print(line)
     print(f"metrics and plots: {args.outdir}")

@@ -16,39 +16,79 @@ from ..physics.fsc import fsc, resolution_px
 from ..physics.grids import grid_3d
 from ..physics.projection import sample_volume
 from ..physics.rotations import frobenius_distance_sq, frobenius_sq_to_angle, procrustes_rotation
+from ..physics.symmetry import point_group
 
 MIRROR = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
 
 
-def align_rotations(pred: np.ndarray, true: np.ndarray) -> dict:
+def align_rotations(pred: np.ndarray, true: np.ndarray, symmetry: torch.Tensor | None = None) -> dict:
     """Global alignment of predicted to true rotations.
 
     Parameters
     ----------
     pred, true : (N, 3, 3) rotations.
+    symmetry : (G, 3, 3) the map's point group (:func:`cryoai.physics.symmetry.point_group`), or
+        None: each true pose then stands for its G equivalents ``S_k R_true``, and each
+        particle's error is to the nearest of them.
 
     Returns
     -------
     dict with ``A`` (3, 3), ``mirror`` (bool), ``frobenius_sq`` (N,) per-particle
-    ``||R_pred - A J^m R_true J^m||_F^2`` and ``angle_deg`` (N,).
+    ``||R_pred - A J^m S_k R_true J^m||_F^2`` (``S_k`` the nearest element, or the identity),
+    ``angle_deg`` (N,) and ``symmetry_element`` (N,) the index ``k``.
     """
     p = torch.as_tensor(pred, dtype=torch.float64)
     t = torch.as_tensor(true, dtype=torch.float64)
     best = None
     for mirror in (False, True):
         m = MIRROR @ t @ MIRROR if mirror else t
-        a = procrustes_rotation(m, p)
-        d = frobenius_distance_sq(p, a @ m)
+        if symmetry is None or len(symmetry) == 1:
+            a = procrustes_rotation(m, p)
+            d = frobenius_distance_sq(p, a @ m)
+            k = torch.zeros(len(p), dtype=torch.int64)
+        else:
+            a, d, k = _align_with_symmetry(p, m, torch.as_tensor(symmetry, dtype=torch.float64))
         med = float(d.median())
         if best is None or med < best["median"]:
-            best = {"A": a, "mirror": mirror, "frobenius_sq": d, "median": med}
+            best = {"A": a, "mirror": mirror, "frobenius_sq": d, "median": med, "element": k}
     d = best["frobenius_sq"]
     return {
         "A": best["A"].numpy(),
         "mirror": best["mirror"],
         "frobenius_sq": d.numpy(),
         "angle_deg": np.degrees(frobenius_sq_to_angle(d).numpy()),
+        "symmetry_element": best["element"].numpy(),
     }
+
+
+def _align_with_symmetry(pred: torch.Tensor, true: torch.Tensor, group: torch.Tensor, *,
+                         starts: int = 16, iterations: int = 20
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``A`` and each particle's group element ``k`` minimising the median of
+    ``||pred_i - A S_k true_i||_F^2``: alternate the nearest element per particle and the
+    Procrustes fit of ``A``, from the plain fit and from single particles' ``pred_i true_i^T``
+    (deterministic), keeping the best. Returns ``(A, distances (N,), k (N,))``.
+    """
+    n = len(pred)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:starts]
+    initial = [procrustes_rotation(true, pred)] + [pred[i] @ true[i].T for i in order.tolist()]
+    equivalents = torch.einsum("gij,njk->gnik", group, true)  # (G, N, 3, 3): S_k true_i
+    best = None
+    for a in initial:
+        previous = None
+        for _ in range(iterations):
+            # trace(pred^T A S_k true) for every k: the nearest element has the largest.
+            agreement = torch.einsum("nij,gnij->gn", pred, a @ equivalents)
+            k = agreement.argmax(dim=0)
+            if previous is not None and torch.equal(k, previous):
+                break
+            previous = k
+            a = procrustes_rotation(equivalents[k, torch.arange(n)], pred)
+        d_all = frobenius_distance_sq(pred[None], a @ equivalents)  # (G, N)
+        d, k = d_all.min(dim=0)
+        if best is None or float(d.median()) < float(best[1].median()):
+            best = (a, d, k)
+    return best
 
 
 def align_volume(volume: np.ndarray, rotation: np.ndarray, mirror: bool) -> np.ndarray:
@@ -166,13 +206,24 @@ def align_shifts(pred_shifts_a: np.ndarray, true_shifts_a: np.ndarray, true_rota
 
 def evaluate(volume: np.ndarray, pixel_size_a: float, *, truth_volume: np.ndarray | None = None,
              pred_rotations: np.ndarray | None = None, true_rotations: np.ndarray | None = None,
-             pred_shifts_a: np.ndarray | None = None, true_shifts_a: np.ndarray | None = None) -> dict:
-    """All the metrics that the inputs allow, as a JSON-ready dict (and per-particle errors)."""
-    metrics: dict = {"pixel_size_a": pixel_size_a, "box_px": int(volume.shape[-1])}
+             pred_shifts_a: np.ndarray | None = None, true_shifts_a: np.ndarray | None = None,
+             symmetry: str = "C1") -> dict:
+    """All the metrics that the inputs allow, as a JSON-ready dict (and per-particle errors).
+
+    ``symmetry`` : the truth's point group (``Cn``/``Dn``, :func:`cryoai.physics.symmetry.point_group`):
+    each true pose stands for its equivalents, and a particle's error is to the nearest.
+    """
+    metrics: dict = {"pixel_size_a": pixel_size_a, "box_px": int(volume.shape[-1]), "symmetry": symmetry}
     aligned = volume
     per_particle = {}
     if pred_rotations is not None and true_rotations is not None:
-        reg = align_rotations(pred_rotations, true_rotations)
+        group = point_group(symmetry)
+        reg = align_rotations(pred_rotations, true_rotations, symmetry=group)
+        # The true pose each particle's error was measured to (its nearest equivalent).
+        element = group[torch.as_tensor(reg["symmetry_element"])].numpy()
+        if reg["mirror"]:
+            element = MIRROR.numpy() @ element @ MIRROR.numpy()
+        true_rotations = element @ np.asarray(true_rotations, dtype=np.float64)
         metrics.update({
             "alignment_rotation": reg["A"].tolist(),
             "alignment_mirror": bool(reg["mirror"]),

@@ -75,6 +75,9 @@ class TrainConfig:
     assign_refine_rounds: int = 4  # local refinement rounds of the particles posed against the map
     assign_refine_candidates: int = 16  # local rotations tried per particle and round ('random')
     assign_refine_radius_frac: float = 0.45  # their final band, fraction of Nyquist
+    # the global first guess's band, frequency px; None: from the data (the search's final band,
+    # or the refinement's final band where the images carry little signal within it; the run says)
+    assign_radius_px: float | None = None
     decoder_epochs: float = 2.0  # epochs of decoder training after the search
     decoder_max_images: int | None = 20000  # ... but at most this many images (cost flat in N)
     wiener_fit_steps: int = 1500  # FourierNet: regression steps (8192 points each) onto that
@@ -144,6 +147,8 @@ class TrainConfig:
             raise InputError(f"initial_map_resolution_a must be > 0 (got {self.initial_map_resolution_a})")
         if self.assign_prune_keep < 0:
             raise InputError(f"assign_prune_keep must be >= 0 (got {self.assign_prune_keep})")
+        if self.assign_radius_px is not None and not self.assign_radius_px > 0:
+            raise InputError(f"assign_radius_px must be > 0 (got {self.assign_radius_px})")
         if self.assign_refine_method not in ("newton", "random"):
             raise InputError("assign_refine_method must be 'newton' or 'random' "
                              f"(got {self.assign_refine_method!r})")

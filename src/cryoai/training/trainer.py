@@ -119,6 +119,17 @@ LOW_SIGNAL_ENERGY_WITH_START = 50.0
 #: image within 10 px: the search from a blob converged on every set measured with 274 or more
 #: and failed on every one with 215 or less (docs/realistic-data.md, sections 6 and 8).
 CLASS_START_ENERGY = 250.0
+#: Below this whitened signal energy per image within the search's final band (10 px), the
+#: global first guess that poses particles against a map (the assignment stage, the junk
+#: stage's second look, predict-poses) scores its hypotheses in the refinement's final band
+#: instead: what the images say about their pose beyond 10 px is what tells their right pose
+#: from a wrong one. Against the true map of the noise-alone set (93 within 10 px, 125 within
+#: 14 px), 61% of the real particles were posed within 10 deg at 10 px and 95% at 14 px; against
+#: a run's map, 52% and 87%. At 215 (large-complex) 10 px already posed 91% (94% at 14 px), and
+#: the wider band let empty images fit their noise better, so that fewer were called junk
+#: (recall 0.79 against 0.88 on one seed): the same border as :data:`LOW_SIGNAL_ENERGY`
+#: (docs/realistic-data.md, section 10).
+WIDE_FIRST_GUESS_ENERGY = 150.0
 
 
 class _BestState:
@@ -279,10 +290,37 @@ def search_settings(cfg: TrainConfig, box_px: int) -> SearchSettings:
 
 def assignment_settings(cfg: TrainConfig, box_px: int) -> AssignSettings:
     """How particles are posed against a run's map (the assignment stage, predict-poses)."""
-    return assign_settings(search_settings(cfg, box_px), rounds=cfg.assign_refine_rounds,
-                           candidates=cfg.assign_refine_candidates, method=cfg.assign_refine_method,
-                           radius_frac=cfg.assign_refine_radius_frac, hypotheses=cfg.encoder_hypotheses,
-                           prune_keep=cfg.assign_prune_keep)
+    settings = assign_settings(search_settings(cfg, box_px), rounds=cfg.assign_refine_rounds,
+                               candidates=cfg.assign_refine_candidates, method=cfg.assign_refine_method,
+                               radius_frac=cfg.assign_refine_radius_frac, hypotheses=cfg.encoder_hypotheses,
+                               prune_keep=cfg.assign_prune_keep)
+    if cfg.assign_radius_px is not None:
+        settings = replace(settings, radius_px=float(cfg.assign_radius_px))
+    return settings
+
+
+def first_guess_band(cfg: TrainConfig, box_px: int, noise) -> tuple[float | None, dict | None]:
+    """The band (frequency px) the data ask of the assignment's global first guess, and what
+    the choice rests on (for the run's log): ``(cfg.assign_radius_px, None)`` when it is given
+    or the images' signal is unknown; ``(None, figures)`` (the search's final band) when the
+    images' whitened signal energy within that band is at least
+    :data:`WIDE_FIRST_GUESS_ENERGY`; else the refinement's final band
+    (``assign_refine_radius_frac`` of the largest paired radius), where it is the wider.
+
+    ``noise`` : the run's :class:`cryoai.data.noise.NoiseModel`, or None.
+    """
+    if cfg.assign_radius_px is not None or noise is None:
+        return cfg.assign_radius_px, None
+    base_px = float(cfg.search_radius_end)
+    wide_px = round(cfg.assign_refine_radius_frac * max_paired_radius_px(box_px), 2)
+    energy = noise.information(base_px)
+    figures = {"stage": "assignment_band", "search_band_px": base_px,
+               "energy_in_search_band": round(energy, 1), "wide_band_px": wide_px,
+               "energy_in_wide_band": round(noise.information(wide_px), 1),
+               "threshold": WIDE_FIRST_GUESS_ENERGY}
+    if not energy < WIDE_FIRST_GUESS_ENERGY or not wide_px > base_px:
+        return None, {**figures, "first_guess_band_px": base_px}
+    return wide_px, {**figures, "first_guess_band_px": wide_px}
 
 
 def encoder_min_confidence(check: dict | None, cfg: TrainConfig) -> float:
@@ -355,8 +393,10 @@ class Trainer:
         self.dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=self.scale,
                                        source=self.source)
         self.noise_summary: dict = {}
+        self.first_guess_figures: dict = {}  # the first-guess band's choice (first_guess_band)
         self.noise_free = False
         self._measure_noise()
+        self._choose_first_guess_band()
         # The poses: given now, searched in stage 1, or None (the encoder predicts them).
         self.poses: Poses | None = fixed_poses.poses() if fixed_poses is not None else None
         self.model = self._build_model()
@@ -408,6 +448,23 @@ class Trainer:
                   f"{s['noise_low_over_high_power']:.2f} (1 = white), levels spread "
                   f"{s['noise_level_spread']:.2f}x; the images are whitened by them")
 
+    def _choose_first_guess_band(self) -> None:
+        """The assignment's first-guess band from the images' measured signal
+        (:func:`first_guess_band`), kept in the run's options (config.yaml, the checkpoint: so
+        predict-poses poses new particles in the same band) and said.
+        """
+        band_px, figures = first_guess_band(self.cfg, self.box, self.dataset.noise)
+        if figures is None:
+            return
+        self.first_guess_figures = figures
+        if band_px is not None:
+            self.cfg = replace(self.cfg, assign_radius_px=band_px)
+            self._log(f"assignment: the images' whitened signal energy within "
+                      f"{figures['search_band_px']:g} px is {figures['energy_in_search_band']:.0f} per image "
+                      f"(below "
+                      f"{WIDE_FIRST_GUESS_ENERGY:.0f}): their poses are first guessed within "
+                      f"{band_px:g} px ({figures['energy_in_wide_band']:.0f})")
+
     def _build_model(self) -> CryoAI:
         profile = None
         if self.cfg.decoder == "voxel":
@@ -457,6 +514,8 @@ class Trainer:
         self.run_dir.write_config(self.cfg)
         if self.noise_summary:
             self.run_dir.log({"stage": "noise", **self.noise_summary})
+        if self.first_guess_figures:
+            self.run_dir.log(self.first_guess_figures)
         if self.mode == "search" and self.poses is None:
             found = self.search_subset()
             use_encoder = self.learn_pose_encoder(found.fourier_volume, found.spectra, found.ctf,
