@@ -71,6 +71,8 @@ class SearchSettings:
     refine_rounds : local refinement rounds.
     refine_candidates : local rotations tried per image and round.
     refine_radius_frac : final refinement band, fraction of the largest paired radius.
+    class_radius_px : the band of the 2D classification that makes a start from class averages
+        (its in-plane first guesses); None: ``radius_end_px``.
     seed : seeds the subset and every random draw of the search.
     """
 
@@ -89,6 +91,7 @@ class SearchSettings:
     refine_rounds: int = 8
     refine_candidates: int = 48
     refine_radius_frac: float = 0.7
+    class_radius_px: float | None = None
     seed: int = 0
 
 
@@ -129,12 +132,13 @@ IMAGES_PER_CLASS = 60
 
 def class_average_settings(settings: SearchSettings, n_images: int) -> ClassAverageSettings:
     """The 2D classification that makes the search's start from class averages: the search's
-    final band, mask and shift grid, and about :data:`IMAGES_PER_CLASS` images per class (at
-    most 50 classes).
+    class band (its final band unless ``class_radius_px`` is given), mask and shift grid, and
+    about :data:`IMAGES_PER_CLASS` images per class (at most 50 classes).
     """
     n_classes = int(min(50, max(2, n_images // IMAGES_PER_CLASS)))
+    radius_px = settings.radius_end_px if settings.class_radius_px is None else settings.class_radius_px
     return ClassAverageSettings(mask_radius_px=settings.mask_radius_px, n_classes=n_classes,
-                                radius_px=settings.radius_end_px,
+                                radius_px=radius_px,
                                 max_shift_px=settings.max_shift_px, shift_step_px=settings.shift_step_px,
                                 seed=settings.seed)
 

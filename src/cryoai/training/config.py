@@ -75,7 +75,8 @@ class TrainConfig:
     assign_refine_rounds: int = 4  # local refinement rounds of the particles posed against the map
     assign_refine_candidates: int = 16  # local rotations tried per particle and round ('random')
     assign_refine_radius_frac: float = 0.45  # their final band, fraction of Nyquist
-    # the global first guess's band, frequency px; None: from the data (the search's final band,
+    # the band of the global first guesses (the assignment's, the junk stage's, predict-poses',
+    # the 2D classes' in-plane search), frequency px; None: from the data (the search's final band,
     # or the refinement's final band where the images carry little signal within it; the run says)
     assign_radius_px: float | None = None
     decoder_epochs: float = 2.0  # epochs of decoder training after the search

@@ -285,6 +285,7 @@ def search_settings(cfg: TrainConfig, box_px: int) -> SearchSettings:
         max_shift_px=(cfg.search_max_shift_px if cfg.search_max_shift_px is not None else 0.12 * box_px),
         shift_step_px=cfg.search_shift_step_px, refine_rounds=cfg.refine_rounds,
         refine_candidates=cfg.refine_candidates, refine_radius_frac=cfg.refine_radius_frac,
+        class_radius_px=cfg.assign_radius_px,  # the 2D classes' in-plane first guesses: the same band
         mask_radius_px=map_mask_radius_px(box_px, cfg.mask_radius_frac), seed=cfg.seed)
 
 
