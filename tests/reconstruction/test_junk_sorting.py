@@ -19,6 +19,7 @@ from cryoai.physics.poses import Poses
 from cryoai.physics.rotations import random_rotations
 from cryoai.reconstruction import ParticleSpectra, reconstruct
 from cryoai.reconstruction.junk_sorting import JunkSortSettings, sort_junk
+from cryoai.reconstruction.regularised import half_set_sums
 from cryoai.training.config import TrainConfig
 from cryoai.training.trainer import assignment_settings
 
@@ -63,6 +64,16 @@ def test_second_look_keeps_misposed_and_off_centre_particles(tmp_path):
         out = sort_junk(particles, poses, rec, groups=table.micrograph_ids, assign_settings=settings,
                         mask_radius_px=mask_px, settings=JunkSortSettings(passes=passes))
         kept[passes] = out.decision.keep
+        if passes:
+            # Given the sums the reconstruction was made from, the same sorting (one
+            # back-projection of every particle fewer).
+            given = sort_junk(particles, poses, rec, groups=table.micrograph_ids, assign_settings=settings,
+                              mask_radius_px=mask_px, settings=JunkSortSettings(passes=passes),
+                              sums=half_set_sums(particles, poses))
+            assert np.array_equal(given.decision.keep, out.decision.keep)
+            torch.testing.assert_close(given.poses.rotations, out.poses.rotations)
+            torch.testing.assert_close(given.reconstruction.fourier_volume, out.reconstruction.fourier_volume,
+                                       atol=1e-6, rtol=1e-4)
         assert (~out.decision.keep[empty]).mean() > 0.9, passes  # empty ice stays junk
         assert out.decision.keep[real & ~wrong].mean() > 0.95, passes
         if passes:

@@ -131,7 +131,8 @@ def repose(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, assigner:
 
 def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
               groups: np.ndarray | None, assign_settings: AssignSettings, mask_radius_px: float,
-              settings: JunkSortSettings | None = None, seed: int = 0, log=None) -> JunkSorting:
+              settings: JunkSortSettings | None = None, seed: int = 0,
+              sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None, log=None) -> JunkSorting:
     """Score, call the junk, and give the junk a second look (the module docstring).
 
     Parameters
@@ -145,6 +146,9 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
     mask_radius_px : the maps' soft mask.
     settings : :class:`JunkSortSettings`.
     seed : the half-set split of the maps.
+    sums : the two half sets' back-projected sums of every particle at ``poses``, split by
+        ``half_sets(n, seed)`` (:func:`cryoai.reconstruction.regularised.half_set_sums`: those
+        ``rec`` was made from), or None: computed here (one more back-projection of every particle).
     log : optional ``log(message)``.
     """
     st = settings or JunkSortSettings()
@@ -160,7 +164,9 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
     # kept particles is then these less the junk's sums, at a cost in proportion to the junk.
     half = np.zeros(n, dtype=np.int64)
     half[half_sets(n, seed)[1]] = 1
-    all_sums = _half_sums(particles, poses, np.arange(n), half) if st.passes else None
+    all_sums = None
+    if st.passes:
+        all_sums = list(sums) if sums is not None else _half_sums(particles, poses, np.arange(n), half)
 
     def kept_map() -> Reconstruction:
         junk_sums = _half_sums(particles, poses, np.flatnonzero(~decision.keep), half)

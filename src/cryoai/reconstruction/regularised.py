@@ -121,9 +121,19 @@ def reconstruct(particles: ParticleSpectra, poses: Poses, *, mask_radius_px: flo
     -------
     :class:`Reconstruction`. Maps are kept inside the largest paired radius (``N//2 - 1``).
     """
-    rows = np.arange(len(particles)) if indices is None else np.asarray(indices, dtype=np.int64)
-    sums = [backproject_particles(particles, rows[h], poses) for h in half_sets(len(rows), seed)]
+    sums = half_set_sums(particles, poses, seed=seed, indices=indices)
     return reconstruction_from_sums(sums, mask_radius_px=mask_radius_px, min_ssnr=min_ssnr)
+
+
+def half_set_sums(particles: ParticleSpectra, poses: Poses, *, seed: int = 0,
+                  indices: np.ndarray | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The back-projected sums ``[(num, den), (num, den)]`` of the two random half sets
+    (:func:`half_sets` of ``indices``, all particles if None) at their poses: what
+    :func:`reconstruct` solves, for a caller that keeps them (e.g. to update them as particles
+    leave or change pose, :func:`cryoai.reconstruction.junk_sorting.sort_junk`).
+    """
+    rows = np.arange(len(particles)) if indices is None else np.asarray(indices, dtype=np.int64)
+    return [backproject_particles(particles, rows[h], poses) for h in half_sets(len(rows), seed)]
 
 
 def reconstruction_from_sums(sums: list[tuple[torch.Tensor, torch.Tensor]], *, mask_radius_px: float,

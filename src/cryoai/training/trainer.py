@@ -68,7 +68,6 @@ from ..reconstruction import (
     SearchSettings,
     assign_remaining,
     assign_settings,
-    reconstruct,
     repose_subset,
     search_subset,
     starting_map,
@@ -82,7 +81,12 @@ from ..reconstruction.particle_scores import (
     score_particles,
     score_spectra,
 )
-from ..reconstruction.regularised import INVERTED_SKEWNESS, density_skewness
+from ..reconstruction.regularised import (
+    INVERTED_SKEWNESS,
+    density_skewness,
+    half_set_sums,
+    reconstruction_from_sums,
+)
 from ..simulate.views import sampling_compensation_factor
 from .config import TrainConfig
 from .decoder_fit import fit_decoder_to_fourier_volume
@@ -776,12 +780,14 @@ class Trainer:
         regulariser as a prior in the loss; FourierNet is fitted to it by regression.
         """
         t0 = time.perf_counter()
-        rec = reconstruct(self._spectra(), self.poses,
-                          mask_radius_px=map_mask_radius_px(self.box, self.cfg.mask_radius_frac),
-                          seed=self.cfg.seed)
+        # The half sets' sums are kept for the junk stage, which updates them as poses change.
+        sums = half_set_sums(self._spectra(), self.poses, seed=self.cfg.seed)
+        rec = reconstruction_from_sums(sums, mask_radius_px=map_mask_radius_px(self.box,
+                                                                                self.cfg.mask_radius_frac))
         if self.mode == "search" and self.cfg.sort_junk and self.dataset.noise is not None:
             # (the scores are in units of the measured noise: none without a noise model)
-            rec = self.sort_junk(rec)
+            rec = self.sort_junk(rec, sums)
+        del sums
         decoder = self.model.decoder
         fit_error = None
         if self.cfg.decoder == "voxel":
@@ -811,7 +817,7 @@ class Trainer:
                           "contrast_inverted": skewness < INVERTED_SKEWNESS, "seconds": seconds})
         return rec
 
-    def sort_junk(self, rec):
+    def sort_junk(self, rec, sums=None):
         """Stage 2a (default mode): every particle scored against the map at its pose, the junk
         called, and the particles called junk posed again against the kept particles' map
         (:mod:`cryoai.reconstruction.junk_sorting`); returns the kept particles' reconstruction
@@ -823,7 +829,7 @@ class Trainer:
                             settings=JunkSortSettings(threshold=self.cfg.junk_threshold,
                                                       passes=self.cfg.junk_passes,
                                                       max_shift_frac=self.cfg.junk_max_shift_frac),
-                            seed=self.cfg.seed, log=self._log)
+                            seed=self.cfg.seed, sums=sums, log=self._log)
         if self.dist.enabled:
             broadcast_(sorting.poses.rotations, self.dist)
             broadcast_(sorting.poses.shifts_a, self.dist)
