@@ -27,9 +27,9 @@ def align_rotations(pred: np.ndarray, true: np.ndarray, symmetry: torch.Tensor |
     Parameters
     ----------
     pred, true : (N, 3, 3) rotations.
-    symmetry : (G, 3, 3) the map's point group (:func:`cryoai.physics.symmetry.point_group`), or
-        None: each true pose then stands for its G equivalents ``S_k R_true``, and each
-        particle's error is to the nearest of them.
+    symmetry : (G, 3, 3) the map's point group (:func:`cryoai.physics.symmetry.point_group`):
+        each true pose then stands for its G equivalents ``S_k R_true``, and each particle's
+        error is to the nearest of them; None: no symmetry.
 
     Returns
     -------

@@ -12,7 +12,9 @@
       against the search on held-out subset particles (:mod:`cryoai.training.encoder_fit`);
    c. **assignment**: every other particle is posed against the subset's map, from the
       encoder's hypotheses when its check passed, else by the global search (said), then
-      refined locally (:func:`cryoai.reconstruction.assign_remaining`);
+      refined locally (:func:`cryoai.reconstruction.assign_remaining`). Every global first
+      guess (this one, the 2D classes', the junk stage's) scores its hypotheses in a band
+      chosen once from the images' measured signal (:func:`first_guess_band`);
 2. **reconstruct**: with poses, the half-map FSC-regularised reconstruction
    (:func:`cryoai.reconstruction.reconstruct`) of every particle; by default the junk is then
    called and given a second look (:mod:`cryoai.reconstruction.junk_sorting`), and the map of
@@ -124,15 +126,15 @@ LOW_SIGNAL_ENERGY_WITH_START = 50.0
 #: and failed on every one with 215 or less (docs/realistic-data.md, sections 6 and 8).
 CLASS_START_ENERGY = 250.0
 #: Below this whitened signal energy per image within the search's final band (10 px), the
-#: global first guess that poses particles against a map (the assignment stage, the junk
-#: stage's second look, predict-poses) scores its hypotheses in the refinement's final band
-#: instead: what the images say about their pose beyond 10 px is what tells their right pose
-#: from a wrong one. Against the true map of the noise-alone set (93 within 10 px, 125 within
-#: 14 px), 61% of the real particles were posed within 10 deg at 10 px and 95% at 14 px; against
-#: a run's map, 52% and 87%. At 215 (large-complex) 10 px already posed 91% (94% at 14 px), and
-#: the wider band let empty images fit their noise better, so that fewer were called junk
-#: (recall 0.79 against 0.88 on one seed): the same border as :data:`LOW_SIGNAL_ENERGY`
-#: (docs/realistic-data.md, section 10).
+#: global first guesses (the assignment stage against the search's map, the junk stage's
+#: second look, predict-poses, and the 2D classes' in-plane search) score their hypotheses in
+#: the refinement's final band instead: what the images say about their pose beyond 10 px is
+#: what tells their right pose from a wrong one. Against the true map of the noise-alone set
+#: (93 within 10 px, 125 within 14 px), 61% of the real particles were posed within 10 deg at
+#: 10 px and 95% at 14 px; against a run's map, 52% and 87%. At 215 (large-complex) 10 px
+#: already posed 91% (94% at 14 px), and the wider band let empty images fit their noise
+#: better, so that fewer were called junk (recall 0.79 against 0.88 on one seed): the same
+#: border as :data:`LOW_SIGNAL_ENERGY` (docs/realistic-data.md, section 10).
 WIDE_FIRST_GUESS_ENERGY = 150.0
 
 
@@ -464,11 +466,10 @@ class Trainer:
         self.first_guess_figures = figures
         if band_px is not None:
             self.cfg = replace(self.cfg, assign_radius_px=band_px)
-            self._log(f"assignment: the images' whitened signal energy within "
-                      f"{figures['search_band_px']:g} px is {figures['energy_in_search_band']:.0f} per image "
-                      f"(below "
-                      f"{WIDE_FIRST_GUESS_ENERGY:.0f}): their poses are first guessed within "
-                      f"{band_px:g} px ({figures['energy_in_wide_band']:.0f})")
+            self._log(f"assignment: the images' whitened signal energy within {figures['search_band_px']:g} "
+                      f"px is {figures['energy_in_search_band']:.0f} per image (below "
+                      f"{WIDE_FIRST_GUESS_ENERGY:.0f}): their poses (and 2D classes) are first guessed "
+                      f"within {band_px:g} px ({figures['energy_in_wide_band']:.0f} there)")
 
     def _build_model(self) -> CryoAI:
         profile = None
