@@ -923,9 +923,13 @@ class Trainer:
         scf = sampling_compensation_factor(self.poses.rotations[rows].double().numpy())
         self.run_dir.log({"stage": "views", "views_scf": scf, "particles": len(rows)})
         if scf < SCF_WARNING:
+            # On simulated top-view sets the searched poses were 7-12 deg off while the true map
+            # posed the same particles within 1.5 deg (docs/realistic-data.md, section 10).
+            search = ("; a search from such views can also pose the rare views wrong (its map lacks "
+                      "them): check the map" if self.mode == "search" else "")
             self._warn(f"{self.table.source_path or 'the particles'}: the views are preferred (SCF* "
                        f"{scf:.2f} < {SCF_WARNING}): the map's resolution is anisotropic, smeared along "
-                       "the undersampled directions (cryoai report shows the view distribution)")
+                       f"the undersampled directions{search} (cryoai report shows the view distribution)")
         return scf
 
     def _training_set(self):
