@@ -20,6 +20,8 @@ The default ab initio path of ``cryoai train`` reads, as a sequence:
 - :mod:`.backproject`: the one back-projection ``sum C conj(T) Y`` and ``sum C^2``;
 - :mod:`.regularised`: the regularised (Wiener/MAP) solve and the half-map FSC-regularised
   reconstruction (:func:`reconstruct`);
+- :mod:`.view_balance`: poses of a set whose views are preferred, refined against half maps
+  that weigh every direction of views alike;
 - :mod:`.particle_scores` and :mod:`.junk_sorting`: each particle scored against the map at
   its pose, the junk called, and the particles called junk posed again against the kept
   particles' map (a wider shift range) before the final call.

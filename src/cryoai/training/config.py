@@ -53,12 +53,16 @@ class TrainConfig:
     initial_map_resolution_a: float = 60.0
     # what the search starts from without --initial-map: "blob" (random poses), "classes" (a
     # map posed from the subset's 2D class averages), or "auto": classes when the images' whitened
-    # signal energy within 10 px is below 250, else a blob and classes if it fails
+    # signal energy within 10 px is below 250, else a blob, and classes if it fails or its views
+    # come out preferred
     search_start: str = "auto"
     search_radius_start: float = 5.0  # EM band, cycles per box
     search_radius_end: float = 10.0
     search_max_shift_px: float | None = None  # default 0.12 * box
     search_shift_step_px: float = 2.0
+    # where the search's views are preferred (SCF* below 0.81): its subset's poses refined against
+    # maps that weigh every direction of views alike, before the other particles are posed
+    balance_views: bool = True
     refine_rounds: int = 8  # local refinement rounds after the EM
     refine_candidates: int = 48  # local rotations tried per image and round
     refine_radius_frac: float = 0.7  # final refinement band, fraction of Nyquist

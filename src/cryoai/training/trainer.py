@@ -7,7 +7,11 @@
 
    a. **search** a subset (:func:`cryoai.reconstruction.search_subset`): its map and poses,
       from a blob, a given map (``--initial-map``) or, for images that carry little signal
-      each, a map posed from the subset's 2D class averages (``--search-start``);
+      each, a map posed from the subset's 2D class averages (``--search-start``); a search from
+      a blob whose views come out preferred is done again from class averages;
+   a'. **balanced views**: where the subset's views are preferred, its poses are refined against
+      maps that weigh every direction of views alike (:mod:`cryoai.reconstruction.view_balance`),
+      and the balanced map is the one the other particles are posed against;
    b. **encoder**: a pose encoder learns from that map and those poses, and is checked
       against the search on held-out subset particles (:mod:`cryoai.training.encoder_fit`);
    c. **assignment**: every other particle is posed against the subset's map, from the
@@ -89,6 +93,7 @@ from ..reconstruction.regularised import (
     half_set_sums,
     reconstruction_from_sums,
 )
+from ..reconstruction.view_balance import refine_balanced
 from ..simulate.views import sampling_compensation_factor
 from .config import TrainConfig
 from .decoder_fit import fit_decoder_to_fourier_volume
@@ -410,6 +415,7 @@ class Trainer:
         self.prior_lam: torch.Tensor | None = None  # the voxel decoder's MAP prior (reconstruct)
         self.pose_encoder: PoseGridEncoder | None = None  # the encoder stage's (None: not trained)
         self.search_explained = float("nan")  # the share of the signal the search's map explains
+        self.views_balanced = False  # whether the subset's poses were refined against balanced maps
         self.kept: np.ndarray | None = None  # (n,) bool: the particles not called junk (None: all)
         self.scores: ParticleScores | None = None
         self.junk_distance: np.ndarray | None = None
@@ -499,6 +505,7 @@ class Trainer:
         if ckpt.get("pose_encoder"):
             self.pose_encoder = load_pose_encoder(ckpt["pose_encoder"], self.device)
             self.encoder_check = ckpt["pose_encoder"].get("check")
+        self.views_balanced = bool(ckpt.get("views_balanced", False))
         if "kept" in ckpt:
             self.kept = ckpt["kept"].cpu().numpy().astype(bool)
             self.scores = ParticleScores(**{k: v.cpu().numpy().astype(np.float64) if torch.is_tensor(v) else v
@@ -523,7 +530,7 @@ class Trainer:
         if self.first_guess_figures:
             self.run_dir.log(self.first_guess_figures)
         if self.mode == "search" and self.poses is None:
-            found = self.search_subset()
+            found = self.balance_preferred_views(self.search_subset())
             use_encoder = self.learn_pose_encoder(found.fourier_volume, found.spectra, found.ctf,
                                                   found.rotations, found.shifts_px)
             self.poses = self.assign_remaining(found, use_encoder)
@@ -570,16 +577,30 @@ class Trainer:
             repose_seconds = time.perf_counter() - t0
             self.state.minutes += (found.seconds + repose_seconds) / 60
             explained = self._explained(found, settings.radius_end_px)
+            scf = sampling_compensation_factor(found.rotations.double().cpu().numpy())
             attempts.append(explained)
             kind = start if isinstance(start, str) else "blob" if start is None else "map"
             self.run_dir.log({"stage": "search", "attempt": attempt + 1, "seed": settings.seed, "start": kind,
                               "minutes": self.state.minutes, "search_seconds": found.seconds + repose_seconds,
                               "repose_seconds": repose_seconds, "subset": len(found.subset),
-                              "explained_signal": explained, "time_limit_reached": found.time_limit_reached})
+                              "explained_signal": explained, "views_scf": scf,
+                              "time_limit_reached": found.time_limit_reached})
+            passed = not explained < cfg.min_explained  # (NaN: unknown, no noise model: accept)
+            if passed and start is None and cfg.search_start == "auto" and scf < SCF_WARNING \
+                    and attempt < cfg.search_retries:
+                # A blob's map is made mostly of the common views, and the rare ones are posed
+                # against it wrong (on simulated top-view sets 100-140 deg off, where a start from
+                # class averages, which weigh each view alike, poses them within 5 deg).
+                self._log(f"search: the subset's views came out preferred (SCF* {scf:.2f} < {SCF_WARNING}), "
+                          "and a search from a blob poses the rare views wrong: searching again from 2D "
+                          "class averages")
+                best, start = (found, explained), "classes"  # the blob's is kept if that one fails
+                continue
+            if passed:
+                best = (found, explained)
+                break
             if best is None or explained > best[1]:
                 best = (found, explained)
-            if not explained < cfg.min_explained:  # (NaN: unknown, no noise model: accept)
-                break
             again = "searching again from another seed"
             if start is None and cfg.search_start == "auto":
                 start, again = "classes", "searching again from 2D class averages"
@@ -613,6 +634,37 @@ class Trainer:
         self.run_dir.log({"stage": "search_done", "attempts": len(attempts), "explained_signal": explained,
                           "seconds": time.perf_counter() - t_all})
         return found
+
+    def balance_preferred_views(self, found):
+        """Stage 1a': where the subset's views are preferred (SCF* below :data:`SCF_WARNING`),
+        its poses refined against half maps that weigh every direction of views alike
+        (:func:`cryoai.reconstruction.view_balance.refine_balanced`), and the balanced map is
+        the one the other particles are posed against. Unchanged otherwise, or with
+        ``--no-balance-views``.
+        """
+        cfg = self.cfg
+        scf = sampling_compensation_factor(found.rotations.double().cpu().numpy())
+        if not cfg.balance_views or not scf < SCF_WARNING or len(found.spectra) < 20:
+            return found
+        self._log(f"views: the subset's views are preferred (SCF* {scf:.2f} < {SCF_WARNING}): refining its "
+                  "poses against maps that weigh every view alike")
+        out = refine_balanced(self.model.formation, found.spectra, found.ctf, found.rotations,
+                              found.shifts_px, assignment_settings(cfg, self.box),
+                              mask_radius_px=map_mask_radius_px(self.box, cfg.mask_radius_frac),
+                              seed=cfg.seed, log=self._log)
+        self.state.minutes += out.seconds / 60
+        self.views_balanced = True
+        scf_after = sampling_compensation_factor(out.rotations.double().cpu().numpy())
+        self.run_dir.log({"stage": "balanced_views", "views_scf": scf, "views_scf_after": scf_after,
+                          "rounds": len(out.median_change_deg), "median_change_deg": out.median_change_deg,
+                          "effective_particles": out.effective_particles, "seconds": out.seconds,
+                          "minutes": self.state.minutes})
+        self._log(f"views: {len(out.median_change_deg)} balanced rounds in {out.seconds:.0f} s (the weights "
+                  f"are worth {out.effective_particles:.0f} of {len(out.weights)} particles); SCF* now "
+                  f"{scf_after:.2f}")
+        return replace(found, rotations=out.rotations.to(found.rotations.dtype),
+                       shifts_px=out.shifts_px.to(found.shifts_px.dtype),
+                       fourier_volume=out.reconstruction.fourier_volume)
 
     def _explained(self, found, radius_px: float) -> float:
         """The share of the subset images' signal within ``radius_px`` that the search's map
@@ -923,10 +975,15 @@ class Trainer:
         scf = sampling_compensation_factor(self.poses.rotations[rows].double().numpy())
         self.run_dir.log({"stage": "views", "views_scf": scf, "particles": len(rows)})
         if scf < SCF_WARNING:
-            # On simulated top-view sets the searched poses were 7-12 deg off while the true map
-            # posed the same particles within 1.5 deg (docs/realistic-data.md, section 10).
-            search = ("; a search from such views can also pose the rare views wrong (its map lacks "
-                      "them): check the map" if self.mode == "search" else "")
+            # On simulated top-view sets a search from a blob posed the rare views wrong and its
+            # map was distorted (docs/realistic-data.md, sections 10 and 11).
+            search = ""
+            if self.mode == "search":
+                search = ("; the search's poses were refined against maps that weigh every view alike, "
+                          "but a search from such views can still pose the rare views wrong: check the map"
+                          if self.views_balanced else
+                          "; a search from such views can also pose the rare views wrong (its map lacks "
+                          "them): check the map")
             self._warn(f"{self.table.source_path or 'the particles'}: the views are preferred (SCF* "
                        f"{scf:.2f} < {SCF_WARNING}): the map's resolution is anisotropic, smeared along "
                        f"the undersampled directions{search} (cryoai report shows the view distribution)")
@@ -1230,6 +1287,7 @@ class Trainer:
             "scale": self.scale,
             "fixed_poses": self.model.encoder is None,  # no encoder to predict poses with
             "argv": list(map(str, self.argv)),
+            "views_balanced": self.views_balanced,
         })
         self.last_checkpoint_step = self.state.step
 
