@@ -60,6 +60,10 @@ for _name, _flags in {"junk": ["--junk-fraction", "0.5"], "views": ["--views", "
                       "micrographs": ["--micrographs"],
                       "noise": ["--structural-snr", "0.7", "--noise-colour", "0.5"]}.items():
     CASES[f"hostile-{_name}"] = (3000, ["--recipe", "hostile", "--pixel-size", "6", *HOSTILE_OFF, *_flags])
+#: Two nuisances that meet in real sets: top views, and junk whose random poses fall where the rare
+#: views are (the balanced refinement weighs those directions up).
+CASES["hostile-views-junk"] = (3000, ["--recipe", "hostile", "--pixel-size", "6", *HOSTILE_OFF, "--views",
+                                      "top_cone", "--junk-fraction", "0.3"])
 
 
 def simulate(out: Path, n: int, flags: list[str], seed: int) -> dict:
