@@ -1,8 +1,9 @@
 """Today's default on realistic sets: the baseline the robustness issue must move.
 
 For each recipe of ``cryoai simulate --recipe`` (docs/simulation.md) and, for the hostile one,
-each nuisance alone, it simulates a set from the embedded 70S map, runs the default
-``cryoai train`` on it, and measures on the *real* particles only (``truth.csv``):
+each nuisance alone (and top views with 30% junk: ``hostile-views-junk``), it simulates a set
+from the embedded 70S map, runs the default ``cryoai train`` on it, and measures on the *real*
+particles only (``truth.csv``):
 
 - the median rotation error of their poses (after global alignment to the truth);
 - the resolution of the map reconstructed from them at the run's poses (FSC against the truth,
