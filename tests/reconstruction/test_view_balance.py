@@ -130,3 +130,6 @@ def test_a_run_on_preferred_views_searches_from_class_averages_and_balances_them
     errors = align_rotations(np.asarray(table.rotations), np.asarray(truth.rotations))["angle_deg"]
     # Measured 5.8 deg (90% within 10 deg); from a blob without the balanced rounds, 63 deg (6%).
     assert np.median(errors) < 10 and np.mean(errors < 10) > 0.75, (np.median(errors), np.mean(errors < 10))
+    assert cli(["report", str(run)]) == 0  # the report's figures name the balanced rounds
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["balanced_views_rounds"] == balanced[0]["rounds"] and report["balanced_views_minutes"] > 0

@@ -217,6 +217,10 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
                         "amortized_fraction", "combined_agreement", "used"):
                 if f"check_{key}" in r:
                     metrics[f"encoder_{key}"] = r[f"check_{key}"]
+        elif r.get("stage") == "balanced_views":  # the subset's poses refined against balanced maps
+            metrics.update({"balanced_views_rounds": r.get("rounds"),
+                            "balanced_views_minutes": r.get("seconds", 0.0) / 60,
+                            "balanced_views_effective_particles": r.get("effective_particles")})
         elif r.get("stage") == "assignment" and r.get("particles"):
             metrics.update({"assignment_particles": r["particles"],
                             "assignment_by_encoder": r.get("amortized"),
