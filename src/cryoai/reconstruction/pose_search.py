@@ -126,16 +126,20 @@ class SubsetSearch:
 #: Searches of the class averages' poses from different seeds, the best kept (by how much of
 #: the averages the map explains): each costs a few seconds.
 CLASS_SEARCH_SEEDS = 3
-#: Images per class the number of classes aims at (at most ``ClassAverageSettings.n_classes``).
+#: Images per class the number of classes aims at.
 IMAGES_PER_CLASS = 60
+#: The most 2D classes. At 50, the default subset of 5,000 top-view particles (100 a class) put
+#: the rare views in the common views' classes, and the search posed them 80-140 deg off; at
+#: 83 (60 a class) they were posed within 2 deg (docs/realistic-data.md, section 11).
+MAX_CLASSES = 100
 
 
 def class_average_settings(settings: SearchSettings, n_images: int) -> ClassAverageSettings:
     """The 2D classification that makes the search's start from class averages: the search's
     class band (its final band unless ``class_radius_px`` is given), mask and shift grid, and
-    about :data:`IMAGES_PER_CLASS` images per class (at most 50 classes).
+    about :data:`IMAGES_PER_CLASS` images per class (at most :data:`MAX_CLASSES`).
     """
-    n_classes = int(min(50, max(2, n_images // IMAGES_PER_CLASS)))
+    n_classes = int(min(MAX_CLASSES, max(2, n_images // IMAGES_PER_CLASS)))
     radius_px = settings.radius_end_px if settings.class_radius_px is None else settings.class_radius_px
     return ClassAverageSettings(mask_radius_px=settings.mask_radius_px, n_classes=n_classes,
                                 radius_px=radius_px,
