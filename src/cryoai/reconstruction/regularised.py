@@ -85,10 +85,11 @@ def half_sets(n_particles: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def backproject_particles(particles: ParticleSpectra, indices: np.ndarray,
-                          poses: Poses) -> tuple[torch.Tensor, torch.Tensor]:
+def backproject_particles(particles: ParticleSpectra, indices: np.ndarray, poses: Poses,
+                          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`backproject` of the particles ``indices`` at their ``poses`` (all N particles'
-    poses, CPU), summed over batches.
+    poses, CPU), summed over batches; with ``weights`` (all N particles', CPU), each particle's
+    terms times its weight (``sum w C conj(T) Y`` and ``sum w C^2``).
     """
     formation, device = particles.formation, particles.device
     n = formation.box_px
@@ -96,6 +97,9 @@ def backproject_particles(particles: ParticleSpectra, indices: np.ndarray,
     den = torch.zeros(n, n, n, device=device)
     for idx, y, c in particles.batches(indices):
         rows = torch.as_tensor(idx)
+        if weights is not None:
+            root_w = weights[rows].to(device).sqrt()[:, None]
+            y, c = y * root_w, c * root_w
         phases = formation.phase(poses.shifts_a[rows].to(device))
         a, b = backproject(y, c, poses.rotations[rows].to(device), formation.coords_px, n, phases)
         num += a

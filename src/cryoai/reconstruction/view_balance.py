@@ -39,10 +39,11 @@ import torch
 
 from ..models.image_formation import ImageFormation
 from ..physics.fft import fft3_c
+from ..physics.poses import Poses
 from ..physics.rotations import geodesic_distance
 from .amortized import AssignSettings, PoseAssigner
-from .backproject import backproject
-from .regularised import Reconstruction, half_sets, reconstruction_from_sums
+from .regularised import Reconstruction, backproject_particles, half_sets, reconstruction_from_sums
+from .spectra import SpectraInMemory
 
 
 @dataclass
@@ -131,12 +132,11 @@ def view_weights(rotations: torch.Tensor, *, cone_deg: float = 15.0, max_weight:
     return w / w.mean()
 
 
-@torch.no_grad()
 def weighted_half_sums(formation: ImageFormation, spectra: torch.Tensor, ctf: torch.Tensor,
                        rotations: torch.Tensor, shifts_px: torch.Tensor, weights: torch.Tensor,
-                       halves: tuple[np.ndarray, np.ndarray], *,
-                       block: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The back-projected sums ``[(sum w C conj(T) Y, sum w C^2)]`` of each half set.
+                       halves: tuple[np.ndarray, np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The back-projected sums ``[(sum w C conj(T) Y, sum w C^2)]`` of each half set
+    (:func:`cryoai.reconstruction.regularised.backproject_particles` with weights).
 
     Parameters
     ----------
@@ -150,23 +150,9 @@ def weighted_half_sums(formation: ImageFormation, spectra: torch.Tensor, ctf: to
     -------
     Two (numerator (N, N, N) complex, denominator (N, N, N) real) pairs.
     """
-    n = formation.box_px
-    device = spectra.device
-    sums = []
-    for half in halves:
-        rows = torch.as_tensor(np.asarray(half), device=device, dtype=torch.long)
-        num = torch.zeros(n, n, n, dtype=torch.complex64, device=device)
-        den = torch.zeros(n, n, n, device=device)
-        for start in range(0, len(rows), block):
-            r = rows[start:start + block]
-            root_w = weights[r].to(device).sqrt()[:, None]
-            phases = formation.phase(shifts_px[r] * formation.pixel_size_a)
-            a, b = backproject(spectra[r] * root_w, ctf[r] * root_w, rotations[r], formation.coords_px, n,
-                               phases)
-            num += a
-            den += b
-        sums.append((num, den))
-    return sums
+    particles = SpectraInMemory(spectra, ctf, formation)
+    poses = Poses(rotations.cpu(), shifts_px.cpu() * formation.pixel_size_a)
+    return [backproject_particles(particles, np.asarray(half), poses, weights.cpu()) for half in halves]
 
 
 def refine_balanced(formation: ImageFormation, spectra: torch.Tensor, ctf: torch.Tensor,
