@@ -2,8 +2,9 @@
 
 For each recipe of ``cryoai simulate --recipe`` (docs/simulation.md) and, for the hostile one,
 each nuisance alone (and top views with 30% junk: ``hostile-views-junk``), it simulates a set
-from the embedded 70S map, runs the default ``cryoai train`` on it, and measures on the *real*
-particles only (``truth.csv``):
+from the embedded 70S map (the membrane recipe: ../shared's TRPV1 map, and ``membrane-64``: the
+recipe at its own 64 px and 3 A, from bench/membrane_surrogate.py's CFTR-sized map), runs the
+default ``cryoai train`` on it, and measures on the *real* particles only (``truth.csv``):
 
 - the median rotation error of their poses (after global alignment to the truth);
 - the resolution of the map reconstructed from them at the run's poses (FSC against the truth,
@@ -14,12 +15,14 @@ particles only (``truth.csv``):
   SCF* of the run's views, the number of warnings;
 - the time of the run.
 
-Example (the table in docs/simulation.md; about 45 minutes on 2 cores):
+Example (the table in docs/simulation.md; about 45 minutes on 2 cores, and 20 more for the two
+``membrane-64`` cases):
   python bench/bench_realistic.py --outdir /tmp/bench-realistic
   python bench/bench_realistic.py --outdir /tmp/bench-realistic --only hostile-junk hostile-views
   python bench/bench_realistic.py --outdir /tmp/bench-realistic --only large-complex --seeds 0 1 2
   python bench/bench_realistic.py --outdir /tmp/bench-realistic --only large-complex hostile-noise \
       --start-from-truth 60 --run-name run-start   # the same sets, the search started at 60 A
+  python bench/bench_realistic.py --outdir /tmp/bench-realistic --only membrane-64 membrane-64-isnr400
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import pandas as pd
 import starfile
 import torch
 
+import membrane_surrogate  # bench/, beside this script
 from cryoai.cli.main import main as cli
 from cryoai.data.dataset import ParticleDataset
 from cryoai.io import load_particles, write_star, write_volume
@@ -65,6 +69,27 @@ for _name, _flags in {"junk": ["--junk-fraction", "0.5"], "views": ["--views", "
 #: views are (the balanced refinement weighs those directions up).
 CASES["hostile-views-junk"] = (3000, ["--recipe", "hostile", "--pixel-size", "6", *HOSTILE_OFF, "--views",
                                       "top_cone", "--junk-fraction", "0.3"])
+#: The membrane recipe at its own box and pixel size (64 px, 3 A) and CFTR's mass: the map is
+#: bench/membrane_surrogate.py's, built from ../shared's atomic models into ``--outdir``/maps. At
+#: the recipe's SNR (ISNR about 118), and at the SNR from which its images' poses can be found
+#: at all (ISNR 400: -10 dB whole-box; docs/realistic-data.md, section 12).
+SURROGATE = "{membrane_surrogate}"
+CASES["membrane-64"] = (8000, ["--recipe", "membrane", "--map", SURROGATE])
+CASES["membrane-64-isnr400"] = (8000, ["--recipe", "membrane", "--map", SURROGATE, "--snr-definition",
+                                       "integrated", "--snr-db", "26"])
+
+
+def resolve_maps(flags: list[str], outdir: Path) -> list[str] | None:
+    """``flags`` with the surrogate map built (once) in ``outdir``/maps; None where it cannot be."""
+    if SURROGATE not in flags:
+        return flags
+    if not membrane_surrogate.available():
+        return None
+    path = outdir / "maps" / "membrane_surrogate_64px_3A.mrc"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        membrane_surrogate.build(path)
+    return [str(path) if f == SURROGATE else f for f in flags]
 
 
 def simulate(out: Path, n: int, flags: list[str], seed: int) -> dict:
@@ -113,6 +138,10 @@ def main() -> None:
     rows = []
     for name, seed in [(name, seed) for name in args.only or CASES for seed in args.seeds]:
         n, flags = CASES[name]
+        flags = resolve_maps(flags, args.outdir)
+        if flags is None:
+            print(f"{name}: skipped, its map is built from ../shared/data/models, which is not here")
+            continue
         out = args.outdir / (name if seed == 0 else f"{name}-seed{seed}")
         report = simulate(out / "sim", n, flags, seed)
         star = out / "sim" / "particles.star"
