@@ -54,10 +54,12 @@ def assembly_model(path: Path, models=ADK_MODELS, centres_a=CENTRES_A, seed: int
     out = gemmi.Structure()
     out.cell = gemmi.UnitCell(1, 1, 1, 90, 90, 90)
     model = gemmi.Model("1")
-    for i, centre in enumerate(np.asarray(centres_a, dtype=float)):
-        source = gemmi.read_structure(str(models[i % len(models)]))
+    sources = [gemmi.read_structure(str(path)) for path in models]
+    for source in sources:
         source.setup_entities()
         source.remove_ligands_and_waters()
+    for i, centre in enumerate(np.asarray(centres_a, dtype=float)):
+        source = sources[i % len(sources)]
         atoms = [a for ch in source[0] for r in ch for a in r]
         xyz = np.array([a.pos.tolist() for a in atoms])
         turn = Rotation.random(random_state=int(rng.integers(1 << 30))).as_matrix()

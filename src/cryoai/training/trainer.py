@@ -132,6 +132,7 @@ LOW_SIGNAL_ENERGY_WITH_START = 50.0
 #: its map 2.3x the known poses'; no other check caught it), 44 and 17, and at 48 px at 27 and 14
 #: (sections 10 and 12).
 LOW_SIGNAL_ENERGY_FROM_CLASSES = 85.0
+
 #: ``--search-start auto`` starts from class averages below this whitened signal energy per
 #: image within 10 px: the search from a blob converged on every set measured with 274 or more
 #: and failed on every one with 215 or less (docs/realistic-data.md, sections 6 and 8).
@@ -619,10 +620,12 @@ class Trainer:
             ca = found.class_averages
             self.run_dir.write_class_averages(ca.images.cpu().numpy() * self.box, ca.sizes.cpu().numpy(),
                                               self.pixel_size_a)
-        started = "from a given map " if cfg.initial_map else \
-            "from class averages " if found.class_averages is not None else ""
-        low = LOW_SIGNAL_ENERGY_WITH_START if cfg.initial_map else \
-            LOW_SIGNAL_ENERGY_FROM_CLASSES if started else LOW_SIGNAL_ENERGY
+        if cfg.initial_map:
+            started, low = "from a given map ", LOW_SIGNAL_ENERGY_WITH_START
+        elif found.class_averages is not None:
+            started, low = "from class averages ", LOW_SIGNAL_ENERGY_FROM_CLASSES
+        else:
+            started, low = "", LOW_SIGNAL_ENERGY
         if explained >= cfg.min_explained and info < low:
             # (at this little signal, the best pose of each image fits noise too: the share
             # explained is not a measure any more)
