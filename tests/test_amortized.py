@@ -244,13 +244,15 @@ def test_dataset_spectra_feed_the_encoder(tmp_path):
 
 
 class _SignalGrowingWithArea:
-    """A stand-in noise model: the images' whitened signal energy grows as the band's area."""
+    """A stand-in noise model: the images' whitened signal energy grows as the band's area
+    beyond 10 px by ``growth`` (1: as the area; 0: no signal beyond 10 px).
+    """
 
-    def __init__(self, energy_within_10px: float):
-        self.energy_within_10px = energy_within_10px
+    def __init__(self, energy_within_10px: float, growth: float = 1.0):
+        self.energy_within_10px, self.growth = energy_within_10px, growth
 
     def information(self, radius_px: float) -> float:
-        return self.energy_within_10px * (radius_px / 10) ** 2
+        return self.energy_within_10px * (1 + self.growth * ((radius_px / 10) ** 2 - 1))
 
 
 def test_first_guess_band_follows_the_images_signal():
@@ -258,7 +260,12 @@ def test_first_guess_band_follows_the_images_signal():
 
     from cryoai.physics.grids import max_paired_radius_px
     from cryoai.training.config import TrainConfig
-    from cryoai.training.trainer import WIDE_FIRST_GUESS_ENERGY, assignment_settings, first_guess_band
+    from cryoai.training.trainer import (
+        WIDE_BAND_MIN_GAIN,
+        WIDE_FIRST_GUESS_ENERGY,
+        assignment_settings,
+        first_guess_band,
+    )
 
     cfg = TrainConfig()
     wide = round(cfg.assign_refine_radius_frac * max_paired_radius_px(64), 2)
@@ -268,6 +275,13 @@ def test_first_guess_band_follows_the_images_signal():
     # Enough signal within the search's band: that band, as before.
     band, figures = first_guess_band(cfg, 64, _SignalGrowingWithArea(WIDE_FIRST_GUESS_ENERGY + 1))
     assert band is None and figures["first_guess_band_px"] == cfg.search_radius_end
+    # A wider band that adds little signal (a tenth of the energy, as a CFTR-sized map at 3 A
+    # under structural noise): the search's band; at the border's gain, the wider one.
+    band, figures = first_guess_band(cfg, 64, _SignalGrowingWithArea(93.0, growth=0.1))
+    assert band is None and figures["first_guess_band_px"] == cfg.search_radius_end
+    assert figures["energy_in_wide_band"] < WIDE_BAND_MIN_GAIN * 93.0
+    border = (WIDE_BAND_MIN_GAIN - 1) / ((wide / 10) ** 2 - 1) + 1e-6
+    assert first_guess_band(cfg, 64, _SignalGrowingWithArea(93.0, growth=border))[0] == wide
     # A small box whose refinement band is narrower than the search's: never narrowed.
     assert first_guess_band(cfg, 32, _SignalGrowingWithArea(93.0))[0] is None
     # Noise-free images (no noise model), or a band given: nothing chosen.

@@ -16,6 +16,7 @@ from cryoai.evaluation.metrics import (
     best_flip_fsc,
     evaluate,
     fsc_report,
+    pose_agreement,
 )
 from cryoai.io import load_particles, read_volume, write_star, write_volume
 from cryoai.physics.grids import grid_3d
@@ -74,6 +75,25 @@ def test_align_rotations_detects_mirror():
     assert reg["mirror"] is True
     np.testing.assert_allclose(reg["A"], a, atol=1e-8)
     assert float(np.max(reg["frobenius_sq"])) < 1e-12
+
+
+def test_pose_agreement_counts_particles_placed_alike_up_to_rotation_and_mirror():
+    from scipy.spatial.transform import Rotation
+
+    true = _rotations(400, 4)
+    a = _global_rotation()
+    # Another search's poses of the same particles: a global rotation and the mirror, 3 deg of
+    # noise on each, and 40% of them posed at random (a search that failed there).
+    jitter = Rotation.random(400, random_state=5).as_rotvec()
+    jitter = Rotation.from_rotvec(jitter / np.linalg.norm(jitter, axis=1, keepdims=True)
+                                  * np.radians(3.0)).as_matrix()
+    other = a @ J @ (jitter @ true) @ J
+    other[:160] = _rotations(160, 6)
+    share = pose_agreement(true, other)
+    assert 0.57 <= share <= 0.63  # the 240 placed alike, and at most a few random ones by chance
+    assert pose_agreement(true, other, within_deg=2.0) < 0.3  # 3 deg apart: few within 2
+    # Two unrelated sets of poses agree on almost none.
+    assert pose_agreement(true, _rotations(400, 7)) < 0.03
 
 
 def test_align_rotations_reports_errors():

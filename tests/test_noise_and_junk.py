@@ -299,3 +299,48 @@ def test_a_search_that_explains_too_little_is_run_again_and_the_run_warns(tmp_pa
     assert outputs["search_explained_signal"] == max(r["explained_signal"] for r in attempts)
     table = starfile.read(run / "poses.star", always_dict=True)["particles"]
     assert {"rlnClassNumber", "rlnCryoaiScore", "rlnCryoaiJunkDistance"} <= set(table.columns)
+
+
+@pytest.mark.parametrize("explained, attempts_run, kept, doubtful", [
+    ([0.70, 0.75, 0.72], 3, 0.75, True),  # every attempt doubtful: the best kept, and said
+    ([0.70, 0.90, 0.72], 2, 0.90, False),  # a retry that converged ends the search
+])
+def test_a_doubtful_search_from_class_averages_is_run_again(tmp_path, monkeypatch, explained, attempts_run,
+                                                             kept, doubtful):
+    """A search from class averages whose map explains less than DOUBTFUL_EXPLAINED_FROM_CLASSES
+    (0.8) of the signal (though more than --min-explained) runs again from another seed; the best
+    is kept, and if it is still doubtful the run warns, saying how far the attempts' poses agree.
+    (The share explained is set here: what is tested is the flow.)
+    """
+    import json
+
+    from cryoai.cli.main import main as cli
+    from cryoai.training import trainer as trainer_module
+
+    assert trainer_module.DOUBTFUL_EXPLAINED_FROM_CLASSES == 0.8
+    shares = iter(explained)
+    monkeypatch.setattr(trainer_module.Trainer, "_explained", lambda self, found, radius_px: next(shares))
+    sim = tmp_path / "sim"
+    assert cli(["simulate", "--box", str(N), "--n", "300", "--snr-db", "-5", "--seed", "2",
+                "--outdir", str(sim), "--quiet", "--device", "cpu"]) == 0
+    run = tmp_path / "run"
+    assert cli(["train", str(sim / "particles.star"), "--outdir", str(run), "--quiet", "--no-tensorboard",
+                "--device", "cpu", "--pose-encoder", "off", "--search-iterations", "15",
+                "--refine-rounds", "2", "--decoder-epochs", "0.2", "--search-start", "classes",
+                "--search-retries", "2"]) == 0
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    attempts = [r for r in log if r.get("stage") == "search"]
+    assert len(attempts) == attempts_run and all(r["start"] == "classes" for r in attempts)
+    assert len({r["seed"] for r in attempts}) == attempts_run
+    done = next(r for r in log if r.get("stage") == "search_done")
+    outputs = json.loads((run / "outputs.json").read_text())
+    assert done["explained_signal"] == kept == outputs["search_explained_signal"]
+    said = [w for w in outputs["warnings"] if "class averages is doubtful" in w]
+    assert bool(said) == doubtful
+    if doubtful:
+        # the attempts' agreement: a share of the particles, stated in the warning
+        assert 0 <= done["attempts_agreement"] <= 1
+        assert f"{done['attempts_agreement']:.0%} of the particles alike" in said[0]
+        assert "of 3 attempt(s) explains 75%" in said[0]
+    else:
+        assert done["attempts_agreement"] is None

@@ -54,6 +54,7 @@ from ..data.dataset import ParticleBatch, ParticleDataset, ParticleSubset, estim
 from ..data.loader import make_loader
 from ..data.noise import measure_noise
 from ..errors import CryoaiError, InputError
+from ..evaluation.metrics import pose_agreement
 from ..evaluation.report import SCF_WARNING
 from ..io.images import ImageSource
 from ..io.mrc import read_volume
@@ -133,6 +134,18 @@ LOW_SIGNAL_ENERGY_WITH_START = 50.0
 #: (sections 10 and 12).
 LOW_SIGNAL_ENERGY_FROM_CLASSES = 85.0
 
+#: A search started from 2D class averages whose map explains less than this share of the
+#: subset's signal is doubtful: it is run again from another seed (``search_retries`` times at
+#: most), and, if no attempt explains more, the run says so with how far the attempts' poses
+#: agree. Converged searches from class averages explained 0.84-0.92 (the 70S large-complex,
+#: junk-alone and noise-alone sets; the true poses explain 0.88-1.0 in the same band), failed
+#: ones 0.70-0.78 (a CFTR-sized membrane set at energies 81 and 98, three seeds, posed 20-108
+#: deg off with no warning before; docs/realistic-data.md, section 13).
+DOUBTFUL_EXPLAINED_FROM_CLASSES = 0.8
+#: Two searches agree when this share of the particles both posed is placed alike (within
+#: 10 deg, up to a global rotation and mirror: :func:`cryoai.evaluation.metrics.pose_agreement`).
+AGREEING_SHARE = 0.5
+
 #: ``--search-start auto`` starts from class averages below this whitened signal energy per
 #: image within 10 px: the search from a blob converged on every set measured with 274 or more
 #: and failed on every one with 215 or less (docs/realistic-data.md, sections 6 and 8).
@@ -148,6 +161,14 @@ CLASS_START_ENERGY = 250.0
 #: better, so that fewer were called junk (recall 0.79 against 0.88 on one seed): the same
 #: border as :data:`LOW_SIGNAL_ENERGY` (docs/realistic-data.md, section 10).
 WIDE_FIRST_GUESS_ENERGY = 150.0
+#: ... and only where the wider band adds at least this factor of the energy: its coefficients
+#: (about as many again as within 10 px) are so many more ways for the noise to match a wrong
+#: hypothesis. The 70S sets' wider band adds a third (93 -> 125 noise alone, factor 1.34; the
+#: whole hostile recipe 1.20) and their poses and classes came out better in it; a CFTR-sized map
+#: at 3 A and 64 px under structural noise and junk gains a tenth (98 -> 108, 1.10), and there
+#: the search from class averages made in the wider band failed on three seeds (20-108 deg off)
+#: and, in 10 px, converged (docs/realistic-data.md, section 13).
+WIDE_BAND_MIN_GAIN = 1.15
 
 
 class _BestState:
@@ -323,7 +344,8 @@ def first_guess_band(cfg: TrainConfig, box_px: int, noise) -> tuple[float | None
     the choice rests on (for the run's log): ``(cfg.assign_radius_px, None)`` when it is given
     or the images' signal is unknown; ``(None, figures)`` (the search's final band) when the
     images' whitened signal energy within that band is at least
-    :data:`WIDE_FIRST_GUESS_ENERGY`; else the refinement's final band
+    :data:`WIDE_FIRST_GUESS_ENERGY`, or when the wider band adds less than
+    :data:`WIDE_BAND_MIN_GAIN` of it; else the refinement's final band
     (``assign_refine_radius_frac`` of the largest paired radius), where it is the wider.
 
     ``noise`` : the run's :class:`cryoai.data.noise.NoiseModel`, or None.
@@ -333,11 +355,13 @@ def first_guess_band(cfg: TrainConfig, box_px: int, noise) -> tuple[float | None
     base_px = float(cfg.search_radius_end)
     wide_px = round(cfg.assign_refine_radius_frac * max_paired_radius_px(box_px), 2)
     energy = noise.information(base_px)
+    wide_energy = noise.information(wide_px)
     figures = {"stage": "assignment_band", "search_band_px": base_px,
                "energy_in_search_band": round(energy, 1), "wide_band_px": wide_px,
-               "energy_in_wide_band": round(noise.information(wide_px), 1),
-               "threshold": WIDE_FIRST_GUESS_ENERGY}
-    if not energy < WIDE_FIRST_GUESS_ENERGY or not wide_px > base_px:
+               "energy_in_wide_band": round(wide_energy, 1), "threshold": WIDE_FIRST_GUESS_ENERGY,
+               "min_gain": WIDE_BAND_MIN_GAIN}
+    if not energy < WIDE_FIRST_GUESS_ENERGY or not wide_px > base_px \
+            or not wide_energy >= WIDE_BAND_MIN_GAIN * energy:
         return None, {**figures, "first_guess_band_px": base_px}
     return wide_px, {**figures, "first_guess_band_px": wide_px}
 
@@ -477,6 +501,14 @@ class Trainer:
         if figures is None:
             return
         self.first_guess_figures = figures
+        energy, wide = figures["energy_in_search_band"], figures["energy_in_wide_band"]
+        base_px, wide_px = figures["search_band_px"], figures["wide_band_px"]
+        if band_px is None and energy < WIDE_FIRST_GUESS_ENERGY and wide_px > base_px:
+            self._log(f"assignment: the images' whitened signal energy within {base_px:g} px "
+                      f"is {energy:.0f} per image (below {WIDE_FIRST_GUESS_ENERGY:.0f}), but the wider "
+                      f"{wide_px:g} px band adds little to it ({wide:.0f}, less than "
+                      f"{WIDE_BAND_MIN_GAIN:g}x): their poses (and 2D classes) are first guessed within "
+                      f"{base_px:g} px")
         if band_px is not None:
             self.cfg = replace(self.cfg, assign_radius_px=band_px)
             self._log(f"assignment: the images' whitened signal energy within {figures['search_band_px']:g} "
@@ -559,10 +591,13 @@ class Trainer:
         A search whose map explains less than ``min_explained`` of the signal the subset's
         images carry (:func:`cryoai.reconstruction.particle_scores.explained_signal`) is taken
         for a wrong start and run again from another seed, ``search_retries`` times at most;
-        the best is kept, with a warning if it is still below.
+        the best is kept, with a warning if it is still below. A search from class averages
+        below :data:`DOUBTFUL_EXPLAINED_FROM_CLASSES` is doubtful and run again the same way;
+        if the best is still doubtful, the run warns, saying how far the attempts' poses agree.
         """
         cfg = self.cfg
         best, attempts = None, []
+        tried = []  # (subset, rotations, explained) of every attempt
         t_all = time.perf_counter()
         start = self._starting_map()  # read and low-passed once for every attempt
         info = self.dataset.noise.information(10.0) if self.dataset.noise is not None else float("nan")
@@ -593,6 +628,18 @@ class Trainer:
                               "explained_signal": explained, "views_scf": scf,
                               "time_limit_reached": found.time_limit_reached})
             passed = not explained < cfg.min_explained  # (NaN: unknown, no noise model: accept)
+            tried.append((found, found.rotations.detach().double().cpu(), explained))
+            if passed and found.class_averages is not None and explained < DOUBTFUL_EXPLAINED_FROM_CLASSES:
+                # Doubtful: the best of the searches from class averages is kept (over a blob's,
+                # as below), and another seed is tried while retries are left.
+                if best is None or best[0].class_averages is None or explained > best[1]:
+                    best = (found, explained)
+                if attempt == cfg.search_retries:
+                    break
+                self._log(f"search: the map from class averages explains {explained:.0%} of the signal the "
+                          f"images carry (converged ones explained 84-92%): doubtful; searching again "
+                          f"from another seed")
+                continue
             if passed and start is None and cfg.search_start == "auto" and scf < SCF_WARNING \
                     and attempt < cfg.search_retries:
                 # A blob's map is made mostly of the common views, and the rare ones are posed
@@ -641,9 +688,43 @@ class Trainer:
                        f"energy {info:.0f} per image within 10 px; the search has converged on every "
                        f"set with 274 or more, whatever its size, and failed on every one with 93 or "
                        f"less), or junk or preferred views mislead it")
+        agreement = None
+        doubtful = cfg.min_explained <= explained < DOUBTFUL_EXPLAINED_FROM_CLASSES
+        if found.class_averages is not None and doubtful:
+            agreement = self._doubtful_search(found, explained, tried)
         self.run_dir.log({"stage": "search_done", "attempts": len(attempts), "explained_signal": explained,
-                          "seconds": time.perf_counter() - t_all})
+                          "attempts_agreement": agreement, "seconds": time.perf_counter() - t_all})
         return found
+
+    def _doubtful_search(self, found, explained: float, tried: list) -> float | None:
+        """Warn that the kept search from class averages is doubtful (it explains less than
+        :data:`DOUBTFUL_EXPLAINED_FROM_CLASSES`), saying how far the other attempts' poses agree
+        with its own (:func:`cryoai.evaluation.metrics.pose_agreement` over the particles both
+        searched); returns that share (None: one attempt).
+        """
+        agreement = None
+        for other, rotations, _ in tried:
+            if other is found:
+                continue
+            common, mine, theirs = np.intersect1d(found.subset, other.subset, return_indices=True)
+            if len(common) < 10:
+                continue
+            rot = found.rotations.detach().double().cpu()
+            share = pose_agreement(rot[mine].numpy(), rotations[theirs].numpy(), seed=self.cfg.seed)
+            agreement = share if agreement is None else max(agreement, share)
+        said = f"the search from 2D class averages is doubtful: the best of {len(tried)} attempt(s) " \
+               f"explains {explained:.0%} of the signal the images carry (converged searches from class " \
+               f"averages explained 84-92% on the sets measured, failed ones 70-78%)"
+        if agreement is None:
+            said += ": the map and poses may be wrong"
+        elif agreement < AGREEING_SHARE:
+            said += (f", and the attempts pose only {agreement:.0%} of the particles alike (two that found "
+                     f"the same map pose most alike): the map and poses are likely wrong")
+        else:
+            said += (f", but two attempts pose {agreement:.0%} of the particles alike: the map may be "
+                     f"right; check it")
+        self._warn(f"{self.table.source_path or 'the particles'}: {said}")
+        return agreement
 
     def balance_preferred_views(self, found):
         """Stage 1a': where the subset's views are preferred (SCF* below :data:`SCF_WARNING`),
