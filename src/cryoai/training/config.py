@@ -81,7 +81,8 @@ class TrainConfig:
     assign_refine_radius_frac: float = 0.45  # their final band, fraction of Nyquist
     # the band of the global first guesses (the assignment's, the junk stage's, predict-poses',
     # the 2D classes' in-plane search), frequency px; None: from the data (the search's final band,
-    # or the refinement's final band where the images carry little signal within it; the run says)
+    # or the refinement's final band where the images carry little signal within the first and
+    # the second adds enough to it; the run says)
     assign_radius_px: float | None = None
     decoder_epochs: float = 2.0  # epochs of decoder training after the search
     decoder_max_images: int | None = 20000  # ... but at most this many images (cost flat in N)
