@@ -294,21 +294,30 @@ def test_first_guess_band_follows_the_images_signal():
 
 def test_a_run_on_weak_images_guesses_poses_in_the_wider_band_and_says_so(tmp_path, capsys):
     from cryoai.training.config import TrainConfig, load_yaml
-    from cryoai.training.trainer import WIDE_FIRST_GUESS_ENERGY, Trainer
+    from cryoai.training.trainer import WIDE_BAND_MIN_GAIN, WIDE_FIRST_GUESS_ENERGY, Trainer
 
+    # The embedded 70S map at 6 A per pixel: its signal reaches beyond 10 px, so the wider band
+    # adds to it (at 5 A it holds little beyond 12 px: see below).
     bands = {}
-    for snr_db in (-16, -4):
-        sim = tmp_path / f"sim{snr_db}"
+    for snr_db, pixel_a in ((-16, 6), (-4, 6), (-16, 5)):
+        sim = tmp_path / f"sim{snr_db}_{pixel_a}"
         assert cli(["simulate", "--box", "64", "--n", "300", "--snr-db", str(snr_db), "--seed", "4",
-                    "--outdir", str(sim), "--quiet", "--device", "cpu"]) == 0
-        trainer = Trainer(load_particles(sim / "particles.star"), TrainConfig(), tmp_path / f"run{snr_db}",
+                    "--pixel-size", str(pixel_a), "--outdir", str(sim), "--quiet", "--device", "cpu"]) == 0
+        run = tmp_path / f"run{snr_db}_{pixel_a}"
+        trainer = Trainer(load_particles(sim / "particles.star"), TrainConfig(), run,
                           device=torch.device("cpu"))
         trainer.run_dir.write_config(trainer.cfg)
-        bands[snr_db] = (trainer.cfg.assign_radius_px, trainer.first_guess_figures,
-                         load_yaml(tmp_path / f"run{snr_db}" / "config.yaml")["assign_radius_px"])
-    weak, strong = bands[-16], bands[-4]
+        bands[snr_db, pixel_a] = (trainer.cfg.assign_radius_px, trainer.first_guess_figures,
+                                  load_yaml(run / "config.yaml")["assign_radius_px"])
+    weak, strong, flat = bands[-16, 6], bands[-4, 6], bands[-16, 5]
     assert weak[1]["energy_in_search_band"] < WIDE_FIRST_GUESS_ENERGY < strong[1]["energy_in_search_band"]
+    assert weak[1]["energy_in_wide_band"] >= WIDE_BAND_MIN_GAIN * weak[1]["energy_in_search_band"]
     assert weak[0] == weak[2] == weak[1]["wide_band_px"] > 10  # kept for predict-poses
     assert strong[0] is None and strong[2] is None
+    # Weak images whose wider band adds little signal: the search's band, said.
+    assert flat[1]["energy_in_search_band"] < WIDE_FIRST_GUESS_ENERGY
+    assert flat[1]["energy_in_wide_band"] < WIDE_BAND_MIN_GAIN * flat[1]["energy_in_search_band"]
+    assert flat[0] is None and flat[2] is None
     captured = capsys.readouterr()
     assert "first guessed within 13.95 px" in captured.out + captured.err
+    assert "band adds little to it" in captured.out + captured.err
