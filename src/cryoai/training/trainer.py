@@ -597,7 +597,7 @@ class Trainer:
         """
         cfg = self.cfg
         best, attempts = None, []
-        tried = []  # (subset, rotations, explained) of every attempt
+        tried = []  # (subset, rotations, explained) of every attempt (not their spectra)
         t_all = time.perf_counter()
         start = self._starting_map()  # read and low-passed once for every attempt
         info = self.dataset.noise.information(10.0) if self.dataset.noise is not None else float("nan")
@@ -628,7 +628,7 @@ class Trainer:
                               "explained_signal": explained, "views_scf": scf,
                               "time_limit_reached": found.time_limit_reached})
             passed = not explained < cfg.min_explained  # (NaN: unknown, no noise model: accept)
-            tried.append((found, found.rotations.detach().double().cpu(), explained))
+            tried.append((found.subset, found.rotations.detach().double().cpu(), explained))
             if passed and found.class_averages is not None and explained < DOUBTFUL_EXPLAINED_FROM_CLASSES:
                 # Doubtful: the best of the searches from class averages is kept (over a blob's,
                 # as below), and another seed is tried while retries are left.
@@ -703,13 +703,13 @@ class Trainer:
         searched); returns that share (None: one attempt).
         """
         agreement = None
-        for other, rotations, _ in tried:
-            if other is found:
-                continue
-            common, mine, theirs = np.intersect1d(found.subset, other.subset, return_indices=True)
+        rot = found.rotations.detach().double().cpu()
+        for subset, rotations, _ in tried:
+            if subset is found.subset or (rotations.shape == rot.shape and torch.equal(rotations, rot)):
+                continue  # the kept attempt's own
+            common, mine, theirs = np.intersect1d(found.subset, subset, return_indices=True)
             if len(common) < 10:
                 continue
-            rot = found.rotations.detach().double().cpu()
             share = pose_agreement(rot[mine].numpy(), rotations[theirs].numpy(), seed=self.cfg.seed)
             agreement = share if agreement is None else max(agreement, share)
         said = f"the search from 2D class averages is doubtful: the best of {len(tried)} attempt(s) " \
