@@ -269,14 +269,11 @@ def test_noise_free_images_are_not_whitened():
     assert estimate_noise_model(lambda idx: noisy[torch.from_numpy(idx)], 50, N, 0.3 * N).groups == 1
 
 
-def test_a_search_that_explains_too_little_is_run_again_and_the_run_warns(tmp_path):
-    """With a bar no map can pass (--min-explained 5), the search runs 1 + --search-retries times
-    from different seeds (the retries from class averages) and the run ends with a warning naming
-    the share explained; poses.star carries the junk stage's columns.
+def _short_search_run(tmp_path, *flags: str):
+    """A short default run (search, no encoder) on 300 simulated images with ``flags``; returns
+    the run directory and its train_log.jsonl records.
     """
     import json
-
-    import starfile
 
     from cryoai.cli.main import main as cli
 
@@ -286,9 +283,20 @@ def test_a_search_that_explains_too_little_is_run_again_and_the_run_warns(tmp_pa
     run = tmp_path / "run"
     assert cli(["train", str(sim / "particles.star"), "--outdir", str(run), "--quiet", "--no-tensorboard",
                 "--device", "cpu", "--pose-encoder", "off", "--search-iterations", "15",
-                "--refine-rounds", "2", "--decoder-epochs", "0.2", "--min-explained", "5",
-                "--search-retries", "1"]) == 0
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+                "--refine-rounds", "2", "--decoder-epochs", "0.2", *flags]) == 0
+    return run, [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_search_that_explains_too_little_is_run_again_and_the_run_warns(tmp_path):
+    """With a bar no map can pass (--min-explained 5), the search runs 1 + --search-retries times
+    from different seeds (the retries from class averages) and the run ends with a warning naming
+    the share explained; poses.star carries the junk stage's columns.
+    """
+    import json
+
+    import starfile
+
+    run, log = _short_search_run(tmp_path, "--min-explained", "5", "--search-retries", "1")
     attempts = [r for r in log if r.get("stage") == "search"]
     assert [r["attempt"] for r in attempts] == [1, 2] and attempts[0]["seed"] != attempts[1]["seed"]
     # --search-start auto: a retry after a failed search starts from 2D class averages
@@ -314,21 +322,12 @@ def test_a_doubtful_search_from_class_averages_is_run_again(tmp_path, monkeypatc
     """
     import json
 
-    from cryoai.cli.main import main as cli
     from cryoai.training import trainer as trainer_module
 
     assert trainer_module.DOUBTFUL_EXPLAINED_FROM_CLASSES == 0.8
     shares = iter(explained)
     monkeypatch.setattr(trainer_module.Trainer, "_explained", lambda self, found, radius_px: next(shares))
-    sim = tmp_path / "sim"
-    assert cli(["simulate", "--box", str(N), "--n", "300", "--snr-db", "-5", "--seed", "2",
-                "--outdir", str(sim), "--quiet", "--device", "cpu"]) == 0
-    run = tmp_path / "run"
-    assert cli(["train", str(sim / "particles.star"), "--outdir", str(run), "--quiet", "--no-tensorboard",
-                "--device", "cpu", "--pose-encoder", "off", "--search-iterations", "15",
-                "--refine-rounds", "2", "--decoder-epochs", "0.2", "--search-start", "classes",
-                "--search-retries", "2"]) == 0
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    run, log = _short_search_run(tmp_path, "--search-start", "classes", "--search-retries", "2")
     attempts = [r for r in log if r.get("stage") == "search"]
     assert len(attempts) == attempts_run and all(r["start"] == "classes" for r in attempts)
     assert len({r["seed"] for r in attempts}) == attempts_run
