@@ -83,8 +83,9 @@ CASES["membrane-64-isnr400"] = (8000, ["--recipe", "membrane", "--map", SURROGAT
 #: there (docs/realistic-data.md, section 13).
 CASES["membrane-64-isnr1000"] = (3000, ["--recipe", "membrane", "--map", SURROGATE, "--snr-definition",
                                         "integrated", "--snr-db", "30.1"])
-#: ... and at an ISNR of about 800 (energy about 82), where 2D classes made without annealing came
-#: out near random and the search from them failed (docs/realistic-data.md, section 14).
+#: ... and at an ISNR of about 800 (energy about 82), where the search from class averages failed
+#: before the 2D classification annealed its noise, and now converges on some seeds and says so on
+#: the others (measured on a set of the same recipe at ISNR 838: docs/realistic-data.md, section 14).
 CASES["membrane-64-isnr800"] = (3000, ["--recipe", "membrane", "--map", SURROGATE, "--snr-definition",
                                        "integrated", "--snr-db", "29.0"])
 
