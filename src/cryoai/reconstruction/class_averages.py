@@ -66,9 +66,9 @@ class ClassAverageSettings:
         times its estimate in the first iteration, the factor falling geometrically to 1 over the
         first ``anneal_fraction`` of the iterations (deterministic annealing, as cryoSPARC's
         "initial classification uncertainty factor"): images then spread over the classes while
-        the averages are still noise, instead of locking onto the first chance match. On four
-        sets at whitened signal energies of 80-215 the classes' view spread fell from 15-28 to
-        14-25 deg, on every seed (docs/realistic-data.md, section 14).
+        the averages are still noise, instead of locking onto the first chance match. On five
+        sets at whitened signal energies of 61-215 the classes' view spread fell from 15-28 to
+        14-27 deg, on every seed measured (docs/realistic-data.md, section 14).
     seed : seeds the first classes.
     """
 

@@ -143,6 +143,9 @@ LOW_SIGNAL_ENERGY_FROM_CLASSES = 55.0
 #: three seeds, posed 20-108 deg off with no warning before; docs/realistic-data.md, section
 #: 13), and one at 0.80 half converged (9 deg, its map 1.9x the known poses'; section 14).
 DOUBTFUL_EXPLAINED_FROM_CLASSES = 0.82
+#: The shares explained that border rests on, as the run states them.
+_CONVERGED_EXPLAINED = "84-96%"
+_FAILED_EXPLAINED = "70-80%"
 #: Two searches agree when this share of the particles both posed is placed alike (within
 #: 10 deg, up to a global rotation and mirror: :func:`cryoai.evaluation.metrics.pose_agreement`).
 AGREEING_SHARE = 0.5
@@ -638,8 +641,8 @@ class Trainer:
                 if attempt == cfg.search_retries:
                     break
                 self._log(f"search: the map from class averages explains {explained:.0%} of the signal the "
-                          f"images carry (converged ones explained 84-96%): doubtful; searching again "
-                          f"from another seed")
+                          f"images carry (converged ones explained {_CONVERGED_EXPLAINED}): doubtful; "
+                          f"searching again from another seed")
                 continue
             if passed and start is None and cfg.search_start == "auto" and scf < SCF_WARNING \
                     and attempt < cfg.search_retries:
@@ -715,7 +718,8 @@ class Trainer:
             agreement = share if agreement is None else max(agreement, share)
         said = f"the search from 2D class averages is doubtful: the best of {len(tried)} attempt(s) " \
                f"explains {explained:.0%} of the signal the images carry (converged searches from class " \
-               f"averages explained 84-96% on the sets measured, failed ones 70-80%)"
+               f"averages explained {_CONVERGED_EXPLAINED} on the sets measured, failed ones " \
+               f"{_FAILED_EXPLAINED})"
         if agreement is None:
             said += ": the map and poses may be wrong"
         elif agreement < AGREEING_SHARE:
