@@ -188,6 +188,9 @@ def test_default_run_trains_checks_and_saves_the_encoder_for_predict_poses(tmp_p
                 "--no-tensorboard"]) == 0
     records = {r["stage"]: r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
                if "stage" in r}
+    plan = records["search_plan"]  # said: the subset (capped), the schedule a blob's start runs
+    assert (plan["particles"], plan["subset"], plan["batch"], plan["iterations"]) == (300, 250, 200, 80)
+    assert plan["start"] == "a blob" and (plan["band_start_px"], plan["band_end_px"]) == (5.0, 10.0)
     enc, assign = records["encoder"], records["assignment"]
     assert enc["images"] > 0 and enc["check_particles"] == 25
     assert 0 <= enc["check_hypothesis_hit_rate"] <= 1 and enc["check_global_agreement"] > 0.5

@@ -88,6 +88,9 @@ def test_search_from_class_averages_finds_poses(tmp_path):
     assert (run / "class_averages.mrcs").exists()
     records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert any(r.get("stage") == "search_start" and r["start"] == "classes" for r in records)
+    plan = next(r for r in records if r.get("stage") == "search_plan")  # every particle; the final band
+    assert (plan["particles"], plan["subset"], plan["batch"]) == (900, 900, 300)
+    assert plan["start"] == "2D class averages" and plan["band_start_px"] == plan["band_end_px"] == 10.0
     ev = tmp_path / "eval"
     assert cli(["evaluate", "--map", str(run / "volume.mrc"), "--poses", str(run / "poses.star"),
                 "--gt-poses", str(sim / "particles.star"), "--outdir", str(ev)]) == 0
@@ -95,6 +98,8 @@ def test_search_from_class_averages_finds_poses(tmp_path):
     assert metrics["rotation_error_deg_median"] < 10.0, metrics["rotation_error_deg_median"]
     assert cli(["report", str(run)]) == 0  # the report shows the class averages
     page = (run / "report" / "report.html").read_text()
+    said = json.loads((run / "report" / "report.json").read_text())  # the search's plan, in the report
+    assert said["search_start"] == "2D class averages" and said["search_particles"] == 900
     assert "2D class averages" in page and (run / "report" / "class_averages.png").exists()
 
 

@@ -217,6 +217,11 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
                         "amortized_fraction", "combined_agreement", "used"):
                 if f"check_{key}" in r:
                     metrics[f"encoder_{key}"] = r[f"check_{key}"]
+        elif r.get("stage") == "search_plan":  # what the search used, and where it came from
+            metrics.update({"search_particles": r.get("subset"), "search_start": r.get("start"),
+                            "search_batch": r.get("batch"),
+                            "search_band_px": f"{r.get('band_start_px', 0):g} -> "
+                                              f"{r.get('band_end_px', 0):g}"})
         elif r.get("stage") == "balanced_views":  # the subset's poses refined against balanced maps
             metrics.update({"balanced_views_rounds": r.get("rounds"),
                             "balanced_views_minutes": r.get("seconds", 0.0) / 60,

@@ -41,7 +41,8 @@ class TrainConfig:
     search_subset: int = 5000  # particles used by the search (fixed: cost flat in N)
     search_rotations: int = 4608  # size of the SO(3) grid (about 15 degrees apart)
     search_iterations: int = 100  # stochastic EM iterations (at most; see search_stop_posterior)
-    search_batch: int = 500  # images per EM iteration
+    search_batch: int = 500  # images per EM iteration (fixed: twice as many did not rescue a failed
+    #                          search at low SNR; docs/realistic-data.md, section 15)
     search_stop_posterior: float = 0.9  # stop the EM once the band is full and the posterior this peaked
     search_ema: float = 0.7  # decay of the running back-projection sums
     search_retries: int = 2  # searches again from another seed when the map explains less than

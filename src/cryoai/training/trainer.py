@@ -8,7 +8,8 @@
    a. **search** a subset (:func:`cryoai.reconstruction.search_subset`): its map and poses,
       from a blob, a given map (``--initial-map``) or, for images that carry little signal
       each, a map posed from the subset's 2D class averages (``--search-start``); a search from
-      a blob whose views come out preferred is done again from class averages;
+      a blob whose views come out preferred is done again from class averages; the run first
+      says its plan (subset, start, band schedule, batch: :meth:`Trainer._say_search_plan`);
    a'. **balanced views**: where the subset's views are preferred, its poses are refined against
       maps that weigh every direction of views alike (:mod:`cryoai.reconstruction.view_balance`),
       and the balanced map is the one the other particles are posed against;
@@ -607,6 +608,7 @@ class Trainer:
         info = self.dataset.noise.information(10.0) if self.dataset.noise is not None else float("nan")
         if start is None:
             start = self._search_start(info)
+        self._say_search_plan(search_settings(cfg, self.box), start)
         for attempt in range(cfg.search_retries + 1):
             deadline = None if cfg.max_minutes is None else \
                 time.perf_counter() + (cfg.max_minutes - self.state.minutes) * 60
@@ -777,6 +779,42 @@ class Trainer:
         self.warnings.append(message)
         if self.is_main:
             print(f"warning: {message}", file=sys.stderr)
+
+    def _say_search_plan(self, settings: SearchSettings, start) -> dict:
+        """The search's budget and schedule, and which of it follows the data: said, and logged
+        as the ``search_plan`` stage; returns its figures.
+
+        What follows the data: the subset (every particle up to ``search_subset``: past it the
+        search's cost does not grow with the data set), the start and so the band schedule (a
+        blob's EM widens its band from ``search_radius_start`` to ``search_radius_end``; a start
+        from class averages or a given map runs at the final band from the start), and the first
+        guesses' band (:func:`first_guess_band`). The EM's batch and iterations are fixed: a
+        batch twice as large, where the images carry little signal each, turned a failed search
+        into a good one on none of three sets and cost half as long again (docs/realistic-data.md,
+        section 15).
+        """
+        n = len(self.table)
+        subset = min(settings.subset, n)
+        batch = min(settings.batch, subset)
+        kind = ("a blob" if start is None else "2D class averages" if isinstance(start, str)
+                else "the given map")
+        band = (f"{settings.radius_start_px:g} -> {settings.radius_end_px:g} px" if start is None
+                else f"{settings.radius_end_px:g} px from the start")
+        first_px = settings.radius_end_px if self.cfg.assign_radius_px is None else self.cfg.assign_radius_px
+        plan = {"stage": "search_plan", "particles": n, "subset": subset, "subset_cap": settings.subset,
+                "batch": batch, "iterations": settings.iterations, "start": kind,
+                "band_start_px": settings.radius_end_px if start is not None else settings.radius_start_px,
+                "band_end_px": settings.radius_end_px, "first_guess_band_px": float(first_px),
+                "retries": self.cfg.search_retries}
+        self._log(f"search plan: {subset} of {n} particles ("
+                  + ("all" if subset == n else f"at most {settings.subset}: the search's cost does not "
+                     "grow with the data set")
+                  + f"), from {kind}, EM band {band}, batches of {batch} images for at most "
+                  f"{settings.iterations} iterations (at most {settings.iterations * batch / subset:.0f} "
+                  f"visits per image), first guesses within {first_px:g} px, up to "
+                  f"{self.cfg.search_retries} more attempt(s) if the map explains too little")
+        self.run_dir.log(plan)
+        return plan
 
     def _search_start(self, info: float) -> str | None:
         """``--search-start`` without ``--initial-map``: ``"classes"`` or None (a blob), said."""
