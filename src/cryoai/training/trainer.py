@@ -780,18 +780,18 @@ class Trainer:
         if self.is_main:
             print(f"warning: {message}", file=sys.stderr)
 
-    def _say_search_plan(self, settings: SearchSettings, start) -> dict:
+    def _say_search_plan(self, settings: SearchSettings, start) -> None:
         """The search's budget and schedule, and which of it follows the data: said, and logged
-        as the ``search_plan`` stage; returns its figures.
+        as the ``search_plan`` stage.
 
         What follows the data: the subset (every particle up to ``search_subset``: past it the
         search's cost does not grow with the data set), the start and so the band schedule (a
         blob's EM widens its band from ``search_radius_start`` to ``search_radius_end``; a start
         from class averages or a given map runs at the final band from the start), and the first
         guesses' band (:func:`first_guess_band`). The EM's batch and iterations are fixed: a
-        batch twice as large, where the images carry little signal each, turned a failed search
-        into a good one on none of three sets and cost half as long again (docs/realistic-data.md,
-        section 15).
+        batch twice as large, where the images carry little signal each, turned none of three
+        failed searches (two membrane sets) into a passing one and cost half as long again
+        (docs/realistic-data.md, section 15).
         """
         n = len(self.table)
         subset = min(settings.subset, n)
@@ -814,7 +814,6 @@ class Trainer:
                   f"visits per image), first guesses within {first_px:g} px, up to "
                   f"{self.cfg.search_retries} more attempt(s) if the map explains too little")
         self.run_dir.log(plan)
-        return plan
 
     def _search_start(self, info: float) -> str | None:
         """``--search-start`` without ``--initial-map``: ``"classes"`` or None (a blob), said."""
