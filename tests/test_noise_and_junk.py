@@ -310,7 +310,8 @@ def test_a_search_that_explains_too_little_is_run_again_and_the_run_warns(tmp_pa
 
 
 @pytest.mark.parametrize("explained, attempts_run, kept, doubtful", [
-    ([0.70, 0.75, 0.72], 3, 0.75, True),  # every attempt doubtful: the best kept, and said
+    # every attempt doubtful: the best kept, and said (as in the next test's second case)
+    pytest.param([0.70, 0.75, 0.72], 3, 0.75, True, marks=pytest.mark.slow),
     ([0.70, 0.90, 0.72], 2, 0.90, False),  # a retry that converged ends the search
 ])
 def test_a_doubtful_search_from_class_averages_is_run_again(tmp_path, monkeypatch, explained, attempts_run,
@@ -343,3 +344,42 @@ def test_a_doubtful_search_from_class_averages_is_run_again(tmp_path, monkeypatc
         assert "of 3 attempt(s) explains 75%" in said[0]
     else:
         assert done["attempts_agreement"] is None
+
+
+@pytest.mark.parametrize("explained, attempts_run, kept, kept_attempt", [
+    ([0.86, 0.78, 0.74], 3, 0.86, 1),  # the class averages' searches doubtful: the blob's kept
+    ([0.72, 0.78, 0.74], 3, 0.78, 2),  # they explain more than the blob's: the best of them kept
+    # one converged from class averages: kept (it poses the rare views); the flow as before
+    pytest.param([0.86, 0.85], 2, 0.85, 2, marks=pytest.mark.slow),
+])
+def test_a_blob_search_with_preferred_views_is_kept_over_doubtful_class_averages(
+        tmp_path, monkeypatch, explained, attempts_run, kept, kept_attempt):
+    """A blob's search whose views come out preferred runs again from class averages; if those
+    searches stay doubtful and explain less than the blob's, the blob's is kept (said in the log)
+    and the run does not warn that the search from class averages is doubtful. (The views' SCF*
+    and the shares explained are set here: what is tested is which attempt is kept.)
+    """
+    import json
+
+    from cryoai.training import trainer as trainer_module
+
+    shares = iter(explained)
+    monkeypatch.setattr(trainer_module.Trainer, "_explained", lambda self, found, radius_px: next(shares))
+    monkeypatch.setattr(trainer_module, "sampling_compensation_factor", lambda rotations: 0.3)
+    run, log = _short_search_run(tmp_path, "--search-start", "auto", "--search-retries", "2",
+                                 "--no-balance-views")
+    attempts = [r for r in log if r.get("stage") == "search"]
+    assert [r["start"] for r in attempts] == ["blob"] + ["classes"] * (attempts_run - 1), attempts
+    done = next(r for r in log if r.get("stage") == "search_done")
+    assert done["explained_signal"] == kept and done["kept_attempt"] == kept_attempt
+    outputs = json.loads((run / "outputs.json").read_text())
+    doubtful = [w for w in outputs["warnings"] if "class averages is doubtful" in w]
+    assert bool(doubtful) == (kept_attempt > 1 and kept < 0.82)
+    if doubtful:  # said with the attempts' agreement, the blob's among them
+        assert 0 <= done["attempts_agreement"] <= 1
+        assert f"{done['attempts_agreement']:.0%} of the particles alike" in doubtful[0]
+        assert f"of {attempts_run} attempt(s) explains {kept:.0%}" in doubtful[0]
+    else:
+        assert done["attempts_agreement"] is None
+    # the class averages are written only when the kept map was searched from them
+    assert (run / "class_averages.mrcs").exists() == (kept_attempt > 1)
