@@ -383,3 +383,9 @@ def test_a_blob_search_with_preferred_views_is_kept_over_doubtful_class_averages
         assert done["attempts_agreement"] is None
     # the class averages are written only when the kept map was searched from them
     assert (run / "class_averages.mrcs").exists() == (kept_attempt > 1)
+    if kept_attempt == 1:  # the report names the attempt kept and its start
+        from cryoai.cli.main import main as cli
+
+        assert cli(["report", str(run)]) == 0
+        said = json.loads((run / "report" / "report.json").read_text())
+        assert said["search_kept"] == f"attempt 1 of {attempts_run} (blob)", said

@@ -100,6 +100,7 @@ def test_search_from_class_averages_finds_poses(tmp_path):
     page = (run / "report" / "report.html").read_text()
     said = json.loads((run / "report" / "report.json").read_text())  # the search's plan, in the report
     assert said["search_start"] == "2D class averages" and said["search_particles"] == 900
+    assert said["search_kept"] == "attempt 1 of 1 (classes)", said
     assert "2D class averages" in page and (run / "report" / "class_averages.png").exists()
 
 

@@ -207,9 +207,15 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
         plots.plot_shift_errors(per_particle["shift_error_a"], out / "shift_errors.png")
         figures.append(("Shift errors", "shift_errors.png", "Distance between predicted and true shifts."))
 
+    attempt_starts = {}  # the search's attempts: where each started
     for r in log:  # the time of each stage (the last record of each, after resumes)
         if r.get("stage") == "search":
             metrics["search_minutes"] = r.get("search_seconds", 60 * r.get("minutes", 0)) / 60
+            attempt_starts[r.get("attempt")] = r.get("start")
+        elif r.get("stage") == "search_done" and r.get("kept_attempt") is not None:
+            # which attempt the run kept (a blob's can be kept over doubtful class averages')
+            kept = r["kept_attempt"]
+            metrics["search_kept"] = f"attempt {kept} of {r.get('attempts')} ({attempt_starts.get(kept)})"
         elif r.get("stage") in ("encoder", "assignment", "reconstruction", "fit") and "seconds" in r:
             metrics[f"{r['stage']}_minutes"] = r["seconds"] / 60
         if r.get("stage") == "encoder":  # the pose encoder against the search on held-out particles
