@@ -34,8 +34,10 @@ from cryoai.models.decoders import decoder_to_volume
 from cryoai.physics.fft import fft3_c
 from cryoai.physics.masks import map_mask_radius_px
 from cryoai.physics.rotations import geodesic_distance
+from cryoai.pipeline.decisions import encoder_min_confidence
+from cryoai.pipeline.settings import assignment_settings
 from cryoai.reconstruction import ParticleSpectra, PoseAssigner, assign_poses
-from cryoai.training.trainer import assignment_settings, encoder_min_confidence, load_pose_encoder
+from cryoai.training.checkpoint import load_pose_encoder
 
 OLD = {"prune_keep": 0, "refine_method": "random", "refine_rounds": 8, "refine_candidates": 48,
        "refine_radius_frac": 0.7}
@@ -74,7 +76,7 @@ def main() -> None:
     volume = fft3_c(decoder_to_volume(model.decoder, box)) / box
     payload = ckpt.get("pose_encoder")
     encoder = load_pose_encoder(payload, device)
-    min_conf = encoder_min_confidence((payload or {}).get("check"), cfg)
+    min_conf = encoder_min_confidence((payload or {}).get("check"), cfg.pose_encoder)
     base = assignment_settings(cfg, box)
     particles = ParticleSpectra(dataset, model.formation, device)
     frame = None

@@ -73,19 +73,19 @@ CASES["hostile-views-junk"] = (3000, ["--recipe", "hostile", "--pixel-size", "6"
 #: The membrane recipe at its own box and pixel size (64 px, 3 A) and CFTR's mass: the map is
 #: bench/membrane_surrogate.py's, built from ../shared's atomic models into ``--outdir``/maps. At
 #: the recipe's SNR (ISNR about 118), and at the SNR from which its images' poses can be found
-#: at all (ISNR 400: -10 dB whole-box; docs/realistic-data.md, section 12).
+#: at all (ISNR 400: -10 dB whole-box; docs/results.md).
 SURROGATE = "{membrane_surrogate}"
 CASES["membrane-64"] = (8000, ["--recipe", "membrane", "--map", SURROGATE])
 CASES["membrane-64-isnr400"] = (8000, ["--recipe", "membrane", "--map", SURROGATE, "--snr-definition",
                                        "integrated", "--snr-db", "26"])
 #: The same recipe at an ISNR of about 1,000 (energy about 98), 3,000 picks: the images hold their
 #: poses (the true map poses them at 2 deg), and the search from class averages is doubtful
-#: there (docs/realistic-data.md, section 13).
+#: there (docs/pipeline.md#search-attempts-and-acceptance).
 CASES["membrane-64-isnr1000"] = (3000, ["--recipe", "membrane", "--map", SURROGATE, "--snr-definition",
                                         "integrated", "--snr-db", "30.1"])
 #: ... and at an ISNR of about 800 (energy about 82), where the search from class averages failed
 #: before the 2D classification annealed its noise, and now converges on some seeds and says so on
-#: the others (measured on a set of the same recipe at ISNR 838: docs/realistic-data.md, section 14).
+#: the others (measured on a set of the same recipe at ISNR 838: docs/results.md).
 CASES["membrane-64-isnr800"] = (3000, ["--recipe", "membrane", "--map", SURROGATE, "--snr-definition",
                                        "integrated", "--snr-db", "29.0"])
 

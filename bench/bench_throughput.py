@@ -1,8 +1,9 @@
 """Throughput of training steps and pose prediction (images per second), compute only.
 
-Builds the real :class:`cryoai.training.trainer.Trainer` on a tiny throw-away stack (it needs a
-particle table), then times ``Trainer.train_step`` on synthetic batches that are already on the
-device (random images, realistic CTF parameters), so that no file or loader time is counted:
+Builds the real :class:`cryoai.training.trainer.Trainer` (the run's fitting loop, as
+``cryoai.pipeline.run_default`` builds it) on a tiny throw-away stack, then times
+``Trainer.train_step`` on synthetic batches that are already on the device (random images,
+realistic CTF parameters), so that no file or loader time is counted:
 
   (a) voxel decoder + encoder (encoder width 0.25, the default model: the encoder reads images
       Fourier-cropped to half the box from 64 px up; precision "auto": bf16 autocast in the
@@ -36,15 +37,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryoai.data.dataset import ParticleBatch
+from cryoai.data.dataset import ParticleBatch, ParticleDataset
 from cryoai.io.mrc import write_stack
 from cryoai.io.particles import ParticleTable
 from cryoai.models.encoder import count_parameters
 from cryoai.physics.masks import circular_mask
 from cryoai.physics.rotations import random_rotations
+from cryoai.pipeline import check_inputs
+from cryoai.pipeline.records import Particles
+from cryoai.pipeline.stages import noise_stage
 from cryoai.training.config import PRESETS, TrainConfig
 from cryoai.training.poses import choose_poses
-from cryoai.training.trainer import Trainer
+from cryoai.training.run_dir import RunDirectory
+from cryoai.training.trainer import Trainer, TrainState, new_model, new_optimizer
 
 CASES = {
     "a": ("voxel + encoder 0.25", dict(decoder="voxel", encoder_width=0.25), False),
@@ -122,8 +127,12 @@ def build_trainer(values: dict, fixed: bool, table: ParticleTable, workdir: Path
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in names})
     outdir = workdir / "run"
     outdir.mkdir(exist_ok=True)
-    return Trainer(table, cfg, outdir, device=device, fixed_poses=table if fixed else None,
-                   quiet=True)
+    torch.manual_seed(cfg.seed)
+    dataset = ParticleDataset(table, scale=check_inputs(table, cfg))
+    dataset = dataset.variant(noise=noise_stage(Particles(table, dataset, None, device), cfg).noise)
+    model = new_model(cfg, dataset, with_encoder=not fixed, device=device)
+    return Trainer(model, new_optimizer(model, cfg), dataset, cfg, RunDirectory(outdir), device=device,
+                   state=TrainState(), poses=table.poses() if fixed else None, quiet=True)
 
 
 def count_flops(fn) -> int:

@@ -2,8 +2,9 @@
 faults (which do not depend on the CPU model), and the arithmetic rate of its matrix products
 against this machine's matmul peak, measured in the same run.
 
-Runs the default search (``cryoai.reconstruction.search_poses``, the settings of ``cryoai
-train``) on a particle set, timing every call of the hot functions (inclusive times: a function
+Runs the search's mechanisms from a blob (``search_subset``, ``repose_subset`` and
+``assign_remaining`` of ``cryoai.reconstruction``, with the settings of ``cryoai train``) on a
+particle set, timing every call of the hot functions (inclusive times: a function
 called inside another is counted in both). Matrix-product FLOPs are counted as they happen
 (``2 M N K`` per real product) by a torch function mode.
 
@@ -28,9 +29,15 @@ import cryoai.reconstruction.regularised as regularised
 from cryoai.data.dataset import ParticleDataset, estimate_scale
 from cryoai.io import load_particles
 from cryoai.models.image_formation import ImageFormation
-from cryoai.reconstruction import ParticleSpectra
+from cryoai.pipeline.settings import assignment_settings, search_settings
+from cryoai.reconstruction import (
+    ParticleSpectra,
+    PoseAssigner,
+    assign_remaining,
+    repose_subset,
+    search_subset,
+)
 from cryoai.training.config import TrainConfig
-from cryoai.training.trainer import search_settings
 
 _PRODUCTS = {torch.matmul, torch.mm, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.Tensor.mm,
              torch.addmm, torch.Tensor.addmm, torch.Tensor.addmm_, torch.bmm, torch.Tensor.bmm,
@@ -122,7 +129,9 @@ def main() -> None:
     f0, t0 = minor_faults(), time.perf_counter()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     with FlopCounter() as counter:
-        pose_search.search_poses(particles, search_settings(cfg, table.box_px), log=print)
+        found = search_subset(particles, search_settings(cfg, table.box_px), log=print)
+        assigner = PoseAssigner(formation, found.fourier_volume, assignment_settings(cfg, table.box_px))
+        assign_remaining(particles, repose_subset(found, assigner), assigner, log=print)
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     print(f"\nsearch: {wall:.1f} s wall, user {r1.ru_utime - r0.ru_utime:.1f} s, "

@@ -258,69 +258,83 @@ class _SignalGrowingWithArea:
         return self.energy_within_10px * (1 + self.growth * ((radius_px / 10) ** 2 - 1))
 
 
+def _first_guess_band(cfg, box_px, noise):
+    from cryoai.pipeline.decisions import first_guess_band
+
+    return first_guess_band(cfg.assign_radius_px, cfg.search_radius_end, cfg.assign_refine_radius_frac,
+                            box_px, noise, cfg.policy)
+
+
 def test_first_guess_band_follows_the_images_signal():
     from dataclasses import replace
 
     from cryoai.physics.grids import max_paired_radius_px
+    from cryoai.pipeline.settings import assignment_settings
     from cryoai.training.config import TrainConfig
-    from cryoai.training.trainer import (
-        WIDE_BAND_MIN_GAIN,
-        WIDE_FIRST_GUESS_ENERGY,
-        assignment_settings,
-        first_guess_band,
-    )
 
     cfg = TrainConfig()
+    policy = cfg.policy
     wide = round(cfg.assign_refine_radius_frac * max_paired_radius_px(64), 2)
-    band, figures = first_guess_band(cfg, 64, _SignalGrowingWithArea(93.0))
+    band, figures = _first_guess_band(cfg, 64, _SignalGrowingWithArea(93.0))
     assert band == wide == figures["first_guess_band_px"] and wide > cfg.search_radius_end
     assert figures["energy_in_search_band"] == 93.0 and figures["energy_in_wide_band"] > 93.0
     # Enough signal within the search's band: that band, as before.
-    band, figures = first_guess_band(cfg, 64, _SignalGrowingWithArea(WIDE_FIRST_GUESS_ENERGY + 1))
+    band, figures = _first_guess_band(cfg, 64, _SignalGrowingWithArea(policy.wide_first_guess_energy + 1))
     assert band is None and figures["first_guess_band_px"] == cfg.search_radius_end
     # A wider band that adds little signal (a tenth of the energy, as a CFTR-sized map at 3 A
     # under structural noise): the search's band; at the border's gain, the wider one.
-    band, figures = first_guess_band(cfg, 64, _SignalGrowingWithArea(93.0, growth=0.1))
+    band, figures = _first_guess_band(cfg, 64, _SignalGrowingWithArea(93.0, growth=0.1))
     assert band is None and figures["first_guess_band_px"] == cfg.search_radius_end
-    assert figures["energy_in_wide_band"] < WIDE_BAND_MIN_GAIN * 93.0
-    border = (WIDE_BAND_MIN_GAIN - 1) / ((wide / 10) ** 2 - 1) + 1e-6
-    assert first_guess_band(cfg, 64, _SignalGrowingWithArea(93.0, growth=border))[0] == wide
+    assert figures["energy_in_wide_band"] < policy.wide_band_min_gain * 93.0
+    border = (policy.wide_band_min_gain - 1) / ((wide / 10) ** 2 - 1) + 1e-6
+    assert _first_guess_band(cfg, 64, _SignalGrowingWithArea(93.0, growth=border))[0] == wide
     # A small box whose refinement band is narrower than the search's: never narrowed.
-    assert first_guess_band(cfg, 32, _SignalGrowingWithArea(93.0))[0] is None
+    assert _first_guess_band(cfg, 32, _SignalGrowingWithArea(93.0))[0] is None
     # Noise-free images (no noise model), or a band given: nothing chosen.
-    assert first_guess_band(cfg, 64, None) == (None, None)
+    assert _first_guess_band(cfg, 64, None) == (None, None)
     given = replace(cfg, assign_radius_px=12.0)
-    assert first_guess_band(given, 64, _SignalGrowingWithArea(93.0)) == (12.0, None)
+    assert _first_guess_band(given, 64, _SignalGrowingWithArea(93.0)) == (12.0, None)
     assert assignment_settings(given, 64).radius_px == 12.0
     assert assignment_settings(cfg, 64).radius_px == cfg.search_radius_end
+    # The policy moves the border: with a lower energy threshold, 93 is enough for the search's band.
+    lower = replace(cfg, policy=replace(policy, wide_first_guess_energy=90.0))
+    assert _first_guess_band(lower, 64, _SignalGrowingWithArea(93.0))[0] is None
 
 
 def test_a_run_on_weak_images_guesses_poses_in_the_wider_band_and_says_so(tmp_path, capsys):
-    from cryoai.training.config import TrainConfig, load_yaml
-    from cryoai.training.trainer import WIDE_BAND_MIN_GAIN, WIDE_FIRST_GUESS_ENERGY, Trainer
+    from dataclasses import replace
 
+    from cryoai.data.dataset import ParticleDataset
+    from cryoai.pipeline import check_inputs
+    from cryoai.pipeline.records import Particles
+    from cryoai.pipeline.stages import first_guess_stage, noise_stage
+    from cryoai.training.config import TrainConfig
+
+    policy = TrainConfig().policy
     # The embedded 70S map at 6 A per pixel: its signal reaches beyond 10 px, so the wider band
     # adds to it (at 5 A it holds little beyond 12 px: see below).
-    bands = {}
+    bands, said = {}, []
     for snr_db, pixel_a in ((-16, 6), (-4, 6), (-16, 5)):
         sim = tmp_path / f"sim{snr_db}_{pixel_a}"
         assert cli(["simulate", "--box", "64", "--n", "300", "--snr-db", str(snr_db), "--seed", "4",
                     "--pixel-size", str(pixel_a), "--outdir", str(sim), "--quiet", "--device", "cpu"]) == 0
-        run = tmp_path / f"run{snr_db}_{pixel_a}"
-        trainer = Trainer(load_particles(sim / "particles.star"), TrainConfig(), run,
-                          device=torch.device("cpu"))
-        trainer.run_dir.write_config(trainer.cfg)
-        bands[snr_db, pixel_a] = (trainer.cfg.assign_radius_px, trainer.first_guess_figures,
-                                  load_yaml(run / "config.yaml")["assign_radius_px"])
+        table = load_particles(sim / "particles.star")
+        cfg = TrainConfig()
+        dataset = ParticleDataset(table, scale=check_inputs(table, cfg))
+        particles = Particles(table, dataset, None, torch.device("cpu"))
+        particles = replace(particles, dataset=dataset.variant(noise=noise_stage(particles, cfg).noise))
+        chosen, record = first_guess_stage(particles, cfg)
+        bands[snr_db, pixel_a] = (chosen.assign_radius_px, record.figures)
+        said += record.said
     weak, strong, flat = bands[-16, 6], bands[-4, 6], bands[-16, 5]
-    assert weak[1]["energy_in_search_band"] < WIDE_FIRST_GUESS_ENERGY < strong[1]["energy_in_search_band"]
-    assert weak[1]["energy_in_wide_band"] >= WIDE_BAND_MIN_GAIN * weak[1]["energy_in_search_band"]
-    assert weak[0] == weak[2] == weak[1]["wide_band_px"] > 10  # kept for predict-poses
-    assert strong[0] is None and strong[2] is None
+    border = policy.wide_first_guess_energy
+    assert weak[1]["energy_in_search_band"] < border < strong[1]["energy_in_search_band"]
+    assert weak[1]["energy_in_wide_band"] >= policy.wide_band_min_gain * weak[1]["energy_in_search_band"]
+    assert weak[0] == weak[1]["wide_band_px"] > 10  # kept in the run's options, for predict-poses
+    assert strong[0] is None
     # Weak images whose wider band adds little signal: the search's band, said.
-    assert flat[1]["energy_in_search_band"] < WIDE_FIRST_GUESS_ENERGY
-    assert flat[1]["energy_in_wide_band"] < WIDE_BAND_MIN_GAIN * flat[1]["energy_in_search_band"]
-    assert flat[0] is None and flat[2] is None
-    captured = capsys.readouterr()
-    assert "first guessed within 13.95 px" in captured.out + captured.err
-    assert "band adds little to it" in captured.out + captured.err
+    assert flat[1]["energy_in_search_band"] < policy.wide_first_guess_energy
+    assert flat[1]["energy_in_wide_band"] < policy.wide_band_min_gain * flat[1]["energy_in_search_band"]
+    assert flat[0] is None
+    assert any("first guessed within 13.95 px" in line for line in said)
+    assert any("band adds little to it" in line for line in said)

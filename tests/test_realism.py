@@ -313,26 +313,26 @@ def test_bad_realism_flags_are_refused(tmp_path, capsys, flags, names):
 def test_preferred_views_warn_and_a_search_says_its_rare_views_may_be_wrong(tmp_path, capsys):
     import torch
 
+    from cryoai.pipeline.records import Particles
+    from cryoai.pipeline.stages import views_stage
     from cryoai.training.config import TrainConfig
-    from cryoai.training.trainer import Trainer
 
     star, report = simulate(tmp_path / "top", "--views", "top_cone", "--cone-half-angle-deg", 20,
                             "--cone-uniform-fraction", 0.1, "--n", 200, "--no-noise")
     assert report["views_scf"] < 0.81
     table = load_particles(star)
+    particles = Particles(table, None, None, torch.device("cpu"))
     warnings = {}
-    for mode, fixed in (("search", None), ("given", table)):
-        trainer = Trainer(table, TrainConfig(), tmp_path / f"run-{mode}", device=torch.device("cpu"),
-                          fixed_poses=fixed, quiet=True)
-        trainer.poses = table.poses()
-        assert trainer.check_views() < 0.81
-        warnings[mode] = " ".join(trainer.warnings)
+    for mode in ("search", "given"):
+        record = views_stage(particles, TrainConfig(), table.poses(), None, searched=mode == "search",
+                             balanced=False)
+        assert record.figures["views_scf"] < 0.81
+        warnings[mode] = " ".join(record.warnings)
     assert "views are preferred" in warnings["search"] and "views are preferred" in warnings["given"]
     assert "pose the rare views wrong" in warnings["search"]
     assert "pose the rare views wrong" not in warnings["given"]  # no search: the poses were given
     uniform_star, _ = simulate(tmp_path / "uniform", "--n", 200, "--no-noise")
     uniform = load_particles(uniform_star)
-    trainer = Trainer(uniform, TrainConfig(), tmp_path / "run-uniform", device=torch.device("cpu"),
-                      quiet=True)
-    trainer.poses = uniform.poses()
-    assert trainer.check_views() > 0.81 and not trainer.warnings
+    record = views_stage(Particles(uniform, None, None, torch.device("cpu")), TrainConfig(), uniform.poses(),
+                         None, searched=True, balanced=False)
+    assert record.figures["views_scf"] > 0.81 and not record.warnings

@@ -176,6 +176,26 @@ def test_choose_poses_resolves_the_in_plane_flip(volume):
 
 
 # ------------------------------------------------------------------------------ training
+def _trainer(table, cfg, outdir, fixed: bool) -> Trainer:
+    """The fitting loop of a run on ``table`` as the pipeline builds it (whitened data, the
+    model drawn from the seed), at the table's poses if ``fixed`` else the encoder's.
+    """
+    from cryoai.data.dataset import ParticleDataset
+    from cryoai.pipeline import check_inputs
+    from cryoai.pipeline.records import Particles
+    from cryoai.pipeline.stages import noise_stage
+    from cryoai.training.run_dir import RunDirectory
+    from cryoai.training.trainer import TrainState, new_model, new_optimizer
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    dataset = ParticleDataset(table, scale=check_inputs(table, cfg))
+    dataset = dataset.variant(noise=noise_stage(Particles(table, dataset, None, cpu), cfg).noise)
+    model = new_model(cfg, dataset, with_encoder=not fixed, device=cpu)
+    return Trainer(model, new_optimizer(model, cfg), dataset, cfg, RunDirectory(outdir), device=cpu,
+                   state=TrainState(), poses=table.poses() if fixed else None, quiet=True)
+
+
 @pytest.mark.parametrize("decoder,fixed", [("voxel", False), ("fouriernet", False), ("voxel", True)])
 def test_one_step_lowers_the_loss(sim, tmp_path, decoder, fixed):
     table = load_particles(sim / "particles.star")
@@ -184,8 +204,7 @@ def test_one_step_lowers_the_loss(sim, tmp_path, decoder, fixed):
     cfg = TrainConfig(decoder=decoder, fouriernet_width=32, encoder_width=0.125, batch_size=16,
                       lr_decoder=1e-3, lr_encoder=1e-5, tensorboard=False, normalize_samples=200,
                       ab_initio="encoder")
-    trainer = Trainer(table, cfg, tmp_path, device=torch.device("cpu"),
-                      fixed_poses=table if fixed else None, quiet=True)
+    trainer = _trainer(table, cfg, tmp_path, fixed)
     batch = next(iter(make_loader(trainer.dataset, 16, shuffle=True, seed=0)))
     start = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     before = trainer.train_step(batch)  # the loss before the step

@@ -4,6 +4,8 @@ and kept; empty ice stays junk."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import torch
@@ -17,11 +19,11 @@ from cryoai.models.image_formation import ImageFormation
 from cryoai.physics.masks import map_mask_radius_px
 from cryoai.physics.poses import Poses
 from cryoai.physics.rotations import random_rotations
+from cryoai.pipeline.settings import assignment_settings, junk_settings
 from cryoai.reconstruction import ParticleSpectra, reconstruct
-from cryoai.reconstruction.junk_sorting import JunkSortSettings, sort_junk
+from cryoai.reconstruction.junk_sorting import sort_junk
 from cryoai.reconstruction.regularised import half_set_sums
 from cryoai.training.config import TrainConfig
-from cryoai.training.trainer import assignment_settings
 
 N = 32
 
@@ -61,14 +63,15 @@ def test_second_look_keeps_misposed_and_off_centre_particles(tmp_path):
 
     kept = {}
     for passes in (0, 2):
+        junk = replace(junk_settings(TrainConfig()), passes=passes)
         out = sort_junk(particles, poses, rec, groups=table.micrograph_ids, assign_settings=settings,
-                        mask_radius_px=mask_px, settings=JunkSortSettings(passes=passes))
+                        mask_radius_px=mask_px, settings=junk)
         kept[passes] = out.decision.keep
         if passes:
             # Given the sums the reconstruction was made from, the same sorting (one
             # back-projection of every particle fewer).
             given = sort_junk(particles, poses, rec, groups=table.micrograph_ids, assign_settings=settings,
-                              mask_radius_px=mask_px, settings=JunkSortSettings(passes=passes),
+                              mask_radius_px=mask_px, settings=junk,
                               sums=half_set_sums(particles, poses))
             assert np.array_equal(given.decision.keep, out.decision.keep)
             torch.testing.assert_close(given.poses.rotations, out.poses.rotations)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,16 @@ from cryoai.cli.main import main as cli
 from cryoai.data.dataset import ParticleDataset
 from cryoai.io import load_particles
 from cryoai.models.image_formation import ImageFormation
-from cryoai.reconstruction import ParticleSpectra, SearchSettings, em, search_poses
+from cryoai.pipeline.settings import assignment_settings, search_settings
+from cryoai.reconstruction import (
+    ParticleSpectra,
+    PoseAssigner,
+    assign_remaining,
+    em,
+    repose_subset,
+    search_subset,
+)
+from cryoai.training.config import TrainConfig
 
 
 def test_workspace_reuses_its_memory():
@@ -51,12 +61,21 @@ def small_set(tmp_path_factory):
     return ParticleSpectra(ParticleDataset(table), formation, torch.device("cpu"))
 
 
+def _search_poses(particles, settings, log, deadline=None):
+    """The search's mechanisms in the default run's order: the subset searched and posed afresh
+    against its map, then the other particles posed against it.
+    """
+    found = search_subset(particles, settings, log=log, deadline=deadline)
+    assigner = PoseAssigner(particles.formation, found.fourier_volume, assignment_settings(TrainConfig(), 24))
+    return assign_remaining(particles, repose_subset(found, assigner), assigner, log=log)
+
+
 def test_search_stops_at_its_deadline_and_still_poses_every_particle(small_set):
-    settings = SearchSettings(mask_radius_px=10.8, subset=40, n_rotations=576, iterations=30, batch=20,
-                              stop_posterior=2.0, refine_rounds=4, refine_candidates=8)
+    settings = replace(search_settings(TrainConfig(), 24), mask_radius_px=10.8, subset=40, n_rotations=576,
+                       iterations=30, batch=20, stop_posterior=2.0, refine_rounds=4, refine_candidates=8)
     lines: list[str] = []
     t0 = time.perf_counter()
-    poses = search_poses(small_set, settings, log=lines.append, deadline=time.perf_counter())
+    poses = _search_poses(small_set, settings, lines.append, deadline=time.perf_counter())
     late = time.perf_counter() - t0
     said = [line for line in lines if "time limit" in line]
     assert len(said) == 1 and "EM stopped after 1 iterations" in said[0]
@@ -66,7 +85,7 @@ def test_search_stops_at_its_deadline_and_still_poses_every_particle(small_set):
     # Without a deadline the same search runs every EM iteration (the limit is what cut it).
     lines.clear()
     t0 = time.perf_counter()
-    search_poses(small_set, settings, log=lines.append)
+    _search_poses(small_set, settings, lines.append)
     full = time.perf_counter() - t0
     assert not [line for line in lines if "time limit" in line]
     assert any("EM 30/30" in line for line in lines)

@@ -18,11 +18,11 @@ from cryoai.io import load_particles
 from cryoai.models.image_formation import ImageFormation
 from cryoai.physics.masks import map_mask_radius_px
 from cryoai.physics.rotations import axis_angle_to_matrix, random_rotations
+from cryoai.pipeline.settings import assignment_settings
 from cryoai.reconstruction import ParticleSpectra
 from cryoai.reconstruction.view_balance import BalanceSettings, refine_balanced, view_directions, view_weights
 from cryoai.simulate.views import sampling_compensation_factor
 from cryoai.training.config import TrainConfig
-from cryoai.training.trainer import assignment_settings
 
 N = 32
 

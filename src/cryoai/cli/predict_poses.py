@@ -105,8 +105,10 @@ def _assigner(model, cfg, ckpt, device, first_guess: str, checkpoint_path):
     """The run's map with its first guess (encoder or global) and refinement."""
     from ..models.decoders import decoder_to_volume
     from ..physics.fft import fft3_c
+    from ..pipeline.decisions import encoder_min_confidence
+    from ..pipeline.settings import assignment_settings
     from ..reconstruction import PoseAssigner
-    from ..training.trainer import assignment_settings, encoder_min_confidence, load_pose_encoder
+    from ..training.checkpoint import load_pose_encoder
 
     n = model.box_px
     fourier_volume = fft3_c(decoder_to_volume(model.decoder, n)) / n  # the decoders' 1/N scale
@@ -120,7 +122,7 @@ def _assigner(model, cfg, ckpt, device, first_guess: str, checkpoint_path):
     return PoseAssigner(model.formation, fourier_volume, assignment_settings(cfg, n),
                         encoder if use else None,
                         min_confidence=(0.0 if first_guess == "encoder" else
-                                        encoder_min_confidence(check, cfg)))
+                                        encoder_min_confidence(check, cfg.pose_encoder)))
 
 
 def _assign_against_map(assigner, dataset, device, n_particles: int, quiet: bool):

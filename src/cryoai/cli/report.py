@@ -24,8 +24,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from ..evaluation.report import build_report
+    from ..pipeline import Policy
 
     path = build_report(args.run_dir, args.outdir, gt_map=args.gt_map, gt_poses=args.gt_poses,
-                        datadir=args.datadir)
+                        datadir=args.datadir, preferred_views_scf=Policy().preferred_views_scf)
     print(f"report: {path}")
     return 0

@@ -42,9 +42,9 @@ def main(args) -> int:
     from pathlib import Path
 
     from ..io import load_particles, write_json_atomic
+    from ..pipeline import check_inputs, run_default
     from ..training.config import TrainConfig, load_yaml
     from ..training.distributed import barrier, init_distributed, shutdown
-    from ..training.trainer import Trainer, check_inputs
 
     if args.resume:
         saved = Path(args.outdir) / "config.yaml"
@@ -67,10 +67,11 @@ def main(args) -> int:
         scale = check_inputs(table, cfg, fixed)
         truth = _read_ground_truth(args.ground_truth, table.box_px) if args.ground_truth else None
         outdir = _prepare_outdir_once(args, dist_info, device)
-        trainer = Trainer(table, cfg, outdir, device=device, fixed_poses=fixed, resume=args.resume,
-                          quiet=args.quiet, argv=sys.argv, dist_info=dist_info, scale=scale)
-        on_volume = _fsc_logger(truth, trainer, aligned=fixed is not None) if truth is not None else None
-        outputs = trainer.run(on_volume=on_volume)
+        on_volume = _fsc_logger(truth, aligned=fixed is not None) if truth is not None else None
+        result = run_default(table, cfg, outdir, device=device, fixed_poses=fixed, resume=args.resume,
+                             quiet=args.quiet, argv=sys.argv, dist_info=dist_info, scale=scale,
+                             on_volume=on_volume)
+        outputs = result.outputs
         # Rank 0 writes the final outputs after the last step; the others wait for it rather
         # than tearing the process group down under it.
         barrier(dist_info)
@@ -117,11 +118,16 @@ def _prepare_outdir_once(args, dist_info, device):
 def _override(base, args):
     from dataclasses import fields, replace
 
+    from ..training.config import policy_overrides
+
     changes = {}
     for f in fields(base):
         v = getattr(args, f"cfg_{f.name}", None)
         if v is not None:
             changes[f.name] = v
+    flags = policy_overrides(args)
+    if flags:
+        changes["policy"] = replace(base.policy, **flags)
     cfg = replace(base, **changes)
     cfg.validate()
     return cfg
@@ -137,7 +143,7 @@ def _read_ground_truth(path, box: int):
     return truth
 
 
-def _fsc_logger(truth, trainer, aligned: bool):
+def _fsc_logger(truth, aligned: bool):
     """A callback that logs the FSC of the current map against a reference map. ``aligned``:
     whether the map is in the reference's frame (poses given with --poses); ab initio maps are
     in an arbitrary frame, so their logged FSC is only a rough guide (use cryoai evaluate with

@@ -92,6 +92,16 @@ class ParticleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
+    def variant(self, *, sign: float | None = None,
+                noise: NoiseModel | None | str = "same") -> ParticleDataset:
+        """The same particles read with another ``sign`` (-1: contrast inverted) or ``noise``
+        model (None: not whitened), as a new data set; this one is unchanged.
+        """
+        out = ParticleDataset(self.table, scale=self.scale, source=self.source)
+        out.sign = self.sign if sign is None else float(sign)
+        out.noise = self.noise if isinstance(noise, str) else noise
+        return out
+
     def read_images(self, indices: np.ndarray, *, whiten: bool = True) -> torch.Tensor:
         """Images (B, N, N) float32 of the particles ``indices``, sign-corrected and scaled (and
         whitened by :attr:`noise` when it is set and ``whiten``).

@@ -54,7 +54,8 @@ def _half_map_fsc(run: Path) -> np.ndarray | None:
 
 
 def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_map: str | None = None,
-                 gt_poses: str | None = None, datadir: str | None = None) -> Path:
+                 gt_poses: str | None = None, datadir: str | None = None,
+                 preferred_views_scf: float) -> Path:
     """Write ``report.html`` and its PNG files for the run in ``run_dir``.
 
     Parameters
@@ -64,6 +65,8 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     gt_map : optional ground-truth map (.mrc): FSC against it, map aligned to it.
     gt_poses : optional ground-truth poses (.star/.cs): rotation and shift error histograms.
     datadir : where to look for image stacks named in the STAR files (not read, only resolved).
+    preferred_views_scf : the SCF* below which the views are said to be preferred (the run's
+        policy: its config.yaml's value is used where it has one).
 
     Returns
     -------
@@ -79,6 +82,11 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     volume, pixel_size_a = read_volume(vol_path)
     box = volume.shape[-1]
     config_text = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
+    if config_text:
+        import yaml
+
+        policy = (yaml.safe_load(config_text) or {}).get("policy") or {}
+        preferred_views_scf = float(policy.get("preferred_views_scf", preferred_views_scf))
     outputs = json.loads((run / "outputs.json").read_text()) if (run / "outputs.json").exists() else {}
     log = _read_jsonl(run / "train_log.jsonl")
     # Only FSCs of maps in the reference's frame (known poses) mean something over time.
@@ -185,9 +193,10 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
         scf = sampling_compensation_factor(pred.rotations[kept])
         metrics["views_scf"] = scf
         plots.plot_viewing_directions(pred.rotations[kept], out / "viewing_directions.png")
-        note = (f" SCF* {scf:.2f}: below 0.81, the views leave directions of Fourier space "
-                "undersampled and the map's resolution is anisotropic (smeared along them)."
-                if scf < SCF_WARNING else f" SCF* {scf:.2f} (0.81 or more: sampled well enough).")
+        note = (f" SCF* {scf:.2f}: below {preferred_views_scf:g}, the views leave directions of Fourier "
+                "space undersampled and the map's resolution is anisotropic (smeared along them)."
+                if scf < preferred_views_scf else
+                f" SCF* {scf:.2f} ({preferred_views_scf:g} or more: sampled well enough).")
         figures.append(("Viewing directions", "viewing_directions.png",
                         "Sky map (Mollweide, equal-area cells) of the projection directions of the "
                         "particles kept." + note))
@@ -242,10 +251,6 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     path = out / "report.html"
     write_text_atomic(path, page)
     return path
-
-
-#: cryoSPARC's Orientation Diagnostics flag a set below this SCF* (Baldwin & Lyumkis 2020).
-SCF_WARNING = 0.81
 
 
 def particle_columns(path: Path) -> dict[str, np.ndarray]:

@@ -1,17 +1,14 @@
-"""Poses and maps without a network: pose search, back-projection, regularised reconstruction.
+"""Poses and maps without a network: the mechanisms of the default run's stages.
 
-The default ab initio path of ``cryoai train`` reads, as a sequence:
-
->>> particles = ParticleSpectra(dataset, formation, device)                    # doctest: +SKIP
->>> mask_px = map_mask_radius_px(formation.box_px, 0.45)                       # doctest: +SKIP
->>> poses = search_poses(particles, SearchSettings(mask_radius_px=mask_px))    # doctest: +SKIP
->>> rec = reconstruct(particles, poses, mask_radius_px=mask_px)                # doctest: +SKIP
+They take every setting as an argument and decide nothing on their own: the default run
+(:func:`cryoai.pipeline.run_default`) chooses, with its policy (:class:`cryoai.policy.Policy`),
+which of them to run and with what (docs/pipeline.md).
 
 - :mod:`.em`: scores of images against a map on a rotation x shift grid, the stochastic EM,
   global assignment and local refinement;
 - :mod:`.pose_search`: the search stage built from them (:func:`search_subset`, the subset
-  posed afresh by :func:`repose_subset`, then :func:`assign_remaining` for the other particles;
-  :func:`search_poses` all three), and the
+  posed afresh by :func:`repose_subset`, then :func:`assign_remaining` for the other particles),
+  and the
   assignment of particles against a given map (:func:`assign_poses`: new particles, a run's map);
 - :mod:`.class_averages`: 2D class averages (in-plane EM) and the averages as particles, from
   which :func:`search_subset` makes its start when the images carry little signal each;
@@ -36,7 +33,6 @@ from .pose_search import (
     assign_remaining,
     assign_settings,
     repose_subset,
-    search_poses,
     search_subset,
     starting_map,
 )
@@ -45,4 +41,4 @@ from .spectra import ParticleSpectra
 
 __all__ = ["AssignSettings", "ParticleSpectra", "PoseAssigner", "Reconstruction", "SearchSettings",
            "SubsetSearch", "assign_poses", "assign_remaining", "assign_settings", "backproject",
-           "reconstruct", "repose_subset", "search_poses", "search_subset", "starting_map"]
+           "reconstruct", "repose_subset", "search_subset", "starting_map"]

@@ -3,10 +3,10 @@
 What RELION's and cryoSPARC's 2D classification does, in this project's coefficient layout and
 noise model, for one purpose here: a **start for the pose search at low SNR**. A single image
 at a whitened signal energy below about 200 per image (within 10 px) says too little about its
-pose for the search to find the molecule's shape from a blob (docs/realistic-data.md, sections 6
-and 7), while an average of a hundred aligned images carries a hundred times the energy. The
-in-plane search (rotations about the view axis and shifts) has far fewer hypotheses than SO(3),
-so averages form where single-image 3D posing does not.
+pose for the search to find the molecule's shape from a blob (docs/pipeline.md#search-start),
+while an average of a hundred aligned images carries a hundred times the energy. The in-plane
+search (rotations about the view axis and shifts) has far fewer hypotheses than SO(3), so
+averages form where single-image 3D posing does not.
 
 The model of an image ``Y`` (spectrum, CTF ``C``) of class ``k`` at in-plane angle ``a`` and
 shift ``s`` is ``C T_s A_k(R_a q)``: the class average's centred spectrum ``A_k`` read at rotated
@@ -58,7 +58,7 @@ class ClassAverageSettings:
         of the iterations, while the classes form. Each shift is more hypotheses an image's
         noise can match: on a set at a whitened signal energy of 93, classes formed with shifts
         up to 2 px (their images' view directions 19 deg apart, median over classes) and not
-        with shifts up to 6 px (65 deg; docs/realistic-data.md, section 8).
+        with shifts up to 6 px (65 deg; docs/pipeline.md#search-start).
     reg_fraction : the averages' Wiener constant, a fraction of the mean CTF^2 sum in the band.
     min_images : a class with fewer images (by their most probable class) takes half of the
         largest class's.
@@ -68,7 +68,7 @@ class ClassAverageSettings:
         "initial classification uncertainty factor"): images then spread over the classes while
         the averages are still noise, instead of locking onto the first chance match. On five
         sets at whitened signal energies of 61-215 the classes' view spread fell from 15-28 to
-        14-27 deg, on every seed measured (docs/realistic-data.md, section 14).
+        14-27 deg, on every seed measured (docs/pipeline.md#search-start).
     seed : seeds the first classes.
     """
 

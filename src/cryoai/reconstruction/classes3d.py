@@ -24,8 +24,7 @@ Hard EM (each particle in one class at a time, as cryoSPARC's heterogeneous refi
 Each particle's probability of its class is the softmax of the log-likelihoods over the classes.
 Measured on the large-complex set (3,000 picks, 25% junk) at a run's poses: with K = 2, one class
 of 602 held all 315 empty images and all 166 aggregates, and 38 real particles (with the
-particle's own amplitude instead, the two classes were random halves); docs/realistic-data.md,
-section 9.
+particle's own amplitude instead, the two classes were random halves); docs/pipeline.md#3d-classes.
 """
 
 from __future__ import annotations

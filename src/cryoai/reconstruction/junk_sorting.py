@@ -21,7 +21,7 @@ set in all).
 Measured on the large-complex set (3,000 picks, 25% junk) at a run's poses: 7% of the real
 particles were more than 10 deg from their pose and most were called junk (precision 0.74);
 two passes pose two thirds of them right, and the whole runs' calls reach 0.88-0.91 recall at
-0.85-0.88 precision on 3 seeds (docs/realistic-data.md, section 9).
+0.85-0.88 precision on 3 seeds (docs/pipeline.md#junk).
 """
 
 from __future__ import annotations
@@ -49,20 +49,24 @@ from .spectra import ParticleSpectra
 
 @dataclass
 class JunkSortSettings:
-    """How :func:`sort_junk` calls the junk.
+    """How :func:`sort_junk` calls the junk (every field from the run's options and policy:
+    ``cryoai.pipeline.settings``).
 
     Attributes
     ----------
     threshold : robust distance (cluster standard deviations) beyond which a particle is junk.
+    core_share : the share of a Gaussian cluster the fit uses as its core
+        (:func:`cryoai.reconstruction.particle_scores.classify_junk`).
     passes : rounds of (map from the kept particles, junk posed again, all scored again); 0:
         one scoring against the given map.
     max_shift_frac : the shift range of the second look, fraction of the box (the search's is
         0.12): particles picked this far off-centre are still found.
     """
 
-    threshold: float = 3.0
-    passes: int = 2
-    max_shift_frac: float = 0.3
+    threshold: float
+    core_share: float
+    passes: int
+    max_shift_frac: float
 
 
 @dataclass
@@ -157,7 +161,7 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
     poses = Poses(poses.rotations.clone(), poses.shifts_a.clone())
     radius_px = score_band_px(rec)
     scores = score_particles(particles, rec.fourier_volume, poses, radius_px, outer_radius_px=mask_radius_px)
-    decision = classify_junk(scores, groups, threshold=st.threshold)
+    decision = classify_junk(scores, groups, threshold=st.threshold, core_share=st.core_share)
     reposed: set[int] = set()
     wide = replace(assign_settings, max_shift_px=max(assign_settings.max_shift_px, st.max_shift_frac * box))
     # The half-set sums of every particle at its current pose, kept up to date: a map of the
@@ -188,7 +192,7 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
                         for a, o, w in zip(all_sums, old_sums, new_sums, strict=True)]
         reposed.update(changed.tolist())
         scores = score_particles(particles, rec.fourier_volume, poses, radius_px, mask_radius_px)
-        decision = classify_junk(scores, groups, threshold=st.threshold)
+        decision = classify_junk(scores, groups, threshold=st.threshold, core_share=st.core_share)
         if log is not None:
             log(f"junk, pass {k + 1}: {len(junk)} called junk were posed again against the kept "
                 f"particles' map (shifts up to {wide.max_shift_px:.1f} px), {len(changed)} took a "

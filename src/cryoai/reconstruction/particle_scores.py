@@ -258,19 +258,15 @@ def _top_per_group(values: np.ndarray, groups: np.ndarray | None, fraction: floa
     return top
 
 
-#: The share of a Gaussian cluster that :func:`classify_junk` fits the particles' cluster on.
-CORE_SHARE = 0.75
-
-
-def classify_junk(scores: ParticleScores, groups: np.ndarray | None = None, *, start_fraction: float = 0.3,
-                  threshold: float = 3.0, iterations: int = 30) -> JunkDecision:
+def classify_junk(scores: ParticleScores, groups: np.ndarray | None = None, *, threshold: float,
+                  core_share: float, start_fraction: float = 0.3, iterations: int = 30) -> JunkDecision:
     """Particles against junk: the largest tight cluster of ``(amplitude, residual_excess)``, and
     ``outer_excess`` when it was measured.
 
     The fit starts from the ``start_fraction`` best-scoring particles of each micrograph (their
     median and the covariance of their closer half, scaled to a whole Gaussian's, as the
     minimum-covariance-determinant estimator does). It then alternates: the **core**, the
-    images within the radius that holds :data:`CORE_SHARE` of a Gaussian cluster under the
+    images within the radius that holds ``core_share`` of a Gaussian cluster under the
     current fit; the cluster's mean, covariance and the particles' own amplitude spread from the
     core, each corrected for the truncation (a k-D Gaussian's points within ``r^2 <= q`` hold
     ``chi2_{k+2}(q) / chi2_k(q)`` of its variance per axis); the micrographs' reference
@@ -279,7 +275,7 @@ def classify_junk(scores: ParticleScores, groups: np.ndarray | None = None, *, s
     spreads away, however much of it there is: a fit from the closer half of the particles
     within ``threshold`` (the estimator before) grew with the junk it took in, and on the
     hostile set (half of the picks junk) took in 80% of the empty images at their true poses
-    (docs/realistic-data.md, section 13). The distance is given on the two-feature scale
+    (docs/pipeline.md#junk). The distance is given on the two-feature scale
     whatever the number of features (a third feature's distance is mapped to the two-feature
     distance of the same Gaussian tail probability), so ``threshold`` 3 calls 1.1% of a
     Gaussian cluster junk either way.
@@ -292,7 +288,7 @@ def classify_junk(scores: ParticleScores, groups: np.ndarray | None = None, *, s
     norm = scores.projection_norm if scores.projection_norm is not None else np.ones(n)
     extra = [scores.outer_excess] if scores.outer_excess is not None else []
     k = 2 + len(extra)
-    radius2 = float(chi2.ppf(CORE_SHARE, k))
+    radius2 = float(chi2.ppf(core_share, k))
     truncation = float(chi2.cdf(radius2, k + 2) / chi2.cdf(radius2, k))
     cov = None
     for _ in range(iterations):

@@ -1,8 +1,8 @@
-"""Ab initio poses by a coarse-to-fine search (the first stage of the default ``cryoai train``).
+"""Ab initio poses by a coarse-to-fine search: the mechanisms of the default run's search stage.
 
-:func:`search_poses` runs (:func:`search_subset`, :func:`repose_subset`, then
-:func:`assign_remaining`), on a fixed-size random subset of the particles (so its cost does
-not grow with the data set):
+The default run (:func:`cryoai.pipeline.run_default`) calls :func:`search_subset`,
+:func:`repose_subset`, then :func:`assign_remaining`; the search runs on a fixed-size random
+subset of the particles (so its cost does not grow with the data set):
 
 1. stochastic expectation-maximisation over a near-uniform SO(3) grid x a shift grid at low
    resolution, with frequency marching (band from ``radius_start_px`` to ``radius_end_px``).
@@ -53,7 +53,9 @@ from .spectra import ParticleSpectra, SpectraInMemory
 
 @dataclass
 class SearchSettings:
-    """The options of :func:`search_poses` (``cryoai train --search-*``, ``--refine-*``).
+    """The options of the search (:func:`search_subset`). Every field is given by the caller:
+    ``cryoai.pipeline.settings.search_settings`` makes them from the run's options and policy
+    (their one source, ``cryoai.training.config.TrainConfig``).
 
     Attributes
     ----------
@@ -65,7 +67,6 @@ class SearchSettings:
     batch : images per EM iteration.
     stop_posterior : stop the EM once the band is full and the mean maximum posterior is this.
     ema : decay of the running back-projection sums.
-    temperature : of the EM's posterior (1: the noise model's; below 1 sharper).
     radius_start_px, radius_end_px : the EM band, cycles per box.
     max_shift_px, shift_step_px : the shift grid (a disk), pixels.
     refine_rounds : local refinement rounds.
@@ -73,26 +74,34 @@ class SearchSettings:
     refine_radius_frac : final refinement band, fraction of the largest paired radius.
     class_radius_px : the band of the 2D classification that makes a start from class averages
         (its in-plane first guesses); None: ``radius_end_px``.
+    images_per_class, max_classes : the number of 2D classes of that start aims at this many
+        images per class, and is at most ``max_classes``.
+    class_search_seeds : searches of the class averages' poses from different seeds, the best
+        kept (by how much of the averages the map explains).
     seed : seeds the subset and every random draw of the search.
+    temperature : of the EM's posterior (1: the noise model's; below 1 sharper).
     """
 
     mask_radius_px: float
-    subset: int = 5000
-    n_rotations: int = 4608
-    iterations: int = 100
-    batch: int = 500
-    stop_posterior: float = 0.9
-    ema: float = 0.7
+    subset: int
+    n_rotations: int
+    iterations: int
+    batch: int
+    stop_posterior: float
+    ema: float
+    radius_start_px: float
+    radius_end_px: float
+    max_shift_px: float
+    shift_step_px: float
+    refine_rounds: int
+    refine_candidates: int
+    refine_radius_frac: float
+    class_radius_px: float | None
+    images_per_class: int
+    max_classes: int
+    class_search_seeds: int
+    seed: int
     temperature: float = 1.0
-    radius_start_px: float = 5.0
-    radius_end_px: float = 10.0
-    max_shift_px: float = 6.0
-    shift_step_px: float = 2.0
-    refine_rounds: int = 8
-    refine_candidates: int = 48
-    refine_radius_frac: float = 0.7
-    class_radius_px: float | None = None
-    seed: int = 0
 
 
 @dataclass
@@ -123,23 +132,12 @@ class SubsetSearch:
     class_averages: ClassAverages | None = None
 
 
-#: Searches of the class averages' poses from different seeds, the best kept (by how much of
-#: the averages the map explains): each costs a few seconds.
-CLASS_SEARCH_SEEDS = 3
-#: Images per class the number of classes aims at.
-IMAGES_PER_CLASS = 60
-#: The most 2D classes. At 50, the default subset of 5,000 top-view particles (100 a class) put
-#: the rare views in the common views' classes, and the search posed them 80-140 deg off; at
-#: 83 (60 a class) they were posed within 2 deg (docs/realistic-data.md, section 11).
-MAX_CLASSES = 100
-
-
 def class_average_settings(settings: SearchSettings, n_images: int) -> ClassAverageSettings:
     """The 2D classification that makes the search's start from class averages: the search's
     class band (its final band unless ``class_radius_px`` is given), mask and shift grid, and
-    about :data:`IMAGES_PER_CLASS` images per class (at most :data:`MAX_CLASSES`).
+    about ``images_per_class`` images per class (at most ``max_classes``).
     """
-    n_classes = int(min(MAX_CLASSES, max(2, n_images // IMAGES_PER_CLASS)))
+    n_classes = int(min(settings.max_classes, max(2, n_images // settings.images_per_class)))
     radius_px = settings.radius_end_px if settings.class_radius_px is None else settings.class_radius_px
     return ClassAverageSettings(mask_radius_px=settings.mask_radius_px, n_classes=n_classes,
                                 radius_px=radius_px,
@@ -147,9 +145,8 @@ def class_average_settings(settings: SearchSettings, n_images: int) -> ClassAver
                                 seed=settings.seed)
 
 
-def assign_settings(settings: SearchSettings, *, rounds: int = 4, candidates: int = 16,
-                    radius_frac: float = 0.45, hypotheses: int = 32,
-                    method: str = "newton", prune_keep: int = 64) -> AssignSettings:
+def assign_settings(settings: SearchSettings, *, rounds: int, candidates: int, radius_frac: float,
+                    hypotheses: int, method: str, prune_keep: int) -> AssignSettings:
     """The settings that pose particles against the search's map: its grids and final band,
     with the given refinement schedule (the search's own, longer one refines the subset while
     the map is still being made).
@@ -210,10 +207,10 @@ def start_from_class_averages(formation, spectra: torch.Tensor, ctf: torch.Tenso
 
     At a whitened signal energy of about 200 per image (within 10 px), the search from a blob
     fails while a map of the molecule's shape at 80 A is enough for the same images to pose
-    themselves (docs/realistic-data.md, section 7). Averages of about 60 images carry 60 times
+    themselves (docs/pipeline.md#search-start). Averages of about 60 images carry 60 times
     the energy each. So: the images are classified in 2D (:func:`class_averages`), the class
     averages are posed by the search as particles (:func:`class_particles`;
-    :data:`CLASS_SEARCH_SEEDS` seeds, the map that explains most of them kept), and that map
+    ``settings.class_search_seeds`` seeds, the map that explains most of them kept), and that map
     is the start.
 
     Parameters
@@ -239,7 +236,7 @@ def start_from_class_averages(formation, spectra: torch.Tensor, ctf: torch.Tenso
         return None, averages
     r_max = max_paired_radius_px(formation.box_px)
     best = None
-    for k in range(CLASS_SEARCH_SEEDS):
+    for k in range(settings.class_search_seeds):
         seed = settings.seed + 100 * k
         on_classes = replace(settings, subset=len(y), batch=len(y), seed=seed, refine_rounds=4,
                              refine_radius_frac=averages.radius_px / r_max)
@@ -251,7 +248,7 @@ def start_from_class_averages(formation, spectra: torch.Tensor, ctf: torch.Tenso
             best = (fit, found.fourier_volume)
     kept = int((averages.sizes >= classify.min_images).sum())
     log(f"search start: {kept} class averages of {len(spectra)} images (2D classification "
-        f"{averages.seconds:.0f} s), posed from {CLASS_SEARCH_SEEDS} seeds; "
+        f"{averages.seconds:.0f} s), posed from {settings.class_search_seeds} seeds; "
         f"{time.perf_counter() - t0:.0f} s in all")
     return best[1], averages
 
@@ -262,7 +259,7 @@ def starting_map(volume: torch.Tensor, pixel_size_a: float, resolution_a: float)
 
     A blob of the molecule's shape is all the start needs: at a whitened signal energy of 93
     per image (an SNR where the blob start fails), the true map blurred to 40, 60 or 80 A
-    gave the same poses (2.1 deg; docs/realistic-data.md, section 7). Blurring keeps a detailed
+    gave the same poses (2.1 deg; docs/pipeline.md#search-start). Blurring keeps a detailed
     start (a homologue, another run's map) from imposing its detail on the particles.
 
     Parameters
@@ -318,22 +315,6 @@ def assign_remaining(particles: ParticleSpectra, found: SubsetSearch, assigner: 
     return Poses.from_arrays(rotations, shifts_px * particles.formation.pixel_size_a)
 
 
-def search_poses(particles: ParticleSpectra, settings: SearchSettings, *,
-                 log: Callable[[str], None] = print, deadline: float | None = None) -> Poses:
-    """Poses of every particle from the images alone, with the global assignment for the
-    particles outside the subset (see the module docstring).
-
-    Returns
-    -------
-    :class:`Poses` of every particle (CPU), shifts in Angstrom, for the map centred on its
-    centre of mass.
-    """
-    found = search_subset(particles, settings, log=log, deadline=deadline)
-    assigner = PoseAssigner(particles.formation, found.fourier_volume, assign_settings(settings))
-    found = repose_subset(found, assigner)
-    return assign_remaining(particles, found, assigner, log=log)
-
-
 def assign_poses(particles: ParticleSpectra, assigner: PoseAssigner, *, block: int = 4096):
     """Poses of particles against ``assigner``'s map (e.g. a run's), which stays fixed: the
     poses are in its frame, and every particle costs the same.
@@ -356,7 +337,7 @@ def assign_poses(particles: ParticleSpectra, assigner: PoseAssigner, *, block: i
 
 
 class _Search:
-    """The state of one :func:`search_poses` run: the EM (map and grids) and the generator."""
+    """The state of one :func:`search_subset` run: the EM (map and grids) and the generator."""
 
     def __init__(self, particles: ParticleSpectra, settings: SearchSettings, log, deadline=None,
                  start: torch.Tensor | None = None):
@@ -399,7 +380,7 @@ class _Search:
         else:
             # The given map, at the scale of the data (the blob of random poses is: the power of
             # both within the band is made equal), and the EM at its final band from the start:
-            # at the first band a start is lost again (docs/realistic-data.md, section 7).
+            # at the first band a start is lost again (docs/pipeline.md#search-start).
             r0 = r1
             em.initialise(y[: st.batch], c[: st.batch], r1)
             band = grid_3d(self.n, device=em.fourier_volume.device).norm(dim=-1) <= r1

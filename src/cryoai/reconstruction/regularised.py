@@ -86,13 +86,24 @@ def half_sets(n_particles: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def backproject_particles(particles: ParticleSpectra, indices: np.ndarray, poses: Poses,
-                          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          weights: torch.Tensor | None = None, *,
+                          symmetry: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`backproject` of the particles ``indices`` at their ``poses`` (all N particles'
     poses, CPU), summed over batches; with ``weights`` (all N particles', CPU), each particle's
     terms times its weight (``sum w C conj(T) Y`` and ``sum w C^2``).
+
+    ``symmetry`` : (G, 3, 3) the operators ``S`` of the map's point group
+    (:func:`cryoai.physics.symmetry.point_group`), or None (C1). A map with ``V(S x) = V(x)``
+    projects the same image at the poses ``R`` and ``S R``, so each particle is inserted once
+    per operator, at ``S R`` (as cryoSPARC's and RELION's reconstructions do): the sums are those
+    of the symmetric map. Symmetry expansion of this kind never feeds a pose search (the
+    copies are not independent data).
     """
     formation, device = particles.formation, particles.device
     n = formation.box_px
+    operators = None
+    if symmetry is not None and len(symmetry) > 1:
+        operators = symmetry.to(device=device, dtype=torch.float32)
     num = torch.zeros(n, n, n, dtype=torch.complex64, device=device)
     den = torch.zeros(n, n, n, device=device)
     for idx, y, c in particles.batches(indices):
@@ -101,15 +112,19 @@ def backproject_particles(particles: ParticleSpectra, indices: np.ndarray, poses
             root_w = weights[rows].to(device).sqrt()[:, None]
             y, c = y * root_w, c * root_w
         phases = formation.phase(poses.shifts_a[rows].to(device))
-        a, b = backproject(y, c, poses.rotations[rows].to(device), formation.coords_px, n, phases)
-        num += a
-        den += b
+        rotations = poses.rotations[rows].to(device)
+        for op in ([None] if operators is None else operators):
+            at = rotations if op is None else op @ rotations
+            a, b = backproject(y, c, at, formation.coords_px, n, phases)
+            num += a
+            den += b
     return num, den
 
 
 @torch.no_grad()
 def reconstruct(particles: ParticleSpectra, poses: Poses, *, mask_radius_px: float, seed: int = 0,
-                min_ssnr: float = 1e-3, indices: np.ndarray | None = None) -> Reconstruction:
+                min_ssnr: float = 1e-3, indices: np.ndarray | None = None,
+                symmetry: torch.Tensor | None = None) -> Reconstruction:
     """Half-set FSC-regularised (Wiener/MAP) reconstruction of every particle at its pose.
 
     Parameters
@@ -120,24 +135,29 @@ def reconstruct(particles: ParticleSpectra, poses: Poses, *, mask_radius_px: flo
     seed : seed of the random half-set split.
     min_ssnr : floor of the spectral SNR derived from the FSC.
     indices : the particles used (e.g. those not called junk); None: all.
+    symmetry : (G, 3, 3) the map's point-group operators (:func:`backproject_particles`); None:
+        C1. The half sets are split by particle, so the FSC stays that of independent halves.
 
     Returns
     -------
     :class:`Reconstruction`. Maps are kept inside the largest paired radius (``N//2 - 1``).
     """
-    sums = half_set_sums(particles, poses, seed=seed, indices=indices)
+    sums = half_set_sums(particles, poses, seed=seed, indices=indices, symmetry=symmetry)
     return reconstruction_from_sums(sums, mask_radius_px=mask_radius_px, min_ssnr=min_ssnr)
 
 
 def half_set_sums(particles: ParticleSpectra, poses: Poses, *, seed: int = 0,
-                  indices: np.ndarray | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  indices: np.ndarray | None = None,
+                  symmetry: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The back-projected sums ``[(num, den), (num, den)]`` of the two random half sets
     (:func:`half_sets` of ``indices``, all particles if None) at their poses: what
     :func:`reconstruct` solves, for a caller that keeps them (e.g. to update them as particles
-    leave or change pose, :func:`cryoai.reconstruction.junk_sorting.sort_junk`).
+    leave or change pose, :func:`cryoai.reconstruction.junk_sorting.sort_junk`). ``symmetry``: as
+    :func:`reconstruct`'s.
     """
     rows = np.arange(len(particles)) if indices is None else np.asarray(indices, dtype=np.int64)
-    return [backproject_particles(particles, rows[h], poses) for h in half_sets(len(rows), seed)]
+    return [backproject_particles(particles, rows[h], poses, symmetry=symmetry)
+            for h in half_sets(len(rows), seed)]
 
 
 def reconstruction_from_sums(sums: list[tuple[torch.Tensor, torch.Tensor]], *, mask_radius_px: float,
@@ -177,17 +197,13 @@ def reconstruction_from_sums(sums: list[tuple[torch.Tensor, torch.Tensor]], *, m
                           half_maps=(half1, half2))
 
 
-#: A map whose density skewness inside the mask is below this is taken for a negative map.
-INVERTED_SKEWNESS = -0.5
-
-
 def density_skewness(volume: torch.Tensor, mask_radius_px: float) -> float:
     """Skewness of a real map's values inside a sphere: the sign of its contrast.
 
     A molecule is sparse positive density on a flat solvent, so its map's values are strongly
     right-skewed (1.2 to 5.9 for the maps of ../shared/data and cryoai's reconstructions of
-    them); the map of images whose contrast is inverted is the negative map, left-skewed. Below
-    :data:`INVERTED_SKEWNESS` the map is taken for a negative one.
+    them); the map of images whose contrast is inverted is the negative map, left-skewed (the
+    run's policy, ``inverted_skewness``, says below what a map is taken for a negative one).
 
     Parameters
     ----------

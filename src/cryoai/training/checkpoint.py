@@ -48,3 +48,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise InputError(f"{path}: not a cryoai checkpoint (no model/config inside)")
     return payload
+
+
+def load_pose_encoder(payload: dict | None, device):
+    """The pose encoder saved in a checkpoint (``payload`` = its ``"pose_encoder"`` entry), or
+    None.
+    """
+    from ..models.encoder import PoseGridEncoder
+
+    if not payload:
+        return None
+    encoder = PoseGridEncoder(**payload["settings"])
+    encoder.load_state_dict(payload["state"])
+    return encoder.to(device).eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -12,6 +12,7 @@ import yaml
 from ..data.noise import NOISE_MODELS
 from ..errors import InputError
 from ..physics.masks import MAP_MASK_RADIUS_FRAC
+from ..policy import Policy, describe
 
 
 @dataclass
@@ -42,11 +43,11 @@ class TrainConfig:
     search_rotations: int = 4608  # size of the SO(3) grid (about 15 degrees apart)
     search_iterations: int = 100  # stochastic EM iterations (at most; see search_stop_posterior)
     search_batch: int = 500  # images per EM iteration (fixed: twice as many did not rescue a failed
-    #                          search at low SNR; docs/realistic-data.md, section 15)
+    #                          search at low SNR; docs/pipeline.md#search-start)
     search_stop_posterior: float = 0.9  # stop the EM once the band is full and the posterior this peaked
     search_ema: float = 0.7  # decay of the running back-projection sums
     search_retries: int = 2  # searches again from another seed when the map explains less than
-    min_explained: float = 0.58  # ... this share of the signal the images carry (right: 0.64-1.2)
+    #                          policy.min_explained of the signal the images carry
     # a map (MRC, the particles' box and pixel size, protein positive as the images read after
     # --invert-contrast) to start the search from instead of a blob, low-passed to
     # initial_map_resolution_a (A); poses and map come out in its frame
@@ -54,14 +55,15 @@ class TrainConfig:
     initial_map_resolution_a: float = 60.0
     # what the search starts from without --initial-map: "blob" (random poses), "classes" (a
     # map posed from the subset's 2D class averages), or "auto": classes when the images' whitened
-    # signal energy within 10 px is below 250, else a blob, and classes if it fails or its views
-    # come out preferred
+    # signal energy is below policy.class_start_energy, else a blob, and classes if it fails or its
+    # views come out preferred (docs/pipeline.md#search-start)
     search_start: str = "auto"
     search_radius_start: float = 5.0  # EM band, cycles per box
     search_radius_end: float = 10.0
     search_max_shift_px: float | None = None  # default 0.12 * box
     search_shift_step_px: float = 2.0
-    # where the search's views are preferred (SCF* below 0.81): its subset's poses refined against
+    # where the search's views are preferred (SCF* below policy.preferred_views_scf): its subset's
+    # poses refined against
     # maps that weigh every direction of views alike, before the other particles are posed
     balance_views: bool = True
     refine_rounds: int = 8  # local refinement rounds after the EM
@@ -91,7 +93,6 @@ class TrainConfig:
     #                               reconstruction before training on images
     sort_junk: bool = True  # default mode: score every particle against the map at its pose, call
     #                         junk the ones far from the particles' cluster, map from the rest
-    junk_threshold: float = 3.0  # robust distance (standard deviations) beyond which a pick is junk
     junk_passes: int = 2  # rounds of: map from the kept particles, junk posed again (wider shifts),
     #                       every particle scored and called again (0: one call, no second look)
     junk_max_shift_frac: float = 0.3  # the second look's shift range, fraction of the box
@@ -123,6 +124,8 @@ class TrainConfig:
     volume_every_minutes: float = 2.0  # write volume.mrc this often
     checkpoint_every_minutes: float = 5.0
     tensorboard: bool = True
+    # --- the policy: every tuned threshold of the default run (cryoai.policy; expert options)
+    policy: Policy = field(default_factory=Policy)
 
     def validate(self) -> None:
         """Raise :class:`InputError` (one line) for an option out of its range."""
@@ -171,17 +174,28 @@ class TrainConfig:
                              f"{self.junk_passes}, {self.junk_max_shift_frac})")
 
     def to_dict(self) -> dict:
-        """The options as a plain dict (YAML, checkpoints)."""
+        """The options as a plain dict (YAML, checkpoints); the policy as a nested dict."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
-        """Options from a dict; an unknown name is an :class:`InputError` naming ``source``."""
+        """Options from a dict; an unknown name is an :class:`InputError` naming ``source``.
+
+        The policy is the nested ``policy`` mapping; a policy name at the top level (the
+        configs and checkpoints of runs that had ``min_explained`` and ``junk_threshold`` as
+        options) is read into it.
+        """
+        values = dict(values)
+        policy_names = {f.name for f in fields(Policy)}
+        policy = values.pop("policy", None) or {}
+        policy = dict(policy.to_dict() if isinstance(policy, Policy) else policy)
+        for name in sorted(policy_names & set(values)):
+            policy.setdefault(name, values.pop(name))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"{source}: unknown option(s) {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**values, policy=Policy.from_dict(policy, source))
 
 
 #: Named configurations. "paper" is the faithful cryoAI of the ECCV 2022 paper.
@@ -219,9 +233,13 @@ def _flag(name: str) -> str:
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (default None = keep the preset/YAML/default value)."""
+    """One flag per TrainConfig field and per policy field (default None = keep the
+    preset/YAML/default value).
+    """
     group = parser.add_argument_group("training options (override --config and --preset)")
     for f in fields(TrainConfig):
+        if f.name == "policy":
+            continue
         default = f.default
         if isinstance(default, bool):
             group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", default=None,
@@ -236,6 +254,19 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                 typ = int
             group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", type=typ, default=None,
                                metavar=typ.__name__.upper(), help=f"(default {default})")
+    expert = parser.add_argument_group(
+        "expert: the policy's thresholds (cryoai.policy; YAML: under policy:; docs/pipeline.md#policy)")
+    for f in fields(Policy):
+        typ = type(f.default)
+        expert.add_argument(_flag(f.name), dest=f"policy_{f.name}", type=typ, default=None,
+                            metavar=typ.__name__.upper(),
+                            help=f"{describe(f.name)} (default {f.default})".replace("%", "%%"))
+
+
+def policy_overrides(args: argparse.Namespace) -> dict:
+    """The policy values given as flags."""
+    return {f.name: getattr(args, f"policy_{f.name}") for f in fields(Policy)
+            if getattr(args, f"policy_{f.name}", None) is not None}
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
@@ -252,6 +283,11 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         v = getattr(args, f"cfg_{f.name}", None)
         if v is not None:
             values[f.name] = v
+    flags = policy_overrides(args)
+    if flags:
+        policy = values.get("policy") or {}
+        policy = policy.to_dict() if isinstance(policy, Policy) else dict(policy)
+        values["policy"] = {**policy, **flags}
     cfg = TrainConfig.from_dict(values, source=getattr(args, "config", None) or "config")
     cfg.validate()
     return cfg

@@ -20,8 +20,8 @@ Then :func:`check_pose_encoder` poses held-out subset particles both ways (amort
 global, :class:`cryoai.reconstruction.PoseAssigner`), compares each with the search's poses,
 and calibrates a confidence threshold: the particles whose hypotheses hold less of the
 encoder's probability get the global search, so that the combination agrees with the search
-about as often as the global search alone. The run uses the encoder only if a useful share of
-particles (:data:`MIN_AMORTIZED_FRACTION`) can skip the global search.
+about as often as the global search alone. The run decides from the check's figures whether
+the encoder pays (``cryoai.pipeline.decisions.encoder_pays``).
 Everything is computed on the spectra: the simulated particles never exist as full images.
 """
 
@@ -98,12 +98,8 @@ class EncoderCheck:
         encoder's probability get the global first guess.
     amortized_fraction : the share of particles above it.
     combined_agreement : the agreement with that threshold.
-    amortized_images_per_s, global_images_per_s, combined_images_per_s : speed of each way.
-    passed : whether the run uses the encoder (with the threshold): at least
-        :data:`MIN_AMORTIZED_FRACTION` of the particles skip the global search at an agreement
-        within ``margin`` of the global search's, and the combination is :data:`MIN_SPEEDUP` times
-        faster than the global search (the speeds add each first guess's measured time to the
-        refinement's).
+    amortized_images_per_s, global_images_per_s, combined_images_per_s : speed of each way
+        (each first guess's measured time plus the refinement's).
     """
 
     particles: int
@@ -119,22 +115,10 @@ class EncoderCheck:
     amortized_images_per_s: float
     global_images_per_s: float
     combined_images_per_s: float
-    passed: bool
 
     def to_dict(self) -> dict:
         """The check as plain values."""
         return asdict(self)
-
-
-#: The encoder is used only if at least this share of particles can skip the global search ...
-MIN_AMORTIZED_FRACTION = 0.25
-#: ... and the combination poses particles at least this many times faster than the global
-#: search: beyond the timing's noise (the check times 500 particles each way; the global
-#: search's speed varied by +-5% between runs on the same data), else the global search, the
-#: more accurate, is kept. At -10 dB, L=64 on 2 CPU cores the combination measured 1.19-1.22x
-#: on the 20,000- and 50,000-particle runs of bench_amortized.py, 1.08x on the 5,000 one
-#: (a weaker encoder: 37-41% of the particles sure against 54-59%).
-MIN_SPEEDUP = 1.1
 
 
 def background_noise_variance(formation: ImageFormation, spectra: torch.Tensor) -> float:
@@ -334,10 +318,9 @@ def check_pose_encoder(encoder: PoseGridEncoder, formation: ImageFormation, four
         amortized_median_deg=median["amortized"], global_median_deg=median["global"],
         min_confidence=threshold, amortized_fraction=fraction, combined_agreement=combined,
         amortized_images_per_s=1 / amortized_s, global_images_per_s=1 / global_s,
-        combined_images_per_s=1 / combined_s,
-        passed=fraction >= MIN_AMORTIZED_FRACTION and combined_s * MIN_SPEEDUP <= global_s)
+        combined_images_per_s=1 / combined_s)
 
 
-__all__ = ["MIN_AMORTIZED_FRACTION", "MIN_SPEEDUP", "EncoderCheck", "EncoderSettings",
+__all__ = ["EncoderCheck", "EncoderSettings",
            "background_noise_variance", "check_pose_encoder", "shell_gain", "soft_labels",
            "train_pose_encoder"]

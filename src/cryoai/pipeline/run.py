@@ -1,0 +1,538 @@
+"""The default run, top to bottom: what ``cryoai train`` runs and what a notebook calls.
+
+:func:`run_default` reads as its stages (docs/pipeline.md#overview):
+
+1. **noise**: the noise spectra measured on the images' background; the data whitened by them;
+   the global first guesses' band chosen from the signal they leave;
+2. **search** (default mode): a map and the poses of a subset, from a blob, 2D class averages
+   or a given map, searched again while the policy finds the map wrong or doubtful; the subset's
+   poses refined against **view-balanced** maps where its views are preferred;
+3. **pose encoder** (where it may pay) and **assignment**: every other particle posed against
+   the search's map;
+4. **reconstruction**: the half-map FSC-regularised map at the poses; **junk** called and given
+   a second look; **3D classes** (``--classes K``);
+5. **polish**: the decoder fitted by mini-batch gradient descent (:class:`Trainer`), or, with
+   ``--ab-initio encoder``, the paper's amortized training of encoder and decoder;
+6. **outputs**: the map, half maps, poses (STAR and .cs), checkpoint, ``outputs.json``.
+
+Each stage returns a record (:mod:`cryoai.pipeline.records`); this module words and logs them.
+The mode is decided once, from the options: ``"given"`` (``--poses``), ``"search"`` (default)
+or ``"amortized"`` (``--ab-initio encoder``). ``--resume`` restores the model, the optimiser, the
+step and the stages' results from the checkpoint, and continues the fit.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data.dataset import ParticleDataset, estimate_scale
+from ..errors import InputError
+from ..io.images import ImageSource
+from ..io.particles import ParticleTable
+from ..models.encoder import PoseGridEncoder
+from ..physics.poses import Poses
+from ..reconstruction.particle_scores import ParticleScores
+from ..reconstruction.regularised import half_set_sums, reconstruction_from_sums
+from ..training.checkpoint import load_pose_encoder
+from ..training.config import TrainConfig
+from ..training.distributed import DistInfo, broadcast_
+from ..training.run_dir import RunDirectory
+from ..training.trainer import (
+    Trainer,
+    TrainState,
+    checkpoint_payload,
+    new_model,
+    new_optimizer,
+    start_decoder,
+)
+from .records import (
+    ClassesRecord,
+    EncoderRecord,
+    JunkRecord,
+    MapRecord,
+    Particles,
+    RunResult,
+    StageRecord,
+)
+from .search import balance_views_stage, read_initial_map, search_stage
+from .settings import mask_radius_px
+from .stages import (
+    assignment_stage,
+    classes_stage,
+    encoder_stage,
+    first_guess_stage,
+    junk_stage,
+    noise_stage,
+    reconstruction_figures,
+    views_stage,
+)
+
+
+def check_inputs(
+    table: ParticleTable,
+    cfg: TrainConfig,
+    given_poses: ParticleTable | None = None,
+    source: ImageSource | None = None,
+) -> float:
+    """Everything that can be checked before a run starts, so that a bad input fails before
+    anything is written: the stacks (exist, MRC, mode, box, length), a sample of the images
+    (NaN, infinite or blank images: the ``normalize_samples`` images of the intensity scale,
+    and the first and last), the initial map and the given poses.
+
+    Returns
+    -------
+    The global intensity scale of the images (:func:`estimate_scale`), to pass to
+    :func:`run_default` so that the sample is read once.
+
+    Raises
+    ------
+    InputError
+        One line naming the file and the problem.
+    """
+    source = source or ImageSource(table)
+    source.validate()
+    if cfg.initial_map:
+        read_initial_map(cfg.initial_map, table.box_px, table.median_pixel_size_a())
+    source.read(np.unique([0, len(table) - 1]))
+    scale = estimate_scale(table, cfg.normalize_samples, cfg.seed, source=source)
+    if given_poses is not None and (len(given_poses) != len(table) or not given_poses.has_poses):
+        raise InputError(
+            f"{given_poses.source_path}: --poses must hold poses for the same "
+            f"{len(table)} particles (it has {len(given_poses)}"
+            f"{'' if given_poses.has_poses else ', without poses'})"
+        )
+    return scale
+
+
+class _Run:
+    """What the run says and keeps as it goes: its records, warnings and minutes."""
+
+    def __init__(self, run_dir: RunDirectory, quiet: bool, is_main: bool):
+        self.run_dir, self.quiet, self.is_main = run_dir, quiet or not is_main, is_main
+        self.records: list[StageRecord] = []
+        self.warnings: list[str] = []
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
+
+    def done(self, record: StageRecord | None, minutes: float | None = None) -> StageRecord | None:
+        """A stage's record: logged (with the run's minutes so far), said, its warnings given."""
+        if record is None:
+            return None
+        self.records.append(record)
+        if record.figures:
+            self.run_dir.log(record.figures if minutes is None else {**record.figures, "minutes": minutes})
+        for line in record.said:
+            self.say(line)
+        for warning in record.warnings:
+            self.warnings.append(warning)
+            if self.is_main:
+                print(f"warning: {warning}", file=sys.stderr)
+        return record
+
+
+def run_default(
+    table: ParticleTable,
+    cfg: TrainConfig | None = None,
+    outdir: str | Path = "cryoai-run",
+    *,
+    device=None,
+    fixed_poses: ParticleTable | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    argv: list[str] | None = None,
+    dist_info: DistInfo | None = None,
+    scale: float | None = None,
+    on_volume=None,
+) -> RunResult:
+    """The default run on a particle table (see the module docstring): ``cryoai train``.
+
+    Parameters
+    ----------
+    table : the particles (:func:`cryoai.io.load_particles`).
+    cfg : the options (default: :class:`TrainConfig`'s defaults).
+    outdir : the run directory (created if absent).
+    device : torch device (default: CUDA if present, else the CPU).
+    fixed_poses : a table with poses to hold fixed (reconstruction with known poses).
+    resume : continue the run in ``outdir`` from its checkpoint.
+    quiet : no progress bar or log lines.
+    argv : the command line, saved in checkpoints.
+    dist_info : this process's rank under torchrun.
+    scale : the images' intensity scale from :func:`check_inputs` (None: the inputs are checked here).
+    on_volume : called with the :class:`Trainer` after each write of the map (e.g. an FSC).
+
+    Returns
+    -------
+    :class:`RunResult`: the poses, the map, every stage's record, the outputs and warnings.
+    """
+    cfg = cfg or TrainConfig()
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    dist = dist_info or DistInfo()
+    mode = "given" if fixed_poses is not None else {"search": "search", "encoder": "amortized"}[cfg.ab_initio]
+    if cfg.classes > 1 and mode != "search":
+        raise InputError(
+            f"--classes {cfg.classes}: the 3D classes are made at the poses the default run searches "
+            "(not with --poses or --ab-initio encoder)"
+        )
+    if dist.is_main:
+        Path(outdir).mkdir(parents=True, exist_ok=True)
+    run_dir = RunDirectory(outdir, writes=dist.is_main, tensorboard=cfg.tensorboard, fresh=not resume)
+    run = _Run(run_dir, quiet, dist.is_main)
+    argv = argv or sys.argv
+    # Model initialisation draws from the global generators.
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % (2**32))
+    source = ImageSource(table)
+    ckpt = run_dir.load_checkpoint(device) if resume else None
+    if ckpt is not None:
+        scale = float(ckpt["scale"])
+    elif scale is None:
+        scale = check_inputs(table, cfg, fixed_poses, source=source)
+    dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=scale, source=source)
+    particles = Particles(table, dataset, None, device)
+
+    # 1. the noise model (the images whitened by it from here on), and the band the global first
+    # guesses score in
+    noise = noise_stage(particles, cfg)
+    dataset = dataset.variant(noise=noise.noise)
+    particles = replace(particles, dataset=dataset)
+    cfg, band = first_guess_stage(particles, cfg)
+    model = new_model(cfg, dataset, with_encoder=mode == "amortized", device=device)
+    optimizer = new_optimizer(model, cfg)
+    particles = replace(particles, formation=model.formation)
+    state, saved = TrainState(), {}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = TrainState.from_dict(ckpt["state"])
+        run_dir.truncate_logs(state.step)
+        saved = restored_stages(ckpt, device)
+    run_dir.write_config(cfg)
+    run.done(noise)
+    run.done(band)
+
+    poses = fixed_poses.poses() if fixed_poses is not None else saved.get("poses")
+    encoder: EncoderRecord = saved.get("encoder", EncoderRecord("encoder"))
+    junk: JunkRecord | None = saved.get("junk")
+    classes: ClassesRecord | None = saved.get("classes")
+    views_balanced, explained = saved.get("views_balanced", False), float("nan")
+    prior_lam, half_maps = saved.get("prior_lam"), None
+
+    def checkpoint() -> None:
+        if dist.is_main:
+            extra = stage_payload(poses if mode == "search" else None, encoder, junk, classes, views_balanced)
+            if prior_lam is not None:
+                extra["prior_lam"] = prior_lam.cpu()
+            run_dir.save_checkpoint(
+                checkpoint_payload(model, optimizer, state, cfg, scale=scale, argv=argv, extra=extra)
+            )
+
+    # 2-3. the search, the view balancing, the pose encoder and the assignment
+    if mode == "search" and poses is None:
+        search, before = search_stage(
+            particles, cfg, minutes_before=state.minutes, say=run.say, log=run_dir.log
+        )
+        for record in before:
+            run.records.append(record)  # (logged and said as they happened)
+        state.minutes = search.figures["minutes"]
+        if search.contrast_inverted:
+            # the images read with the other sign from here on, and so by predict-poses
+            cfg = replace(cfg, invert_contrast=not cfg.invert_contrast)
+            run_dir.write_config(cfg)
+            particles, dataset = search.particles, search.particles.dataset
+        run.done(search)
+        explained = search.explained
+        found = search.found
+        if found.class_averages is not None:
+            ca = found.class_averages
+            run_dir.write_class_averages(
+                ca.images.cpu().numpy() * particles.box_px, ca.sizes.cpu().numpy(), particles.pixel_size_a
+            )
+        views = balance_views_stage(particles, cfg, found, say=run.say)
+        found, views_balanced = views.found, views.balanced
+        state.minutes += views.figures.get("seconds", 0.0) / 60
+        run.done(views, state.minutes)
+        encoder = encoder_stage(
+            particles,
+            cfg,
+            found.fourier_volume,
+            found.spectra,
+            found.ctf,
+            found.rotations,
+            found.shifts_px,
+            minutes_before=state.minutes,
+            trains=dist.is_main,
+            say=run.say,
+        )
+        state.minutes += encoder.figures.get("seconds", 0.0) / 60
+        run.done(encoder, state.minutes)
+        assignment = assignment_stage(particles, cfg, found, encoder, say=run.say)
+        poses = assignment.poses
+        state.minutes += assignment.figures["seconds"] / 60
+        _broadcast_poses(poses, dist)
+        run.done(assignment, state.minutes)
+        del found, views, search
+        checkpoint()
+
+    # 4. the reconstruction, the junk calls and the 3D classes
+    if poses is not None and state.step == 0 and cfg.wiener_init:
+        t0 = time.perf_counter()
+        # The half sets' sums are kept for the junk stage, which updates them as poses change.
+        # (C1: a point group plugs in here, once the map's axes are found: symmetry=...)
+        sums = half_set_sums(particles.spectra(), poses, seed=cfg.seed, symmetry=None)
+        rec = reconstruction_from_sums(sums, mask_radius_px=mask_radius_px(cfg, particles.box_px))
+        if mode == "search" and cfg.sort_junk and dataset.noise is not None:
+            # (the scores are in units of the measured noise: none without a noise model)
+            junk = run.done(junk_stage(particles, cfg, poses, rec, sums, say=run.say))
+            poses, rec = junk.poses, junk.reconstruction
+            _broadcast_poses(poses, dist)
+        del sums
+        prior_lam, fit_error = start_decoder(model, rec.fourier_volume, rec.regulariser, cfg, log=run.say)
+        seconds = time.perf_counter() - t0
+        state.minutes += seconds / 60
+        run.done(reconstruction_figures(particles, cfg, rec, seconds=seconds, fit_error=fit_error))
+        half_maps = tuple((h * particles.box_px).cpu().numpy().astype(np.float32) for h in rec.half_maps)
+        run_dir.write_half_maps(half_maps, particles.pixel_size_a)
+        if mode == "given" and encoder.encoder is None:
+            encoder = _encoder_from_given_poses(particles, cfg, poses, rec.fourier_volume, state, dist, run)
+        if cfg.classes > 1:
+            classes = run.done(classes_stage(particles, cfg, poses, rec, junk, say=run.say))
+            run_dir.write_class_maps([m.volume for m in classes.maps], particles.pixel_size_a)
+        del rec
+        checkpoint()
+
+    # 5. the decoder's polish (or the paper's amortized training)
+    trainer = Trainer(
+        model,
+        optimizer,
+        dataset,
+        cfg,
+        run_dir,
+        device=device,
+        state=state,
+        poses=poses,
+        prior_lam=prior_lam,
+        kept=None if junk is None else junk.kept,
+        polish=mode == "search",
+        noise_free=noise.noise_free,
+        scale=scale,
+        dist_info=dist,
+        quiet=quiet,
+        argv=argv,
+        checkpoint_extra=stage_payload(
+            poses if mode == "search" else None, encoder, junk, classes, views_balanced
+        ),
+    )
+    trainer.fit(on_volume)
+
+    # 6. the outputs
+    trainer.checkpoint()
+    volume_path = trainer.write_volume()
+    if on_volume is not None and dist.is_main:
+        on_volume(trainer)
+    run_dir.flush()
+    outputs = {
+        "volume": str(volume_path),
+        "checkpoint": str(run_dir.checkpoint_path),
+        "steps": state.step,
+        "minutes": state.minutes,
+        "images_seen": state.images_seen,
+        "version": __version__,
+    }
+    if mode != "given":
+        if poses is not None:
+            written = run_dir.write_poses(table, poses, particle_columns(junk, classes))
+        elif dist.is_main:
+            written = run_dir.write_poses(table, trainer.predicted_poses())
+        else:
+            written = run_dir.poses_path
+        outputs["poses"] = str(written)
+    if poses is not None and mode == "search":
+        views = run.done(
+            views_stage(
+                particles,
+                cfg,
+                poses,
+                None if junk is None else junk.kept,
+                searched=True,
+                balanced=views_balanced,
+            )
+        )
+        outputs["views_scf"] = views.figures["views_scf"]
+        if math.isfinite(explained):
+            outputs["search_explained_signal"] = explained
+        if junk is not None:
+            outputs["junk"] = int((~junk.kept).sum())
+        if classes is not None:
+            outputs["classes"] = list(classes.info)
+    if run.warnings:
+        outputs["warnings"] = list(run.warnings)
+    volume = trainer.volume()
+    kept_rows = np.arange(len(table)) if junk is None else np.flatnonzero(junk.kept)
+    reconstruction = next((r for r in reversed(run.records) if r.stage == "reconstruction"), None)
+    own = MapRecord(
+        "map",
+        volume,
+        half_maps,
+        kept_rows,
+        reconstruction.figures["half_map_fsc_0.143_px"] if reconstruction else float("nan"),
+        file=Path(volume_path).name,
+    )
+    return RunResult(
+        poses=poses,
+        volume=volume,
+        stages=run.records,
+        outputs=outputs,
+        warnings=list(run.warnings),
+        kept=None if junk is None else junk.kept,
+        classes=None if classes is None else classes.classes,
+        maps=[own, *(classes.maps if classes is not None else ())],
+    )
+
+
+def _broadcast_poses(poses: Poses, dist: DistInfo) -> None:
+    """Under torchrun: every rank holds rank 0's poses."""
+    if dist.enabled:
+        broadcast_(poses.rotations, dist)
+        broadcast_(poses.shifts_a, dist)
+
+
+def _encoder_from_given_poses(
+    particles: Particles,
+    cfg: TrainConfig,
+    poses: Poses,
+    fourier_volume: torch.Tensor,
+    state: TrainState,
+    dist: DistInfo,
+    run: _Run,
+) -> EncoderRecord:
+    """``--poses``: the encoder stage on the reconstruction and the given poses of up to
+    ``search_subset`` particles, so that ``predict-poses`` can use it.
+    """
+    if cfg.pose_encoder == "off" or not dist.is_main:
+        return EncoderRecord("encoder")
+    rng = np.random.default_rng(cfg.seed)
+    n = len(particles.table)
+    rows = np.sort(rng.choice(n, size=min(cfg.search_subset, n), replace=False))
+    spectra, ctf = particles.spectra().read(rows)
+    chosen = poses.select(rows)
+    encoder = encoder_stage(
+        particles,
+        cfg,
+        fourier_volume,
+        spectra,
+        ctf,
+        chosen.rotations.to(particles.device),
+        (chosen.shifts_a / particles.pixel_size_a).to(particles.device),
+        minutes_before=state.minutes,
+        say=run.say,
+    )
+    state.minutes += encoder.figures.get("seconds", 0.0) / 60
+    run.done(encoder, state.minutes)
+    return encoder
+
+
+def particle_columns(junk: JunkRecord | None, classes: ClassesRecord | None) -> dict[str, np.ndarray] | None:
+    """poses.star's per-particle columns of the junk stage (``rlnCryoaiJunk`` 1 for junk, the
+    scores of :mod:`cryoai.reconstruction.particle_scores`) and of the 3D classes:
+    ``rlnClassNumber`` is each particle's class (``--classes K``), or else 1 for the particles
+    kept and 2 for junk.
+    """
+    columns = (
+        {}
+        if classes is None
+        else {
+            "rlnClassNumber": classes.classes + 1,
+            "rlnCryoaiClassProbability": np.round(classes.probability, 4),
+        }
+    )
+    if junk is None:
+        return columns or None
+    if classes is None:
+        columns = {"rlnClassNumber": np.where(junk.kept, 1, 2)}
+    return {
+        **columns,
+        "rlnCryoaiJunk": (~junk.kept).astype(np.int64),
+        "rlnCryoaiScore": np.round(junk.scores.score, 3),
+        "rlnCryoaiAmplitude": np.round(junk.scores.amplitude, 4),
+        "rlnCryoaiResidualExcess": np.round(junk.scores.residual_excess, 3),
+        "rlnCryoaiJunkDistance": np.round(junk.distance, 3),
+    }
+
+
+def stage_payload(
+    poses: Poses | None,
+    encoder: EncoderRecord,
+    junk: JunkRecord | None,
+    classes: ClassesRecord | None,
+    views_balanced: bool,
+) -> dict:
+    """The stages' results a checkpoint keeps, so that a resumed run and predict-poses find them."""
+    extra: dict = {"views_balanced": views_balanced}
+    if poses is not None:
+        extra.update(pose_rotations=poses.rotations, pose_shifts_a=poses.shifts_a)
+    if junk is not None:
+        extra["kept"] = torch.from_numpy(junk.kept)
+        extra["scores"] = {
+            k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v
+            for k, v in junk.scores.__dict__.items()
+        }
+        extra["junk_distance"] = torch.from_numpy(junk.distance)
+    if classes is not None:
+        extra["classes"] = torch.from_numpy(classes.classes)
+        extra["class_probability"] = torch.from_numpy(classes.probability)
+        extra["class_info"] = list(classes.info)
+    if encoder.encoder is not None:
+        extra["pose_encoder"] = {
+            "settings": encoder.encoder.settings,
+            "state": {k: v.cpu() for k, v in encoder.encoder.state_dict().items()},
+            "check": encoder.check,
+        }
+    return extra
+
+
+def restored_stages(ckpt: dict, device) -> dict:
+    """The stages' results of a checkpoint (:func:`stage_payload`), as the run's records."""
+    saved: dict = {"views_balanced": bool(ckpt.get("views_balanced", False))}
+    if "prior_lam" in ckpt:
+        saved["prior_lam"] = ckpt["prior_lam"].to(device)
+    if ckpt.get("pose_encoder"):
+        encoder: PoseGridEncoder = load_pose_encoder(ckpt["pose_encoder"], device)
+        check = ckpt["pose_encoder"].get("check")
+        saved["encoder"] = EncoderRecord(
+            "encoder", encoder=encoder, check=check, used=bool((check or {}).get("used"))
+        )
+    if "kept" in ckpt:
+        scores = ParticleScores(
+            **{
+                k: v.cpu().numpy().astype(np.float64) if torch.is_tensor(v) else v
+                for k, v in ckpt["scores"].items()
+            }
+        )
+        saved["junk"] = JunkRecord(
+            "junk",
+            kept=ckpt["kept"].cpu().numpy().astype(bool),
+            scores=scores,
+            distance=ckpt["junk_distance"].cpu().numpy().astype(np.float64),
+        )
+    if "classes" in ckpt:
+        saved["classes"] = ClassesRecord(
+            "classes",
+            classes=ckpt["classes"].cpu().numpy().astype(np.int64),
+            probability=ckpt["class_probability"].cpu().numpy().astype(np.float64),
+            info=tuple(ckpt["class_info"]),
+        )
+    if "pose_rotations" in ckpt:  # the searched poses
+        saved["poses"] = Poses(ckpt["pose_rotations"].float().cpu(), ckpt["pose_shifts_a"].float().cpu())
+    return saved

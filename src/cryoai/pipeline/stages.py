@@ -1,0 +1,409 @@
+"""The default run's other stages: noise model, pose encoder, assignment, reconstruction and
+junk, 3D classes, and the views check. Each takes the run's particles, options and the records
+it needs, and returns its own record (docs/pipeline.md, one section each).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ..data.noise import measure_noise
+from ..models.encoder import PoseGridEncoder
+from ..physics.fft import ifft3_c
+from ..physics.fsc import resolution_px
+from ..physics.grids import max_paired_radius_px
+from ..physics.poses import Poses
+from ..reconstruction import PoseAssigner, assign_remaining
+from ..reconstruction.classes3d import Classes3DSettings, classify_3d
+from ..reconstruction.junk_sorting import score_band_px, sort_junk
+from ..reconstruction.particle_scores import micrograph_amplitude, score_particles
+from ..reconstruction.pose_search import SubsetSearch
+from ..reconstruction.regularised import Reconstruction, density_skewness
+from ..simulate.views import sampling_compensation_factor
+from ..training.config import TrainConfig
+from ..training.encoder_fit import EncoderSettings, check_pose_encoder, train_pose_encoder
+from . import decisions
+from .records import (
+    ClassesRecord,
+    EncoderRecord,
+    JunkRecord,
+    MapRecord,
+    NoiseRecord,
+    Particles,
+    PosesRecord,
+    StageRecord,
+)
+from .settings import assignment_settings, junk_settings, mask_radius_px
+
+
+def noise_stage(particles: Particles, cfg: TrainConfig) -> NoiseRecord:
+    """The noise spectrum measured on the images' background (``--noise-model``;
+    docs/pipeline.md#noise-model): the record holds the model the run whitens the images by
+    from here on (None: white noise, or images that hold no measurable noise: ``noise_free``).
+    """
+    t0 = time.perf_counter()
+    noise = measure_noise(
+        particles.dataset, cfg.noise_model, mask_radius_px(cfg, particles.box_px), seed=cfg.seed
+    )
+    noise_free = noise is None and cfg.noise_model != "white"
+    if noise is None:
+        said = (
+            ("noise: the images' background holds no measurable noise: not whitened",) if noise_free else ()
+        )
+        return NoiseRecord("noise", {}, said, noise=None, noise_free=noise_free)
+    s = {**noise.summary(), "noise_seconds": round(time.perf_counter() - t0, 2)}
+    said = (
+        f"noise: spectra of {s['noise_groups']} group(s) measured on the background of "
+        f"{s['noise_images_measured']} images ({noise.kind}); low/high-frequency power "
+        f"{s['noise_low_over_high_power']:.2f} (1 = white), levels spread {s['noise_level_spread']:.2f}x; "
+        "the images are whitened by them"
+    )
+    return NoiseRecord("noise", {"stage": "noise", **s}, (said,), noise=noise)
+
+
+def first_guess_stage(particles: Particles, cfg: TrainConfig) -> tuple[TrainConfig, StageRecord | None]:
+    """The global first guesses' band from the images' measured signal
+    (:func:`cryoai.pipeline.decisions.first_guess_band`; docs/pipeline.md#first-guess-band),
+    kept in the run's options (config.yaml, the checkpoint: so predict-poses poses new particles
+    in the same band). Returns the options with the band, and the record (None: nothing chosen).
+    """
+    band_px, figures = decisions.first_guess_band(
+        cfg.assign_radius_px,
+        cfg.search_radius_end,
+        cfg.assign_refine_radius_frac,
+        particles.box_px,
+        particles.dataset.noise,
+        cfg.policy,
+    )
+    if figures is None:
+        return cfg, None
+    said = decisions.first_guess_said(band_px, figures, cfg.policy)
+    if band_px is not None:
+        cfg = replace(cfg, assign_radius_px=band_px)
+    return cfg, StageRecord("assignment_band", figures, (said,) if said else ())
+
+
+def encoder_stage(
+    particles: Particles,
+    cfg: TrainConfig,
+    fourier_volume: torch.Tensor,
+    spectra: torch.Tensor,
+    ctf: torch.Tensor,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor,
+    *,
+    minutes_before: float,
+    trains: bool = True,
+    say: Callable[[str], None] = print,
+) -> EncoderRecord:
+    """The pose encoder learns from a map and the poses of some particles (all but a held-out
+    part), then is checked against those poses on the held-out part; the policy decides
+    whether it poses the other particles (docs/pipeline.md#pose-encoder).
+
+    ``trains``: this process trains it (under torchrun rank 0 does, and the poses are broadcast).
+    """
+    policy = cfg.policy
+    minutes = cfg.encoder_minutes
+    said = []
+    if cfg.max_minutes is not None:
+        minutes = min(minutes, cfg.max_minutes - minutes_before)
+        if minutes <= 0 and cfg.pose_encoder != "off":
+            said.append("encoder: time limit (--max-minutes) reached: no pose encoder is trained")
+    if cfg.pose_encoder == "off" or minutes <= 0 or len(spectra) < policy.min_subset_particles or not trains:
+        return EncoderRecord("encoder", said=tuple(said))
+    t0 = time.perf_counter()
+    settings = EncoderSettings(minutes=minutes, seed=cfg.seed)
+    n = len(spectra)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 99)).to(spectra.device)
+    n_check = min(settings.held_out, max(n // 10, 1))
+    check_rows, train_rows = order[:n_check], order[n_check:]
+    torch.manual_seed(cfg.seed + 5)  # the encoder's initial weights
+    band_px = cfg.refine_radius_frac * max_paired_radius_px(particles.box_px)  # the search map's band
+    encoder = PoseGridEncoder(band_px=band_px).to(particles.device)
+    say(
+        f"encoder: learning poses from the map for at most {minutes:.3g} min "
+        f"({len(train_rows)} real particles with their poses, simulated ones)"
+    )
+    fit = train_pose_encoder(
+        encoder,
+        particles.formation,
+        fourier_volume,
+        spectra[train_rows],
+        ctf[train_rows],
+        rotations[train_rows],
+        shifts_px[train_rows],
+        settings,
+        log=say,
+    )
+    check = check_pose_encoder(
+        encoder,
+        particles.formation,
+        fourier_volume,
+        spectra[check_rows],
+        ctf[check_rows],
+        rotations[check_rows],
+        assignment_settings(cfg, particles.box_px),
+        settings,
+    )
+    passed, why = decisions.encoder_pays(check.to_dict(), policy)
+    use = cfg.pose_encoder == "always" or passed
+    figures_check = {**check.to_dict(), "passed": passed, "used": use}
+    said.append(
+        f"encoder check on {check.particles} held-out particles: {cfg.encoder_hypotheses} hypotheses hold a "
+        f"rotation within {settings.agreement_deg:g} deg of the search's pose for "
+        f"{check.hypothesis_hit_rate:.0%}; posed within it: {check.amortized_agreement:.0%} amortized "
+        f"({check.amortized_images_per_s:.0f} img/s), {check.global_agreement:.0%} by the global search "
+        f"({check.global_images_per_s:.0f} img/s); with the global search for the "
+        f"{1 - check.amortized_fraction:.0%} the encoder is least sure of: {check.combined_agreement:.0%} "
+        f"({check.combined_images_per_s:.0f} img/s)"
+    )
+    if not use:
+        said.append(
+            f"encoder: not used ({why}): the other particles get the global search; it is saved, and "
+            "predict-poses --first-guess encoder uses it"
+        )
+    seconds = time.perf_counter() - t0
+    figures = {
+        "stage": "encoder",
+        "seconds": seconds,
+        **fit,
+        **{f"check_{k}": v for k, v in figures_check.items()},
+    }
+    return EncoderRecord("encoder", figures, tuple(said), encoder=encoder, check=figures_check, used=use)
+
+
+def assignment_stage(
+    particles: Particles,
+    cfg: TrainConfig,
+    found: SubsetSearch,
+    encoder: EncoderRecord,
+    *,
+    say: Callable[[str], None] = print,
+) -> PosesRecord:
+    """Every particle outside the search's subset posed against its map (the encoder's
+    hypotheses when it is used, else the global search; then local refinement), then the map
+    centred; returns the poses of every particle (docs/pipeline.md#assignment).
+    """
+    t0 = time.perf_counter()
+    assigner = PoseAssigner(
+        particles.formation,
+        found.fourier_volume,
+        assignment_settings(cfg, particles.box_px),
+        encoder.encoder if encoder.used else None,
+        min_confidence=decisions.encoder_min_confidence(encoder.check, cfg.pose_encoder),
+    )
+    n_rest = len(particles.table) - len(found.subset)
+    poses = assign_remaining(particles.spectra(), found, assigner, log=say)
+    seconds = time.perf_counter() - t0
+    figures = {
+        "stage": "assignment",
+        "mode": assigner.mode,
+        "particles": n_rest,
+        "amortized": assigner.counts["amortized"],
+        "global": assigner.counts["global"],
+        "seconds": seconds,
+        "images_per_s": n_rest / seconds if n_rest and seconds > 0 else None,
+    }
+    return PosesRecord("assignment", figures, poses=poses)
+
+
+def junk_stage(
+    particles: Particles,
+    cfg: TrainConfig,
+    poses: Poses,
+    rec: Reconstruction,
+    sums,
+    say: Callable[[str], None] = print,
+) -> JunkRecord:
+    """Every particle scored against the map at its pose, the junk called, and the particles
+    called junk posed again against the kept particles' map
+    (:mod:`cryoai.reconstruction.junk_sorting`; docs/pipeline.md#junk). The record holds the
+    kept particles' reconstruction and the poses (those of the particles posed better changed).
+    """
+    sorting = sort_junk(
+        particles.spectra(),
+        poses,
+        rec,
+        groups=particles.table.micrograph_ids,
+        assign_settings=assignment_settings(cfg, particles.box_px),
+        mask_radius_px=mask_radius_px(cfg, particles.box_px),
+        settings=junk_settings(cfg),
+        seed=cfg.seed,
+        sums=sums,
+        log=say,
+    )
+    decision = sorting.decision
+    n_junk = int((~decision.keep).sum())
+    said = (
+        f"junk: {n_junk} of {len(particles.table)} particles ({decision.junk_fraction:.0%}) lie farther than "
+        f"{decision.threshold:g} sd from the particles' cluster (amplitude, unexplained power; band "
+        f"{sorting.radius_px:.1f} px); {sorting.reposed} took a better pose on a second look; the map is "
+        f"made from the other {int(decision.keep.sum())}"
+    )
+    figures = {
+        "stage": "junk",
+        "junk": n_junk,
+        "kept": int(decision.keep.sum()),
+        "junk_fraction": decision.junk_fraction,
+        "band_px": sorting.radius_px,
+        "reposed": sorting.reposed,
+        "passes": cfg.junk_passes,
+        "score_median_kept": float(np.median(sorting.scores.score[decision.keep])),
+        "seconds": sorting.seconds,
+    }
+    return JunkRecord(
+        "junk",
+        figures,
+        (said,),
+        poses=sorting.poses,
+        kept=decision.keep,
+        scores=sorting.scores,
+        distance=decision.distance,
+        reconstruction=sorting.reconstruction,
+    )
+
+
+def reconstruction_figures(
+    particles: Particles, cfg: TrainConfig, rec: Reconstruction, *, seconds: float, fit_error: float | None
+) -> StageRecord:
+    """The reconstruction's record: its half-map resolution, and a warning if the map is
+    negative (the images' contrast inverted: docs/pipeline.md#contrast).
+    """
+    res = resolution_px(rec.fsc_halves, 0.143)
+    skewness = density_skewness(ifft3_c(rec.fourier_volume).real, mask_radius_px(cfg, particles.box_px))
+    inverted = decisions.is_inverted(skewness, cfg.policy)
+    warnings = ()
+    if inverted:
+        # Never hand over a negative map without saying so (here and in outputs.json).
+        flag = "without" if cfg.invert_contrast else "with"
+        warnings = (
+            f"the reconstructed map is mostly negative (density skewness {skewness:.2f}): the images' "
+            f"contrast looks inverted (protein dark); run again {flag} --invert-contrast",
+        )
+    figures = {
+        "stage": "reconstruction",
+        "half_map_fsc_0.143_px": res,
+        "half_map_fsc_0.143_a": res * particles.pixel_size_a,
+        "decoder_fit_relative_error": fit_error,
+        "map_density_skewness": skewness,
+        "contrast_inverted": inverted,
+        "seconds": seconds,
+    }
+    return StageRecord("reconstruction", figures, warnings=warnings)
+
+
+def classes_stage(
+    particles: Particles,
+    cfg: TrainConfig,
+    poses: Poses,
+    rec: Reconstruction,
+    junk: JunkRecord | None,
+    say: Callable[[str], None] = print,
+) -> ClassesRecord:
+    """``--classes K``: K maps and each particle's class at the run's poses
+    (:mod:`cryoai.reconstruction.classes3d`; docs/pipeline.md#3d-classes), junk included, so that
+    it gathers in classes of its own. The record holds the classes' maps, largest first.
+    """
+    n = len(particles.table)
+    box = particles.box_px
+    band_px = score_band_px(rec)
+    scores = (
+        junk.scores
+        if junk is not None
+        else score_particles(particles.spectra(), rec.fourier_volume, poses, band_px)
+    )
+    trusted = junk.kept if junk is not None else np.ones(n, bool)
+    amplitude = micrograph_amplitude(scores.amplitude, particles.table.micrograph_ids, trusted)
+    result = classify_3d(
+        particles.spectra(),
+        poses,
+        np.arange(n),
+        amplitude=amplitude,
+        radius_px=band_px,
+        mask_radius_px=mask_radius_px(cfg, box),
+        settings=Classes3DSettings(n_classes=cfg.classes, seed=cfg.seed),
+        log=say,
+    )
+    order = np.argsort(-result.sizes, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    classes = rank[result.assignment]
+    info, maps = [], []
+    for i, k in enumerate(order):
+        members = classes == i
+        res_px = float(result.resolution_px[k])
+        name = f"class_{i + 1:03d}"
+        info.append(
+            {
+                "class": i + 1,
+                "particles": int(members.sum()),
+                "junk_called": int((~trusted)[members].sum()),
+                "resolution_px": res_px,
+                "resolution_a": res_px * particles.pixel_size_a,
+                "map": f"{name}.mrc",
+            }
+        )
+        k_rec = result.reconstructions[k]
+        half = (
+            tuple((h * box).cpu().numpy().astype(np.float32) for h in k_rec.half_maps)
+            if k_rec.half_maps is not None
+            else None
+        )
+        maps.append(
+            MapRecord(
+                name,
+                (ifft3_c(k_rec.fourier_volume).real * box).cpu().numpy(),
+                half,
+                np.flatnonzero(members),
+                res_px,
+                file=f"{name}.mrc",
+            )
+        )
+    said = "3D classes: " + "; ".join(
+        f"{c['class']}: {c['particles']} particles ({c['junk_called']} called junk), "
+        f"{c['resolution_a']:.1f} A"
+        for c in info
+    )
+    figures = {
+        "stage": "classes",
+        "classes": info,
+        "iterations": result.iterations,
+        "seconds": result.seconds,
+    }
+    return ClassesRecord(
+        "classes",
+        figures,
+        (said,),
+        classes=classes,
+        probability=result.probability,
+        info=tuple(info),
+        maps=tuple(maps),
+    )
+
+
+def views_stage(
+    particles: Particles,
+    cfg: TrainConfig,
+    poses: Poses,
+    kept: np.ndarray | None,
+    *,
+    searched: bool,
+    balanced: bool,
+) -> StageRecord:
+    """The SCF* of the kept particles' views (Baldwin & Lyumkis 2020), and a warning where they
+    are preferred: directions of Fourier space the views leave undersampled, so the map is
+    smeared along them (docs/pipeline.md#view-balancing).
+    """
+    rows = np.arange(len(particles.table)) if kept is None else np.flatnonzero(kept)
+    scf = sampling_compensation_factor(poses.rotations[rows].double().numpy())
+    warning = decisions.views_warning(particles.source, scf, searched, balanced, cfg.policy)
+    return StageRecord(
+        "views",
+        {"stage": "views", "views_scf": scf, "particles": len(rows)},
+        warnings=(warning,) if warning else (),
+    )

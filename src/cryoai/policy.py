@@ -1,0 +1,215 @@
+"""The policy of the default run: every tuned threshold that decides it, in one place.
+
+:class:`Policy` is a frozen dataclass. Each field carries its meaning, its unit and where its
+value was measured (``dataclasses.fields(Policy)[i].metadata``); ``cryoai train --help`` shows
+them in its expert group, and each can be set in a config YAML (under ``policy:``) or as a flag
+of the same name (``--class-start-energy 300``). docs/pipeline.md#policy explains each in the
+stage it decides.
+
+The mechanisms (``cryoai.reconstruction``, ``cryoai.training``) take these values as arguments;
+only ``cryoai.training.config`` (which holds the run's policy) and ``cryoai.pipeline`` (which
+decides with it) import this module (an import-linter contract in pyproject.toml keeps it so).
+
+"Energy" below is an image's whitened signal energy within ``signal_band_px``
+(:meth:`cryoai.data.noise.NoiseModel.information`: the squared signal over the noise power,
+summed over the Fourier coefficients of the band, averaged over every pick, junk included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def _tuned(default, unit: str, meaning: str, measured: str):
+    """A policy field: its default, and its unit, meaning and evidence as metadata."""
+    return field(default=default, metadata={"unit": unit, "help": meaning, "measured": measured})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Every tuned threshold of the default run (see the module docstring)."""
+
+    # --- what the images carry
+    signal_band_px: float = _tuned(
+        10.0,
+        "frequency px",
+        "band within which each image's whitened signal energy is measured for the run's decisions",
+        "the search's final band (--search-radius-end): the band its poses are found in",
+    )
+    # --- the search's start
+    class_start_energy: float = _tuned(
+        250.0,
+        "energy per image",
+        "--search-start auto starts from 2D class averages below this energy, else from a blob",
+        "the blob start converged on every simulated set at 274 or more and failed on every one at "
+        "215 or less (70S large-complex, noise-alone, hostile recipes)",
+    )
+    # --- which search is kept
+    min_explained: float = _tuned(
+        0.58,
+        "share of the signal",
+        "a search whose map explains less of its subset's signal is a wrong start: searched again",
+        "right maps explained 0.64-1.2 of the signal, wrong starts less (70S and CFTR-sized sets)",
+    )
+    doubtful_explained_from_classes: float = _tuned(
+        0.82,
+        "share of the signal",
+        "a search from class averages explaining less is doubtful: searched again from another seed, "
+        "and the run warns if the best stays below",
+        "converged searches from class averages explained 0.84-0.96, failed ones 0.70-0.78, one at "
+        "0.80 half converged (CFTR-sized membrane sets at energies 61-98)",
+    )
+    agreeing_share: float = _tuned(
+        0.5,
+        "share of the particles",
+        "two searches agree when this share of the particles both posed is posed alike (within 10 "
+        "deg, up to a global rotation and mirror)",
+        "two searches that found the same map posed most particles alike; failed ones few",
+    )
+    # --- views
+    preferred_views_scf: float = _tuned(
+        0.81,
+        "SCF*",
+        "below it the views are preferred: a blob's search is done again from class averages, the "
+        "subset's poses are refined against view-balanced maps, and the run warns",
+        "cryoSPARC's Orientation Diagnostics flag (Baldwin & Lyumkis 2020); simulated top-view sets "
+        "(SCF* 0.30) needed both remedies",
+    )
+    min_subset_particles: int = _tuned(
+        20,
+        "particles",
+        "the fewest subset particles the view balancing and the pose encoder stage run on",
+        "below it neither has enough particles to weigh or hold out",
+    )
+    # --- the global first guesses' band
+    wide_first_guess_energy: float = _tuned(
+        150.0,
+        "energy per image",
+        "below it, the global first guesses (assignment, junk's second look, 2D classes, "
+        "predict-poses) score their hypotheses in the refinement's final band",
+        "against the true map of the 70S noise-alone set (energy 93), 61% of the particles were "
+        "posed within 10 deg at 10 px and 95% in the wider band; at 215, 10 px posed 91% already",
+    )
+    wide_band_min_gain: float = _tuned(
+        1.15,
+        "factor of energy",
+        "... and only where that wider band adds at least this factor of the energy",
+        "the 70S sets' wider band added 1.20-1.34x and helped; a CFTR-sized set's added 1.10x and its "
+        "search from class averages made in it failed on three seeds",
+    )
+    # --- the start from 2D class averages
+    images_per_class: int = _tuned(
+        60,
+        "images per class",
+        "the number of 2D classes of the class-average start aims at this many images per class",
+        "averages of about 60 images carry 60 times an image's energy: enough to pose them",
+    )
+    max_classes: int = _tuned(
+        100,
+        "classes",
+        "the most 2D classes of the class-average start",
+        "at 50 classes the rare views of a top-view set joined the common views' classes and were "
+        "posed 80-140 deg off; at 83 they were posed within 2 deg",
+    )
+    class_search_seeds: int = _tuned(
+        3,
+        "searches",
+        "searches of the class averages' poses from different seeds, the one that explains most of "
+        "the averages kept",
+        "each costs a few seconds; one seed alone lost the start on some sets",
+    )
+    # --- warnings of a run that carries little signal
+    low_signal_energy: float = _tuned(
+        150.0,
+        "energy per image",
+        "below it, a run whose search started from a blob warns that its map and poses may be wrong",
+        "the blob search failed on every set at 93 or less, converged or failed at 215-274 depending "
+        "on the rest, converged on every set at 274 or more",
+    )
+    low_signal_energy_from_classes: float = _tuned(
+        55.0,
+        "energy per image",
+        "the same, for a search started from 2D class averages",
+        "posed the 70S noise-alone sets at 90-96 and CFTR-sized membrane sets at 61-97; failed at 44 "
+        "and below",
+    )
+    low_signal_energy_with_start: float = _tuned(
+        50.0,
+        "energy per image",
+        "the same, for a search started from a given map (--initial-map)",
+        "posed a set at 93 (2.1 deg) from the true map blurred to 60-80 A; failed at 14",
+    )
+    # --- the pose encoder
+    encoder_min_amortized_fraction: float = _tuned(
+        0.25,
+        "share of the particles",
+        "the pose encoder is used only if at least this share of the particles can skip the global "
+        "search as accurately",
+        "bench_amortized.py at -10 dB, 64 px: 37-59% of the particles were sure enough",
+    )
+    encoder_min_speedup: float = _tuned(
+        1.1,
+        "factor of speed",
+        "... and if the encoder with the global search for the rest is this much faster than the "
+        "global search alone (beyond the timing's noise, +-5%)",
+        "1.19-1.22x at 20,000-50,000 particles and 1.08x at 5,000 (bench_amortized.py, 2 CPU cores)",
+    )
+    # --- contrast
+    inverted_skewness: float = _tuned(
+        -0.5,
+        "skewness",
+        "a map whose density skewness inside the mask is below this is negative: the images' "
+        "contrast is inverted (protein dark)",
+        "maps of molecules are right-skewed: 1.2 to 5.9 for the maps of ../shared/data and cryoai's "
+        "reconstructions of them",
+    )
+    # --- junk
+    junk_threshold: float = _tuned(
+        3.0,
+        "standard deviations",
+        "robust distance from the particles' cluster (amplitude, unexplained power) beyond which a "
+        "pick is called junk",
+        "calls 1.1% of a Gaussian cluster junk; recall 0.97-0.99 at precision 0.96-0.97 on the "
+        "hostile sets with 30-50% junk",
+    )
+    junk_core_share: float = _tuned(
+        0.75,
+        "share of a Gaussian cluster",
+        "the core of the particles' cluster the junk call fits it on (a fixed radius, so that far "
+        "junk does not widen the fit)",
+        "a fit from the closer half of the particles took in 80% of the empty images on the hostile "
+        "set (half of the picks junk); the fixed core none",
+    )
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> Policy:
+        """A policy from ``{name: value}`` (the rest default); an unknown name or a value of the
+        wrong type is a :class:`cryoai.errors.InputError` naming ``source``.
+        """
+        from .errors import InputError
+
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InputError(f"{source}: unknown policy option(s) {', '.join(unknown)}")
+        typed = {}
+        for name, value in values.items():
+            kind = type(known[name].default)
+            try:
+                typed[name] = kind(value)
+            except (TypeError, ValueError):
+                raise InputError(f"{source}: policy option {name} must be a number (got {value!r})") from None
+        return cls(**typed)
+
+    def to_dict(self) -> dict:
+        """The policy as ``{name: value}``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def describe(name: str) -> str:
+    """One sentence of help for the policy field ``name``: its meaning, unit and evidence."""
+    f = next(f for f in fields(Policy) if f.name == name)
+    return f"{f.metadata['help']} ({f.metadata['unit']}; measured: {f.metadata['measured']})"
+
+
+__all__ = ["Policy", "describe"]

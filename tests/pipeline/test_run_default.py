@@ -1,0 +1,68 @@
+"""The README's library example runs, and gives what ``cryoai train`` gives on the same set."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryoai.cli.main import main as cli
+from cryoai.io import load_particles
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+#: A short run (the defaults' search and polish, shortened): the same options as flags and fields.
+QUICK = {"pose_encoder": "off", "search_iterations": 15, "refine_rounds": 2, "decoder_epochs": 0.2,
+         "search_retries": 0, "tensorboard": False}
+
+
+def _flags(values: dict) -> list[str]:
+    out = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        out += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("readme")
+    assert cli(["simulate", "--box", "32", "--n", "200", "--snr-db", "-5", "--seed", "3", "--outdir",
+                str(out / "sim"), "--quiet", "--device", "cpu"]) == 0
+    return out
+
+
+def test_the_readme_example_runs_and_gives_the_cli_result(small_set, monkeypatch):
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    assert 'run_default(load_particles("particles.star"), TrainConfig(), outdir="run/")' in code
+    monkeypatch.chdir(small_set / "sim")
+    namespace = {"QUICK": QUICK}
+    exec(code.replace("TrainConfig()", "TrainConfig(**QUICK)"), namespace)  # the README's lines
+    result = namespace["result"]
+    table = load_particles("particles.star")
+    assert len(result.poses) == len(table) and result.volume.shape == (table.box_px,) * 3
+    stages = [r.stage for r in result.stages]
+    for name in ("noise", "search_plan", "search_done", "assignment", "junk", "reconstruction", "views"):
+        assert name in stages, stages
+    assert result.stage("search_done").figures["attempts"] == 1
+    # the run's maps: its own first, with its half maps and the particles it was made of
+    own = result.maps[0]
+    assert own.name == "map" and own.file == "volume.mrc" and own.symmetry == "C1"
+    assert own.half_maps is not None and len(own.particles) == int(result.kept.sum())
+    assert own.resolution_px >= 2.0
+    # ``cryoai train`` with the same options: the same poses and map, digit for digit
+    assert cli(["train", "particles.star", "--outdir", "cli-run", "--quiet", "--device", "cpu",
+                *_flags(QUICK)]) == 0
+    outputs = json.loads(Path("cli-run/outputs.json").read_text())
+    assert outputs["steps"] == result.outputs["steps"]
+    assert outputs.get("warnings", []) == result.warnings
+    written = load_particles("run/poses.star").poses()
+    np.testing.assert_array_equal(load_particles("cli-run/poses.star").poses().rotations.numpy(),
+                                  written.rotations.numpy())
+    with mrcfile.open("cli-run/volume.mrc") as a, mrcfile.open("run/volume.mrc") as b:
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(result.volume, b.data)  # the result holds what was written
+    np.testing.assert_allclose(result.poses.rotations.numpy(), written.rotations.numpy(), atol=1e-4)
