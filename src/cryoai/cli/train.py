@@ -1,13 +1,14 @@
-"""Train cryoAI on a particle set: ab initio (encoder + decoder), or with --poses held fixed.
+"""A 3D map and every particle's pose from a particle set, ab initio (or with --poses held fixed).
 
-Writes to OUTDIR: config.yaml (the resolved options), checkpoint.pt, volume.mrc (written at
-intervals and at the end, with the voxel size), poses.star (STAR 3.1: every input column kept,
-poses and shifts from the encoder), train_log.jsonl and TensorBoard logs.
+Runs the default pipeline (docs/pipeline.md): noise model, pose search, view balancing, pose
+encoder, assignment, reconstruction, junk calls, 3D classes, decoder polish. Writes to OUTDIR:
+volume.mrc and its half maps, poses.star (RELION) and poses.cs (cryoSPARC), outputs.json,
+train_log.jsonl, config.yaml (the resolved options) and checkpoint.pt (for --resume and
+cryoai predict-poses).
 
-Options come from the defaults, then --preset (e.g. "paper" for the faithful ECCV 2022
-configuration), then --config YAML, then individual flags.
+Options come from the defaults, then --preset, then --config YAML, then individual flags.
 
-Example: cryoai train particles.star --outdir run/ --max-minutes 20
+Example: cryoai train Select/job020/particles.star --outdir run/ --particle-diameter-a 250
 """
 
 from __future__ import annotations
@@ -21,20 +22,22 @@ from .common import pick_device, prepare_outdir
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("particles", help="RELION .star or cryoSPARC .cs particle file")
-    parser.add_argument("--outdir", required=True, help="run directory")
-    parser.add_argument("--datadir", default=None, help="folder to look for image stacks in")
-    parser.add_argument("--poses", default=None,
-                        help="STAR/.cs with poses to hold fixed: train the decoder only")
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help="a named configuration (paper = the ECCV 2022 cryoAI)")
-    parser.add_argument("--config", default=None, help="YAML file of training options")
-    parser.add_argument("--ground-truth", default=None,
-                        help="map to report the FSC against during training (evaluation only)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in OUTDIR")
-    parser.add_argument("--force", action="store_true", help="overwrite a previous run in OUTDIR")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.usage = "cryoai train PARTICLES --outdir RUN [options]"
+    parser.add_argument("particles", help="The particles: a RELION .star or cryoSPARC .cs file.")
+    run = parser.add_argument_group("input and run")
+    run.add_argument("--outdir", required=True, help="The run directory (created; see --force, --resume).")
+    run.add_argument("--datadir", default=None, help="A folder to look for the image stacks in.")
+    run.add_argument("--poses", default=None,
+                     help="A STAR/.cs file with poses to hold fixed: reconstruction with known poses.")
+    run.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                     help="A named configuration: paper is the ECCV 2022 cryoAI (pure amortized training).")
+    run.add_argument("--config", default=None, help="A YAML file of options (flags override it).")
+    run.add_argument("--ground-truth", default=None,
+                     help="A map to log the FSC against during the fit (evaluation only).")
+    run.add_argument("--device", default=None, help="The torch device (default: cuda if present, else cpu).")
+    run.add_argument("--resume", action="store_true", help="Continue the run in OUTDIR from its checkpoint.")
+    run.add_argument("--force", action="store_true", help="Overwrite a previous run in OUTDIR.")
+    run.add_argument("--quiet", action="store_true", help="No progress bars or log lines.")
     add_config_args(parser)
 
 
@@ -45,6 +48,7 @@ def main(args) -> int:
     from ..pipeline import check_inputs, run_default
     from ..training.config import TrainConfig, load_yaml
     from ..training.distributed import barrier, init_distributed, shutdown
+    from ..training.run_dir import strict_json
 
     if args.resume:
         saved = Path(args.outdir) / "config.yaml"
@@ -80,7 +84,7 @@ def main(args) -> int:
     if not dist_info.is_main:
         return 0
     outputs["world_size"] = dist_info.world_size
-    write_json_atomic(outdir / "outputs.json", outputs)
+    write_json_atomic(outdir / "outputs.json", strict_json(outputs))
     print(f"trained {outputs['steps']} steps ({outputs['images_seen']} images) "
           f"in {outputs['minutes']:.1f} min" + (f" on {dist_info.world_size} processes"
                                                  if dist_info.enabled else ""))

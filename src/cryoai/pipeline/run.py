@@ -63,7 +63,7 @@ from .records import (
     StageRecord,
 )
 from .search import balance_views_stage, read_initial_map, search_stage
-from .settings import mask_radius_px
+from .settings import in_pixels, mask_radius_px
 from .stages import (
     assignment_stage,
     classes_stage,
@@ -97,6 +97,7 @@ def check_inputs(
     InputError
         One line naming the file and the problem.
     """
+    in_pixels(cfg, table.box_px, table.median_pixel_size_a(), str(table.source_path))  # (raises if it cannot)
     source = source or ImageSource(table)
     source.validate()
     if cfg.initial_map:
@@ -176,7 +177,7 @@ def run_default(
     -------
     :class:`RunResult`: the poses, the map, every stage's record, the outputs and warnings.
     """
-    cfg = cfg or TrainConfig()
+    cfg = in_pixels(cfg or TrainConfig(), table.box_px, table.median_pixel_size_a(), str(table.source_path))
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     dist = dist_info or DistInfo()
     mode = "given" if fixed_poses is not None else {"search": "search", "encoder": "amortized"}[cfg.ab_initio]

@@ -12,6 +12,39 @@ from ..reconstruction.junk_sorting import JunkSortSettings
 from ..training.config import TrainConfig
 
 
+def in_pixels(cfg: TrainConfig, box_px: int, pixel_size_a: float,
+              source: str = "the particles") -> TrainConfig:
+    """The options given in Angstrom turned into the box's units: ``particle_diameter_a`` into
+    ``mask_radius_frac``, ``search_resolution_a`` into ``search_radius_end`` (frequency px).
+
+    Raises
+    ------
+    InputError
+        An Angstrom value the box cannot hold (a mask wider than the box, a resolution beyond
+        Nyquist), naming ``source``.
+    """
+    from ..errors import InputError
+    from ..physics.grids import max_paired_radius_px
+
+    extent_a = box_px * pixel_size_a
+    if cfg.particle_diameter_a is not None:
+        frac = 0.5 * cfg.particle_diameter_a / extent_a
+        if frac > 0.5:
+            raise InputError(f"{source}: --particle-diameter-a {cfg.particle_diameter_a:g} is wider than "
+                             f"the box ({extent_a:g} A)")
+        cfg = replace(cfg, mask_radius_frac=round(frac, 6))
+    if cfg.search_resolution_a is not None:
+        radius_px = round(extent_a / cfg.search_resolution_a, 3)
+        if radius_px > max_paired_radius_px(box_px) or radius_px <= cfg.search_radius_start:
+            raise InputError(
+                f"{source}: --search-resolution-a {cfg.search_resolution_a:g} is {radius_px:g} px in a box "
+                f"of {box_px} px at {pixel_size_a:g} A: it must lie between the EM's first band "
+                f"({cfg.search_radius_start:g} px, {extent_a / cfg.search_radius_start:.1f} A) and Nyquist "
+                f"({2 * pixel_size_a:g} A)")
+        cfg = replace(cfg, search_radius_end=radius_px)
+    return cfg
+
+
 def mask_radius_px(cfg: TrainConfig, box_px: int) -> float:
     """The radius (px) of the maps' soft spherical mask."""
     return map_mask_radius_px(box_px, cfg.mask_radius_frac)

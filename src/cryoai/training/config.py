@@ -15,115 +15,156 @@ from ..physics.masks import MAP_MASK_RADIUS_FRAC
 from ..policy import Policy, describe
 
 
+def _opt(default, help: str, group: str = "training", *, choices: tuple | None = None, kind=None):
+    """An option: its default, its sentence of help, its group in ``--help`` ("common",
+    "search", "training", "outputs"), its choices, and its type where the default (None) does
+    not say it.
+    """
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "kind": kind})
+
+
 @dataclass
 class TrainConfig:
-    """Every option of ``cryoai train``. Units are in the names; None means "automatic"."""
+    """Every option of ``cryoai train``: its default, its help and its group are the field's
+    (:func:`add_config_args` makes the flags from them). Units are in the names; None means
+    "automatic".
+    """
 
-    # --- data and preprocessing
-    invert_contrast: bool = False  # flip the sign of the images (particles dark -> bright)
-    mask_radius_frac: float = MAP_MASK_RADIUS_FRAC  # mask radius (encoder input, maps), fraction of
-    #                                                 the box; 0: no encoder-input mask, maps 0.45
-    normalize_samples: int = 1000  # images used to estimate the global intensity scale
-    noise_model: str = "micrograph"  # whiten by the noise spectrum measured on the images'
-    #   background: per micrograph ("micrograph": rlnMicrographName, else one spectrum), one for
-    #   the data set ("global"), or none ("white": the noise is assumed white)
-    # --- model
-    decoder: str = "voxel"  # "voxel" (explicit Fourier grid) or "fouriernet" (the paper)
-    fouriernet_width: int = 256
-    encoder_width: float = 0.25  # multiplier of the VGG channel widths (1.0 = the paper)
-    encoder_heads: int = 1  # rotation hypotheses per image (winner takes all)
-    encoder_input_px: int | None = None  # Fourier-crop the encoder's images to this size; 0: the
-    #                                      full box; None: automatic (half the box from 64 px up)
-    max_shift_a: float | None = None  # bound of predicted shifts; None: 0.15 * box * pixel size
-    learn_shifts: bool = True
-    # --- ab initio strategy
-    # "search": pose-search warm start (default); "encoder": the paper's pure amortized training
-    ab_initio: str = "search"
-    search_subset: int = 5000  # particles used by the search (fixed: cost flat in N)
-    search_rotations: int = 4608  # size of the SO(3) grid (about 15 degrees apart)
-    search_iterations: int = 100  # stochastic EM iterations (at most; see search_stop_posterior)
-    search_batch: int = 500  # images per EM iteration (fixed: twice as many did not rescue a failed
-    #                          search at low SNR; docs/pipeline.md#search-start)
-    search_stop_posterior: float = 0.9  # stop the EM once the band is full and the posterior this peaked
-    search_ema: float = 0.7  # decay of the running back-projection sums
-    search_retries: int = 2  # searches again from another seed when the map explains less than
-    #                          policy.min_explained of the signal the images carry
-    # a map (MRC, the particles' box and pixel size, protein positive as the images read after
-    # --invert-contrast) to start the search from instead of a blob, low-passed to
-    # initial_map_resolution_a (A); poses and map come out in its frame
-    initial_map: str | None = None
-    initial_map_resolution_a: float = 60.0
-    # what the search starts from without --initial-map: "blob" (random poses), "classes" (a
-    # map posed from the subset's 2D class averages), or "auto": classes when the images' whitened
-    # signal energy is below policy.class_start_energy, else a blob, and classes if it fails or its
-    # views come out preferred (docs/pipeline.md#search-start)
-    search_start: str = "auto"
-    search_radius_start: float = 5.0  # EM band, cycles per box
-    search_radius_end: float = 10.0
-    search_max_shift_px: float | None = None  # default 0.12 * box
-    search_shift_step_px: float = 2.0
-    # where the search's views are preferred (SCF* below policy.preferred_views_scf): its subset's
-    # poses refined against
-    # maps that weigh every direction of views alike, before the other particles are posed
-    balance_views: bool = True
-    refine_rounds: int = 8  # local refinement rounds after the EM
-    refine_candidates: int = 48  # local rotations tried per image and round
-    refine_radius_frac: float = 0.7  # final refinement band, fraction of Nyquist
-    # --- the amortized pose stage (after the search; after the reconstruction with --poses)
-    # "auto": train the pose encoder, pose the other particles with it if its check passes (else
-    # the global search, said); "off": no encoder (the global search); "always": use it regardless
-    pose_encoder: str = "auto"
-    encoder_minutes: float = 2.0  # training budget of the pose encoder
-    encoder_hypotheses: int = 32  # encoder rotations scored per particle
-    # the global first guess (no encoder, or a particle it is not sure of) keeps each particle's best
-    # rotations of a pass in a lower band over coarser shifts, then scores them fully; 0: exhaustive
-    assign_prune_keep: int = 64
-    assign_refine_method: str = "newton"  # 'newton' (quadratic model) or 'random' (best of candidates)
-    assign_refine_rounds: int = 4  # local refinement rounds of the particles posed against the map
-    assign_refine_candidates: int = 16  # local rotations tried per particle and round ('random')
-    assign_refine_radius_frac: float = 0.45  # their final band, fraction of Nyquist
-    # the band of the global first guesses (the assignment's, the junk stage's, predict-poses',
-    # the 2D classes' in-plane search), frequency px; None: from the data (the search's final band,
-    # or the refinement's final band where the images carry little signal within the first and
-    # the second adds enough to it; the run says)
-    assign_radius_px: float | None = None
-    decoder_epochs: float = 2.0  # epochs of decoder training after the search
-    decoder_max_images: int | None = 20000  # ... but at most this many images (cost flat in N)
-    wiener_fit_steps: int = 1500  # FourierNet: regression steps (8192 points each) onto that
-    #                               reconstruction before training on images
-    sort_junk: bool = True  # default mode: score every particle against the map at its pose, call
-    #                         junk the ones far from the particles' cluster, map from the rest
-    junk_passes: int = 2  # rounds of: map from the kept particles, junk posed again (wider shifts),
-    #                       every particle scored and called again (0: one call, no second look)
-    junk_max_shift_frac: float = 0.3  # the second look's shift range, fraction of the box
-    classes: int = 1  # 3D classes at the searched poses (classification without alignment); 1: none
-    wiener_init: bool = True  # decoder with known/searched poses: start from the regularised
-    #                           (half-map FSC) reconstruction and keep its prior in the loss
-    keep_best: bool = True  # fixed poses: hold out some particles, and end with the decoder's
-    #                        state (from its regularised start on) that predicts them best
-    # --- loss
-    loss: str = "symmetric"  # "symmetric" or "l2"
-    max_radius_frac: float = 1.0  # highest frequency used, fraction of Nyquist
-    # --- optimisation
-    batch_size: int = 32
-    lr_encoder: float = 1e-4
-    lr_decoder: float = 1e-4  # FourierNet; the voxel decoder uses lr_voxel
-    lr_voxel: float = 0.05
-    amsgrad: bool = True
-    grad_clip: float = 1.0
-    max_epochs: float = 100.0
-    max_minutes: float | None = None
-    seed: int = 0
-    num_workers: int = 0
-    threads: int | None = None  # CPU threads of torch's operators (None: torch's default, one per
-    #                             core); set it on a node shared with other jobs
-    precision: str = "auto"  # encoder arithmetic: "fp32", "bf16" (autocast), or "auto" = bf16 where
-    #                          the hardware has native bf16 (CUDA; CPUs with AVX512-BF16/AMX)
+    # --- common: what most runs set
+    invert_contrast: bool = _opt(
+        False, "Flip the images' sign (protein dark -> bright); a run that finds its map negative "
+               "flips it by itself and says so.", "common")
+    max_minutes: float | None = _opt(
+        None, "Wall-clock budget of the whole run, minutes: every stage stops in time and the run "
+              "writes what it has.", "common", kind=float)
+    seed: int = _opt(0, "Seed of every random draw (subset, half sets, search, batches).", "common")
+    threads: int | None = _opt(
+        None, "CPU threads of torch's operators (default: one per core); set it on a node shared with "
+              "other jobs.", "common", kind=int)
+    classes: int = _opt(
+        1, "3D classes at the run's poses (classification without alignment); 1: none.", "common")
+    initial_map: str | None = _opt(
+        None, "A map (MRC, the particles' box and pixel size, protein positive) to start the search "
+              "from instead of a blob; poses and map come out in its frame.", "common", kind=str)
+    search_start: str = _opt(
+        "auto", "What the search starts from without --initial-map: a blob, the subset's 2D class "
+                "averages, or auto (class averages when the images carry little signal each).",
+        "common", choices=("auto", "blob", "classes"))
+    pose_encoder: str = _opt(
+        "auto", "The pose encoder after the search: auto (trained; poses the other particles where "
+                "its check says it pays), off, or always (used regardless).", "common",
+        choices=("auto", "off", "always"))
+    noise_model: str = _opt(
+        "micrograph", "Whiten the images by the noise spectrum of their background: per micrograph "
+                      "(rlnMicrographName), one for the data set (global), or none (white).",
+        "common", choices=NOISE_MODELS)
+    particle_diameter_a: float | None = _opt(
+        None, "Diameter of the soft spherical mask of the maps and of the encoder's input, Angstrom "
+              "(RELION's mask diameter; sets --mask-radius-frac).", "common", kind=float)
+    mask_radius_frac: float = _opt(
+        MAP_MASK_RADIUS_FRAC, "Radius of that mask as a fraction of the box (0: no input mask; maps then "
+                              "0.45).", "common")
+    ab_initio: str = _opt(
+        "search", "How poses are found: the pose search, or the paper's pure amortized training of "
+                  "encoder and decoder (encoder).", choices=("search", "encoder"))
+    # --- the search and the stages around it
+    search_subset: int = _opt(
+        5000, "Particles the search runs on (at most): past it its cost does not grow with the data set.",
+        "search")
+    search_rotations: int = _opt(4608, "Size of the search's SO(3) grid (4,608: about 15 degrees apart).",
+                                 "search")
+    search_iterations: int = _opt(100, "Stochastic EM iterations of the search, at most.", "search")
+    search_batch: int = _opt(500, "Images per EM iteration of the search.", "search")
+    search_stop_posterior: float = _opt(
+        0.9, "Stop the EM once its band is full and the images' mean maximum posterior is this.", "search")
+    search_ema: float = _opt(0.7, "Decay of the EM's running back-projection sums.", "search")
+    search_retries: int = _opt(
+        2, "Searches again (another seed, or from class averages) while the map explains too little of "
+           "the images' signal or stays doubtful.", "search")
+    initial_map_resolution_a: float = _opt(
+        60.0, "Low-pass of --initial-map, Angstrom (a shape is all the search needs).", "search")
+    search_resolution_a: float | None = _opt(
+        None, "Finest resolution the search's EM uses, Angstrom (cryoSPARC ab initio's maximum "
+              "resolution, RELION's --ini_high; sets --search-radius-end).", "search", kind=float)
+    search_radius_start: float = _opt(5.0, "The EM's first band, frequency px (cycles per box).", "search")
+    search_radius_end: float = _opt(10.0, "The EM's final band, frequency px (cycles per box).", "search")
+    search_max_shift_px: float | None = _opt(
+        None, "Largest shift the search tries, px (default 0.12 of the box).", "search", kind=float)
+    search_shift_step_px: float = _opt(2.0, "Step of the search's shift grid, px.", "search")
+    balance_views: bool = _opt(
+        True, "Where the search's views are preferred, refine its poses against maps that weigh every "
+              "direction of views alike.", "search")
+    refine_rounds: int = _opt(8, "Local refinement rounds of the search after its EM.", "search")
+    refine_candidates: int = _opt(48, "Local rotations tried per image and refinement round.", "search")
+    refine_radius_frac: float = _opt(0.7, "The search refinement's final band, fraction of Nyquist.",
+                                     "search")
+    encoder_minutes: float = _opt(2.0, "Training budget of the pose encoder, minutes.", "search")
+    encoder_hypotheses: int = _opt(32, "Encoder rotations scored per particle.", "search")
+    assign_prune_keep: int = _opt(
+        64, "The global first guess keeps each particle's best rotations of a coarse pass, then scores "
+            "them fully; 0: exhaustive.", "search")
+    assign_refine_method: str = _opt(
+        "newton", "Local refinement of the particles posed against the map: newton (quadratic model) or "
+                  "random (best of candidates).", "search", choices=("newton", "random"))
+    assign_refine_rounds: int = _opt(4, "Local refinement rounds of the particles posed against the map.",
+                                     "search")
+    assign_refine_candidates: int = _opt(16, "Local rotations tried per particle and round (random).",
+                                         "search")
+    assign_refine_radius_frac: float = _opt(
+        0.45, "Final band of the particles' refinement against the map, fraction of Nyquist.", "search")
+    assign_radius_px: float | None = _opt(
+        None, "Band of the global first guesses, frequency px (default: chosen from the images' "
+              "signal, and said).", "search", kind=float)
+    sort_junk: bool = _opt(
+        True, "Score every particle against the map at its pose, call junk the ones far from the "
+              "particles' cluster, and make the map from the rest.", "search")
+    junk_passes: int = _opt(
+        2, "Second looks at the junk: map from the kept particles, junk posed again, all called again "
+           "(0: one call).", "search")
+    junk_max_shift_frac: float = _opt(0.3, "Shift range of the junk's second look, fraction of the box.",
+                                      "search")
+    # --- the model and its fit
+    decoder: str = _opt("voxel", "The decoder: an explicit Fourier voxel grid, or the paper's FourierNet.",
+                        choices=("voxel", "fouriernet"))
+    fouriernet_width: int = _opt(256, "Width of FourierNet's layers.")
+    encoder_width: float = _opt(0.25, "Multiplier of the encoder's VGG channel widths (1.0: the paper's).")
+    encoder_heads: int = _opt(1, "Rotation hypotheses per image of the amortized encoder (winner takes all).")
+    encoder_input_px: int | None = _opt(
+        None, "Fourier-crop the encoder's images to this size, px (0: the full box; default half the box "
+              "from 64 px up).", kind=int)
+    max_shift_a: float | None = _opt(
+        None, "Bound of the encoder's predicted shifts, Angstrom (default 0.15 of the box).", kind=float)
+    learn_shifts: bool = _opt(True, "The amortized encoder predicts shifts too.")
+    decoder_epochs: float = _opt(2.0, "Epochs of the decoder's polish after the reconstruction.")
+    decoder_max_images: int | None = _opt(
+        20000, "... at most this many images (its cost flat in the number of particles).", kind=int)
+    wiener_fit_steps: int = _opt(1500, "FourierNet: regression steps onto the reconstruction before the fit.")
+    wiener_init: bool = _opt(
+        True, "Start the decoder from the regularised reconstruction at the poses and keep its prior "
+              "in the loss.")
+    keep_best: bool = _opt(
+        True, "Hold out some particles and end with the decoder's state that predicts them best.")
+    loss: str = _opt("symmetric", "The amortized training's loss: symmetric (the paper's) or l2.",
+                     choices=("symmetric", "l2"))
+    max_radius_frac: float = _opt(1.0, "Highest frequency the fit uses, fraction of Nyquist.")
+    batch_size: int = _opt(32, "Images per gradient step (the global batch under torchrun).")
+    lr_encoder: float = _opt(1e-4, "Learning rate of the encoder.")
+    lr_decoder: float = _opt(1e-4, "Learning rate of FourierNet (the voxel decoder uses --lr-voxel).")
+    lr_voxel: float = _opt(0.05, "Learning rate of the voxel decoder.")
+    amsgrad: bool = _opt(True, "Adam with AMSGrad.")
+    grad_clip: float = _opt(1.0, "Clip the gradient's norm to this (0: no clipping).")
+    max_epochs: float = _opt(100.0, "Epochs of --poses and amortized runs.")
+    num_workers: int = _opt(0, "Processes reading images (0: background threads in this process).")
+    precision: str = _opt(
+        "auto", "The encoder's arithmetic: fp32, bf16 (autocast), or auto (bf16 where the hardware has it "
+                "natively).", choices=("auto", "fp32", "bf16"))
+    normalize_samples: int = _opt(1000, "Images read to estimate the global intensity scale.")
     # --- outputs
-    log_every: int = 20  # steps between scalar logs
-    volume_every_minutes: float = 2.0  # write volume.mrc this often
-    checkpoint_every_minutes: float = 5.0
-    tensorboard: bool = True
+    log_every: int = _opt(20, "Steps between the loss's log records.", "outputs")
+    volume_every_minutes: float = _opt(2.0, "Write volume.mrc this often during the fit, minutes.", "outputs")
+    checkpoint_every_minutes: float = _opt(5.0, "Write checkpoint.pt this often during the fit, minutes.",
+                                           "outputs")
+    tensorboard: bool = _opt(True, "Write TensorBoard logs in RUN/tensorboard.", "outputs")
     # --- the policy: every tuned threshold of the default run (cryoai.policy; expert options)
     policy: Policy = field(default_factory=Policy)
 
@@ -169,6 +210,9 @@ class TrainConfig:
             raise InputError(f"encoder_heads must be at least 1 (got {self.encoder_heads})")
         if self.classes < 1:
             raise InputError(f"classes must be at least 1 (got {self.classes})")
+        for name in ("particle_diameter_a", "search_resolution_a"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise InputError(f"{name} must be > 0 Angstrom (got {getattr(self, name)})")
         if self.junk_passes < 0 or not 0 <= self.junk_max_shift_frac <= 0.5:
             raise InputError(f"junk_passes must be >= 0 and junk_max_shift_frac in [0, 0.5] (got "
                              f"{self.junk_passes}, {self.junk_max_shift_frac})")
@@ -232,35 +276,58 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+#: The groups of ``cryoai train --help``, in order, with their titles.
+GROUPS = {
+    "common": "common options",
+    "search": "the search and the stages around it",
+    "training": "the model and its fit",
+    "outputs": "outputs",
+}
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field and per policy field (default None = keep the
-    preset/YAML/default value).
+    """One flag per TrainConfig field and per policy field, grouped, each with its sentence of
+    help, its choices and its default (a flag's own default is None: keep the preset/YAML/default
+    value).
     """
-    group = parser.add_argument_group("training options (override --config and --preset)")
+    groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
     for f in fields(TrainConfig):
         if f.name == "policy":
             continue
+        meta = f.metadata
+        group = groups[meta.get("group", "training")]
         default = f.default
+        text = meta["help"] if "default" in meta["help"] else \
+            f"{meta['help']} (default: {'none' if default is None else default})"
+        text = text.replace("%", "%%")
         if isinstance(default, bool):
             group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", default=None,
-                               action=argparse.BooleanOptionalAction, help=f"(default {default})")
-        else:
-            typ = type(default) if default is not None else float
-            if f.name in ("max_shift_a", "max_minutes", "search_max_shift_px"):
-                typ = float
-            elif f.name == "initial_map":
-                typ = str
-            elif f.name in ("encoder_input_px", "threads", "decoder_max_images"):
-                typ = int
+                               action=argparse.BooleanOptionalAction, help=text)
+            continue
+        typ = meta.get("kind") or type(default)
+        if meta.get("choices"):
             group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", type=typ, default=None,
-                               metavar=typ.__name__.upper(), help=f"(default {default})")
+                               choices=meta["choices"], help=text)
+        else:
+            group.add_argument(_flag(f.name), dest=f"cfg_{f.name}", type=typ, default=None,
+                               metavar=_metavar(f.name, typ), help=text)
     expert = parser.add_argument_group(
-        "expert: the policy's thresholds (cryoai.policy; YAML: under policy:; docs/pipeline.md#policy)")
+        "expert: the policy's thresholds (cryoai.policy; in a YAML config under policy:; "
+        "docs/pipeline.md#policy)")
     for f in fields(Policy):
         typ = type(f.default)
         expert.add_argument(_flag(f.name), dest=f"policy_{f.name}", type=typ, default=None,
                             metavar=typ.__name__.upper(),
-                            help=f"{describe(f.name)} (default {f.default})".replace("%", "%%"))
+                            help=f"{describe(f.name)} (default: {f.default})".replace("%", "%%"))
+
+
+def _metavar(name: str, typ) -> str:
+    """The value's name in ``--help``: its unit where the option's name has one."""
+    for suffix, unit in (("_a", "A"), ("_px", "PX"), ("_minutes", "MIN"), ("_frac", "FRACTION"),
+                         ("_deg", "DEG")):
+        if name.endswith(suffix):
+            return unit
+    return {str: "PATH" if name.endswith("map") else "TEXT"}.get(typ, typ.__name__.upper())
 
 
 def policy_overrides(args: argparse.Namespace) -> dict:

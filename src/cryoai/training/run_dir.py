@@ -12,6 +12,7 @@ Under torch.distributed only rank 0 writes: on the other ranks every write is a 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +30,23 @@ from .config import TrainConfig, save_yaml
 #: The JSON-lines logs of a run.
 TRAIN_LOG = "train_log.jsonl"
 FSC_LOG = "fsc_log.jsonl"
+
+
+def strict_json(value):
+    """``value`` with what strict JSON cannot hold replaced: NaN and infinite floats by None
+    (``null``), numpy scalars and arrays by Python numbers and lists, tuples by lists.
+    """
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return strict_json(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 class RunDirectory:
@@ -82,10 +100,10 @@ class RunDirectory:
 
     # ----------------------------------------------------------------- logs
     def log(self, record: dict, name: str = TRAIN_LOG) -> None:
-        """Append one JSON record to the log ``name``."""
+        """Append one JSON record to the log ``name`` (strict JSON: :func:`strict_json`)."""
         if self.writes:
             with open(self.path / name, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """A TensorBoard scalar (if TensorBoard is on)."""
