@@ -85,12 +85,10 @@ def main(args) -> int:
         return 0
     outputs["world_size"] = dist_info.world_size
     write_json_atomic(outdir / "outputs.json", strict_json(outputs))
-    print(f"trained {outputs['steps']} steps ({outputs['images_seen']} images) "
-          f"in {outputs['minutes']:.1f} min" + (f" on {dist_info.world_size} processes"
-                                                 if dist_info.enabled else ""))
-    print(f"map:   {outputs['volume']}")
-    if "poses" in outputs:
-        print(f"poses: {outputs['poses']}")
+    if args.quiet:  # (else the run's summary said it)
+        print(f"map:   {outputs['volume']}")
+        if "poses" in outputs:
+            print(f"poses: {outputs['poses']}")
     for warning in outputs.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     return 0

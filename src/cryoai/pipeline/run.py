@@ -38,13 +38,14 @@ from ..errors import InputError
 from ..io.images import ImageSource
 from ..io.particles import ParticleTable
 from ..models.encoder import PoseGridEncoder
+from ..physics.grids import max_paired_radius_px
 from ..physics.poses import Poses
 from ..reconstruction.particle_scores import ParticleScores
 from ..reconstruction.regularised import half_set_sums, reconstruction_from_sums
 from ..training.checkpoint import load_pose_encoder
 from ..training.config import TrainConfig
 from ..training.distributed import DistInfo, broadcast_
-from ..training.run_dir import RunDirectory
+from ..training.run_dir import RUN_LOG, RunDirectory
 from ..training.trainer import (
     Trainer,
     TrainState,
@@ -114,21 +115,52 @@ def check_inputs(
 
 
 class _Run:
-    """What the run says and keeps as it goes: its records, warnings and minutes."""
+    """What the run says and keeps as it goes: its records and warnings, its progress bars, and
+    ``run.log`` (every line it says, in the run directory).
+    """
 
     def __init__(self, run_dir: RunDirectory, quiet: bool, is_main: bool):
         self.run_dir, self.quiet, self.is_main = run_dir, quiet or not is_main, is_main
         self.records: list[StageRecord] = []
         self.warnings: list[str] = []
+        self.bar, self.bar_what = None, None
 
     def say(self, message: str) -> None:
+        """A line for the terminal (unless quiet) and for ``run.log``."""
+        self.run_dir.append_text(RUN_LOG, message)
         if not self.quiet:
             from tqdm.auto import tqdm
 
             tqdm.write(message)
 
+    def warn(self, message: str) -> None:
+        """A warning: on stderr (rank 0), in ``run.log`` and in ``outputs.json``."""
+        self.warnings.append(message)
+        self.run_dir.append_text(RUN_LOG, f"warning: {message}")
+        if self.is_main:
+            print(f"warning: {message}", file=sys.stderr)
+
+    def progress(self, what: str, done: int, total: int) -> None:
+        """A progress bar with its ETA, one per ``what`` (the previous one closed)."""
+        if self.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        if self.bar is None or self.bar_what != what or self.bar.total != total:
+            self.close_bar()
+            self.bar, self.bar_what = tqdm(total=total, desc=what, dynamic_ncols=True, leave=False), what
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close_bar()
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.bar_what = None, None
+
     def done(self, record: StageRecord | None, minutes: float | None = None) -> StageRecord | None:
         """A stage's record: logged (with the run's minutes so far), said, its warnings given."""
+        self.close_bar()
         if record is None:
             return None
         self.records.append(record)
@@ -137,9 +169,7 @@ class _Run:
         for line in record.said:
             self.say(line)
         for warning in record.warnings:
-            self.warnings.append(warning)
-            if self.is_main:
-                print(f"warning: {warning}", file=sys.stderr)
+            self.warn(warning)
         return record
 
 
@@ -242,7 +272,7 @@ def run_default(
     # 2-3. the search, the view balancing, the pose encoder and the assignment
     if mode == "search" and poses is None:
         search, before = search_stage(
-            particles, cfg, minutes_before=state.minutes, say=run.say, log=run_dir.log
+            particles, cfg, minutes_before=state.minutes, say=run.say, log=run_dir.log, progress=run.progress
         )
         for record in before:
             run.records.append(record)  # (logged and said as they happened)
@@ -260,7 +290,7 @@ def run_default(
             run_dir.write_class_averages(
                 ca.images.cpu().numpy() * particles.box_px, ca.sizes.cpu().numpy(), particles.pixel_size_a
             )
-        views = balance_views_stage(particles, cfg, found, say=run.say)
+        views = balance_views_stage(particles, cfg, found, say=run.say, progress=run.progress)
         found, views_balanced = views.found, views.balanced
         state.minutes += views.figures.get("seconds", 0.0) / 60
         run.done(views, state.minutes)
@@ -275,10 +305,11 @@ def run_default(
             minutes_before=state.minutes,
             trains=dist.is_main,
             say=run.say,
+            progress=run.progress,
         )
         state.minutes += encoder.figures.get("seconds", 0.0) / 60
         run.done(encoder, state.minutes)
-        assignment = assignment_stage(particles, cfg, found, encoder, say=run.say)
+        assignment = assignment_stage(particles, cfg, found, encoder, say=run.say, progress=run.progress)
         poses = assignment.poses
         state.minutes += assignment.figures["seconds"] / 60
         _broadcast_poses(poses, dist)
@@ -295,7 +326,7 @@ def run_default(
         rec = reconstruction_from_sums(sums, mask_radius_px=mask_radius_px(cfg, particles.box_px))
         if mode == "search" and cfg.sort_junk and dataset.noise is not None:
             # (the scores are in units of the measured noise: none without a noise model)
-            junk = run.done(junk_stage(particles, cfg, poses, rec, sums, say=run.say))
+            junk = run.done(junk_stage(particles, cfg, poses, rec, sums, say=run.say, progress=run.progress))
             poses, rec = junk.poses, junk.reconstruction
             _broadcast_poses(poses, dist)
         del sums
@@ -331,11 +362,12 @@ def run_default(
         dist_info=dist,
         quiet=quiet,
         argv=argv,
+        say=run.say,
         checkpoint_extra=stage_payload(
             poses if mode == "search" else None, encoder, junk, classes, views_balanced
         ),
     )
-    trainer.fit(on_volume)
+    run.records.append(StageRecord("fit", trainer.fit(on_volume)))  # (logged by the trainer)
 
     # 6. the outputs
     trainer.checkpoint()
@@ -390,7 +422,7 @@ def run_default(
         reconstruction.figures["half_map_fsc_0.143_px"] if reconstruction else float("nan"),
         file=Path(volume_path).name,
     )
-    return RunResult(
+    result = RunResult(
         poses=poses,
         volume=volume,
         stages=run.records,
@@ -400,6 +432,70 @@ def run_default(
         classes=None if classes is None else classes.classes,
         maps=[own, *(classes.maps if classes is not None else ())],
     )
+    for line in summary_lines(result, len(table), particles.box_px, particles.pixel_size_a):
+        run.say(line)
+    return result
+
+
+#: The stages the summary times, in order, and their names there.
+_TIMED = (
+    ("noise", "noise"),
+    ("search_done", "search"),
+    ("balanced_views", "view balancing"),
+    ("encoder", "encoder"),
+    ("assignment", "assignment"),
+    ("junk", "junk"),
+    ("reconstruction", "reconstruction"),
+    ("classes", "3D classes"),
+    ("fit", "polish"),
+)
+
+
+def summary_lines(result: RunResult, n_particles: int, box_px: int, pixel_size_a: float) -> list[str]:
+    """The run's summary, as it ends: the map's resolution in Angstrom (and whether the box
+    limits it), the particles used and called junk, the warnings, the time per stage, and where
+    the outputs are.
+    """
+    out = result.outputs
+    lines = ["summary:"]
+    reconstruction = result.stage("reconstruction")
+    if reconstruction is not None:
+        f = reconstruction.figures
+        res, res_05 = f["half_map_fsc_0.143_px"], f.get("half_map_fsc_0.5_px")
+        limit_px = box_px / max_paired_radius_px(box_px)  # the finest period the maps hold
+        said = f"  resolution: {res * pixel_size_a:.1f} A at half-map FSC=0.143"
+        if res_05 is not None:
+            said += f", {res_05 * pixel_size_a:.1f} A at 0.5"
+        if res <= limit_px + 1e-6:
+            said += (
+                f" (limited by the box: {limit_px * pixel_size_a:.1f} A is the finest the maps hold at "
+                f"{pixel_size_a:g} A per pixel; finer pixels could go further)"
+            )
+        lines.append(said)
+    if result.kept is not None:
+        junk = int((~result.kept).sum())
+        lines.append(f"  particles: {n_particles - junk} of {n_particles} in the map, {junk} called junk")
+    else:
+        lines.append(f"  particles: {n_particles}")
+    times = []
+    for stage, name in _TIMED:
+        record = result.stage(stage)
+        if record is not None and record.figures.get("seconds") is not None:
+            seconds = record.figures["seconds"]
+            if stage == "reconstruction" and result.stage("junk") is not None:
+                seconds -= result.stage("junk").figures.get("seconds", 0.0)  # (timed within it)
+            times.append(f"{name} {seconds:.0f} s")
+    lines.append(f"  time: {out['minutes']:.1f} min" + (f" ({', '.join(times)})" if times else ""))
+    if result.warnings:
+        lines.append(f"  warnings: {len(result.warnings)} (above, and in outputs.json)")
+    lines.append(
+        f"  map: {out['volume']}" + (" and its half maps" if result.maps and result.maps[0].half_maps else "")
+    )
+    if "poses" in out:
+        lines.append(
+            f"  poses: {out['poses']} (RELION) and {Path(out['poses']).with_suffix('.cs')} (cryoSPARC)"
+        )
+    return lines
 
 
 def _broadcast_poses(poses: Poses, dist: DistInfo) -> None:
@@ -438,6 +534,7 @@ def _encoder_from_given_poses(
         (chosen.shifts_a / particles.pixel_size_a).to(particles.device),
         minutes_before=state.minutes,
         say=run.say,
+        progress=run.progress,
     )
     state.minutes += encoder.figures.get("seconds", 0.0) / 60
     run.done(encoder, state.minutes)

@@ -22,7 +22,7 @@ from ..io.mrc import read_volume
 from ..physics.fft import ifft3_c
 from ..reconstruction import PoseAssigner, repose_subset, search_subset, starting_map
 from ..reconstruction.particle_scores import explained_signal, score_spectra
-from ..reconstruction.pose_search import SubsetSearch
+from ..reconstruction.pose_search import Progress, SubsetSearch
 from ..reconstruction.regularised import density_skewness
 from ..reconstruction.view_balance import refine_balanced
 from ..simulate.views import sampling_compensation_factor
@@ -136,6 +136,7 @@ def search_stage(
     minutes_before: float = 0.0,
     say: Callable[[str], None] = print,
     log: Callable[[dict], None] = lambda r: None,
+    progress: Progress | None = None,
 ) -> tuple[SearchRecord, list[StageRecord]]:
     """The search on its subset: a map and the subset's poses
     (docs/pipeline.md#search-attempts-and-acceptance).
@@ -148,6 +149,7 @@ def search_stage(
     minutes_before : the run's minutes so far (``--max-minutes`` bounds every attempt).
     say : progress lines as they happen.
     log : the run log, for each attempt's record as it ends.
+    progress : ``progress(what, done, total)`` as the search goes (a progress bar), or None.
 
     Returns
     -------
@@ -200,6 +202,7 @@ def search_stage(
             log=say,
             deadline=deadline,
             start=start_map if start == "map" else "classes" if start == "classes" else None,
+            progress=progress,
         )
         found, inverted = contrast_check(particles, cfg, found, flipped=contrast_flips % 2 == 1)
         if inverted is not None:
@@ -335,9 +338,8 @@ def contrast_check(
     return replace(found, fourier_volume=-found.fourier_volume, spectra=-found.spectra), warning
 
 
-def balance_views_stage(
-    particles: Particles, cfg: TrainConfig, found: SubsetSearch, *, say: Callable[[str], None] = print
-) -> ViewsRecord:
+def balance_views_stage(particles: Particles, cfg: TrainConfig, found: SubsetSearch, *,
+                        say: Callable[[str], None] = print, progress: Progress | None = None) -> ViewsRecord:
     """Where the subset's views are preferred, its poses refined against half maps that weigh
     every direction of views alike (:func:`cryoai.reconstruction.view_balance.refine_balanced`),
     and the balanced map is the one the other particles are posed against
@@ -361,6 +363,7 @@ def balance_views_stage(
         mask_radius_px=mask_radius_px(cfg, particles.box_px),
         seed=cfg.seed,
         log=say,
+        progress=progress,
     )
     scf_after = sampling_compensation_factor(out.rotations.double().cpu().numpy())
     figures = {

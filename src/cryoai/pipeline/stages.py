@@ -22,7 +22,7 @@ from ..reconstruction import PoseAssigner, assign_remaining
 from ..reconstruction.classes3d import Classes3DSettings, classify_3d
 from ..reconstruction.junk_sorting import score_band_px, sort_junk
 from ..reconstruction.particle_scores import micrograph_amplitude, score_particles
-from ..reconstruction.pose_search import SubsetSearch
+from ..reconstruction.pose_search import Progress, SubsetSearch
 from ..reconstruction.regularised import Reconstruction, density_skewness
 from ..simulate.views import sampling_compensation_factor
 from ..training.config import TrainConfig
@@ -100,6 +100,7 @@ def encoder_stage(
     minutes_before: float,
     trains: bool = True,
     say: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> EncoderRecord:
     """The pose encoder learns from a map and the poses of some particles (all but a held-out
     part), then is checked against those poses on the held-out part; the policy decides
@@ -139,6 +140,7 @@ def encoder_stage(
         shifts_px[train_rows],
         settings,
         log=say,
+        progress=progress,
     )
     check = check_pose_encoder(
         encoder,
@@ -184,6 +186,7 @@ def assignment_stage(
     encoder: EncoderRecord,
     *,
     say: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> PosesRecord:
     """Every particle outside the search's subset posed against its map (the encoder's
     hypotheses when it is used, else the global search; then local refinement), then the map
@@ -198,7 +201,7 @@ def assignment_stage(
         min_confidence=decisions.encoder_min_confidence(encoder.check, cfg.pose_encoder),
     )
     n_rest = len(particles.table) - len(found.subset)
-    poses = assign_remaining(particles.spectra(), found, assigner, log=say)
+    poses = assign_remaining(particles.spectra(), found, assigner, log=say, progress=progress)
     seconds = time.perf_counter() - t0
     figures = {
         "stage": "assignment",
@@ -219,6 +222,7 @@ def junk_stage(
     rec: Reconstruction,
     sums,
     say: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> JunkRecord:
     """Every particle scored against the map at its pose, the junk called, and the particles
     called junk posed again against the kept particles' map
@@ -236,6 +240,7 @@ def junk_stage(
         seed=cfg.seed,
         sums=sums,
         log=say,
+        progress=progress,
     )
     decision = sorting.decision
     n_junk = int((~decision.keep).sum())
@@ -275,6 +280,7 @@ def reconstruction_figures(
     negative (the images' contrast inverted: docs/pipeline.md#contrast).
     """
     res = resolution_px(rec.fsc_halves, 0.143)
+    res_05 = resolution_px(rec.fsc_halves, 0.5)
     skewness = density_skewness(ifft3_c(rec.fourier_volume).real, mask_radius_px(cfg, particles.box_px))
     inverted = decisions.is_inverted(skewness, cfg.policy)
     warnings = ()
@@ -289,6 +295,8 @@ def reconstruction_figures(
         "stage": "reconstruction",
         "half_map_fsc_0.143_px": res,
         "half_map_fsc_0.143_a": res * particles.pixel_size_a,
+        "half_map_fsc_0.5_px": res_05,
+        "half_map_fsc_0.5_a": res_05 * particles.pixel_size_a,
         "decoder_fit_relative_error": fit_error,
         "map_density_skewness": skewness,
         "contrast_inverted": inverted,

@@ -115,7 +115,8 @@ class ClassAverages:
 
 def class_averages(formation: ImageFormation, spectra: torch.Tensor, ctf: torch.Tensor,
                    settings: ClassAverageSettings, *, log: Callable[[str], None] = print,
-                   chunk: int = 128, first: tuple[torch.Tensor, torch.Tensor] | None = None) -> ClassAverages:
+                   chunk: int = 128, first: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> ClassAverages:
     """K class averages of images by in-plane EM (see the module docstring).
 
     Parameters
@@ -208,6 +209,8 @@ def class_averages(formation: ImageFormation, spectra: torch.Tensor, ctf: torch.
                 sizes[e], sizes[big] = len(half), sizes[big] - len(half)
         planes = _solve(num, den, st.reg_fraction, inside, mask)
         pm = float(torch.cat(post_max).mean())
+        if progress is not None:
+            progress("2D classes", it + 1, st.iterations)
         if (it + 1) % 5 == 0 or it == st.iterations - 1:
             full = int((sizes >= st.min_images).sum())
             log(f"class averages {it + 1}/{st.iterations}: {full} of {k} classes with {st.min_images:g}+ "

@@ -135,8 +135,9 @@ def repose(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, assigner:
 
 def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
               groups: np.ndarray | None, assign_settings: AssignSettings, mask_radius_px: float,
-              settings: JunkSortSettings | None = None, seed: int = 0,
-              sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None, log=None) -> JunkSorting:
+              settings: JunkSortSettings, seed: int = 0,
+              sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None, log=None,
+              progress=None) -> JunkSorting:
     """Score, call the junk, and give the junk a second look (the module docstring).
 
     Parameters
@@ -154,8 +155,9 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
         ``half_sets(n, seed)`` (:func:`cryoai.reconstruction.regularised.half_set_sums`: those
         ``rec`` was made from), or None: computed here (one more back-projection of every particle).
     log : optional ``log(message)``.
+    progress : optional ``progress(what, done, total)`` after each pass.
     """
-    st = settings or JunkSortSettings()
+    st = settings
     t0 = time.perf_counter()
     n, box = len(particles), particles.formation.box_px
     poses = Poses(poses.rotations.clone(), poses.shifts_a.clone())
@@ -193,6 +195,8 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
         reposed.update(changed.tolist())
         scores = score_particles(particles, rec.fourier_volume, poses, radius_px, mask_radius_px)
         decision = classify_junk(scores, groups, threshold=st.threshold, core_share=st.core_share)
+        if progress is not None:
+            progress("junk passes", k + 1, st.passes)
         if log is not None:
             log(f"junk, pass {k + 1}: {len(junk)} called junk were posed again against the kept "
                 f"particles' map (shifts up to {wide.max_shift_px:.1f} px), {len(changed)} took a "

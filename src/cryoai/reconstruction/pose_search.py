@@ -50,6 +50,9 @@ from .em import ExpectationMaximisation, assign_global, refine_local
 from .particle_scores import score_spectra
 from .spectra import ParticleSpectra, SpectraInMemory
 
+#: A progress callback: ``progress(what, done, total)`` (e.g. a bar per ``what``).
+Progress = Callable[[str, int, int], None]
+
 
 @dataclass
 class SearchSettings:
@@ -181,7 +184,7 @@ def centre_of_mass(volume: torch.Tensor) -> torch.Tensor:
 
 def search_subset(particles: ParticleSpectra, settings: SearchSettings, *,
                   log: Callable[[str], None] = print, deadline: float | None = None,
-                  start: torch.Tensor | str | None = None) -> SubsetSearch:
+                  start: torch.Tensor | str | None = None, progress: Progress | None = None) -> SubsetSearch:
     """Steps 1-2 of the module docstring: the EM and the refinement on the subset.
 
     Parameters
@@ -196,13 +199,16 @@ def search_subset(particles: ParticleSpectra, settings: SearchSettings, *,
         in this map's frame. ``"classes"``: such a map made from the subset's 2D class averages
         (:func:`start_from_class_averages`), for data whose images carry too little signal each
         for the search from a blob.
+    progress : ``progress(what, done, total)`` after each EM iteration, refinement round and 2D
+        classification iteration (e.g. a progress bar), or None.
     """
-    return _Search(particles, settings, log, deadline, start=start).run()
+    return _Search(particles, settings, log, deadline, start=start, progress=progress).run()
 
 
 def start_from_class_averages(formation, spectra: torch.Tensor, ctf: torch.Tensor,
                               settings: SearchSettings, *, log: Callable[[str], None] = print,
-                              deadline: float | None = None) -> tuple[torch.Tensor | None, ClassAverages]:
+                              deadline: float | None = None, progress: Progress | None = None
+                              ) -> tuple[torch.Tensor | None, ClassAverages]:
     """A start for the search made from the images' 2D class averages.
 
     At a whitened signal energy of about 200 per image (within 10 px), the search from a blob
@@ -219,7 +225,7 @@ def start_from_class_averages(formation, spectra: torch.Tensor, ctf: torch.Tenso
     spectra, ctf : (B, M) the search subset's coefficients and CTFs.
     settings : the search's options (its band, grids, mask and seed).
     log : progress lines.
-    deadline : as :func:`search_subset`'s.
+    deadline, progress : as :func:`search_subset`'s.
 
     Returns
     -------
@@ -228,7 +234,7 @@ def start_from_class_averages(formation, spectra: torch.Tensor, ctf: torch.Tenso
     """
     t0 = time.perf_counter()
     classify = class_average_settings(settings, len(spectra))
-    averages = class_averages(formation, spectra, ctf, classify, log=log)
+    averages = class_averages(formation, spectra, ctf, classify, log=log, progress=progress)
     y, c = class_particles(formation, averages, min_images=classify.min_images)
     if len(y) < 2:
         log(f"search start: the 2D classification left {len(y)} class(es) of "
@@ -246,6 +252,8 @@ def start_from_class_averages(formation, spectra: torch.Tensor, ctf: torch.Tenso
         fit = float(score.clamp_min(0).square().sum())  # the averages' signal energy the map explains
         if best is None or fit > best[0]:
             best = (fit, found.fourier_volume)
+        if progress is not None:
+            progress("class-average searches", k + 1, settings.class_search_seeds)
     kept = int((averages.sizes >= classify.min_images).sum())
     log(f"search start: {kept} class averages of {len(spectra)} images (2D classification "
         f"{averages.seconds:.0f} s), posed from {settings.class_search_seeds} seeds; "
@@ -287,7 +295,8 @@ def repose_subset(found: SubsetSearch, assigner: PoseAssigner, *, block: int = 4
 
 
 def assign_remaining(particles: ParticleSpectra, found: SubsetSearch, assigner: PoseAssigner, *,
-                     log: Callable[[str], None] = print, block: int = 4096) -> Poses:
+                     log: Callable[[str], None] = print, block: int = 4096,
+                     progress: Progress | None = None) -> Poses:
     """Steps 3-4: the particles outside the subset posed against the subset's map by
     ``assigner`` (amortized or global), then every shift moved to the map centred on its centre
     of mass.
@@ -311,6 +320,8 @@ def assign_remaining(particles: ParticleSpectra, found: SubsetSearch, assigner: 
         shifts_px[part] = sh.double().cpu().numpy()
         done += len(part)
         log(f"assignment ({assigner.mode}): {done}/{len(rest)} remaining particles")
+        if progress is not None:
+            progress("assignment", done, len(rest))
     shifts_px = centre_poses(found.fourier_volume, rotations, shifts_px)
     return Poses.from_arrays(rotations, shifts_px * particles.formation.pixel_size_a)
 
@@ -340,8 +351,9 @@ class _Search:
     """The state of one :func:`search_subset` run: the EM (map and grids) and the generator."""
 
     def __init__(self, particles: ParticleSpectra, settings: SearchSettings, log, deadline=None,
-                 start: torch.Tensor | None = None):
+                 start: torch.Tensor | None = None, progress: Progress | None = None):
         self.particles = particles
+        self.progress = progress or (lambda what, done, total: None)
         self.start = start
         self.deadline = deadline
         self.deadline_said = False
@@ -374,7 +386,7 @@ class _Search:
             if self.start != "classes":
                 raise ValueError(f"unknown search start {self.start!r}")
             self.start, averages = start_from_class_averages(self.formation, y, c, st, log=self.log,
-                                                             deadline=self.deadline)
+                                                             deadline=self.deadline, progress=self.progress)
         if self.start is None:
             em.initialise(y[: st.batch], c[: st.batch], r0)
         else:
@@ -394,6 +406,7 @@ class _Search:
             out = em.iterate(y[idx], c[idx], r, ema=st.ema, temperature=st.temperature)
             post = float(out["posterior_max"].mean())
             converged = r >= r1 and post >= st.stop_posterior
+            self.progress("search EM", st.iterations if converged else it + 1, st.iterations)
             if (it + 1) % 10 == 0 or it == st.iterations - 1 or converged:
                 self.log(f"search EM {it + 1}/{st.iterations}: radius {r:.1f} px, mean max posterior "
                          f"{post:.2f}, {time.perf_counter() - t0:.0f} s")
@@ -449,6 +462,7 @@ class _Search:
                                        shift_step_px=shift_step, generator=self.gen)
             if update_map:
                 self._hard_backprojection(y, c, rot, shifts, r)
+            self.progress("search refinement", k + 1, st.refine_rounds)
             angle = max(angle * 0.6, math.radians(0.5))
             shift_step = max(shift_step * 0.7, 0.1)
         return rot, shifts

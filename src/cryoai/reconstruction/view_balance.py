@@ -158,7 +158,8 @@ def weighted_half_sums(formation: ImageFormation, spectra: torch.Tensor, ctf: to
 def refine_balanced(formation: ImageFormation, spectra: torch.Tensor, ctf: torch.Tensor,
                     rotations: torch.Tensor, shifts_px: torch.Tensor, assign: AssignSettings, *,
                     mask_radius_px: float, settings: BalanceSettings | None = None, seed: int = 0,
-                    log: Callable[[str], None] | None = None) -> BalancedRefinement:
+                    log: Callable[[str], None] | None = None,
+                    progress: Callable[[str, int, int], None] | None = None) -> BalancedRefinement:
     """Rounds of view-balanced half-set reconstruction and local refinement (module docstring).
 
     Parameters
@@ -203,6 +204,8 @@ def refine_balanced(formation: ImageFormation, spectra: torch.Tensor, ctf: torch
         rec, weights = reconstruction(rotations, shifts_px)
         if log is not None:
             log(f"views: balanced round {k + 1}: median pose change {changes[-1]:.2f} deg")
+        if progress is not None:
+            progress("balanced views", k + 1, settings.rounds)
         if changes[-1] < settings.min_change_deg:
             break
     return BalancedRefinement(rotations, shifts_px, rec, weights, changes, time.perf_counter() - t0)

@@ -179,7 +179,8 @@ def soft_labels(rotations: torch.Tensor, grid: torch.Tensor, sigma_rad: float) -
 def train_pose_encoder(encoder: PoseGridEncoder, formation: ImageFormation, fourier_volume: torch.Tensor,
                        spectra: torch.Tensor, ctf: torch.Tensor, rotations: torch.Tensor,
                        shifts_px: torch.Tensor, settings: EncoderSettings, *,
-                       log: Callable[[str], None] = print) -> dict:
+                       log: Callable[[str], None] = print,
+                       progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Train ``encoder`` in place on simulated and real particles (see the module docstring).
 
     Parameters
@@ -225,8 +226,8 @@ def train_pose_encoder(encoder: PoseGridEncoder, formation: ImageFormation, four
         elapsed = time.perf_counter() - t0
         if elapsed >= budget or steps >= max_steps:
             break
-        progress = max(elapsed / budget, steps / max_steps)
-        noise_x = 0.3 + 0.7 * progress / 0.4 if progress < 0.4 else float(rng.uniform(0.8, 1.3))
+        done_share = max(elapsed / budget, steps / max_steps)
+        noise_x = 0.3 + 0.7 * done_share / 0.4 if done_share < 0.4 else float(rng.uniform(0.8, 1.3))
         # Simulated particles: the map at random poses, with real CTFs, times the noise level.
         rot = random_rotations(n_sim, generator=gen, device=device)
         shifts = (shift_mean_px + torch.randn(n_sim, 2, generator=gen) * shift_sd_px).to(device)
@@ -254,6 +255,8 @@ def train_pose_encoder(encoder: PoseGridEncoder, formation: ImageFormation, four
         optimiser.step()
         steps += 1
         losses.append(float(loss.detach()))
+        if progress is not None:  # (seconds of the budget)
+            progress("encoder", min(int(time.perf_counter() - t0), int(budget)), int(budget))
         if time.perf_counter() - last_log > 30:
             last_log = time.perf_counter()
             log(f"encoder: step {steps}, {steps * settings.batch} images, loss {np.mean(losses[-50:]):.3f}, "

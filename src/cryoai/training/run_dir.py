@@ -29,6 +29,7 @@ from .config import TrainConfig, save_yaml
 
 #: The JSON-lines logs of a run.
 TRAIN_LOG = "train_log.jsonl"
+RUN_LOG = "run.log"  # every line the run says, as it says it
 FSC_LOG = "fsc_log.jsonl"
 
 
@@ -69,7 +70,7 @@ class RunDirectory:
         if writes:
             remove_stale_temporaries(self.path)  # left by a killed run
             if fresh:  # a new run in the directory of an old one (--force): its logs start empty
-                for name in (TRAIN_LOG, FSC_LOG):
+                for name in (TRAIN_LOG, FSC_LOG, RUN_LOG):
                     (self.path / name).unlink(missing_ok=True)
                 for stale in self.path.glob("class_[0-9][0-9][0-9].mrc"):  # an old run's 3D classes
                     stale.unlink()
@@ -104,6 +105,12 @@ class RunDirectory:
         if self.writes:
             with open(self.path / name, "a") as f:
                 f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+
+    def append_text(self, name: str, line: str) -> None:
+        """Append one line of text to the file ``name`` (``run.log``)."""
+        if self.writes:
+            with open(self.path / name, "a") as f:
+                f.write(line.rstrip("\n") + "\n")
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """A TensorBoard scalar (if TensorBoard is on)."""

@@ -156,6 +156,7 @@ class Trainer:
     dist_info : this process's rank under torchrun.
     quiet : no progress bar or log lines.
     argv : the command line, saved in checkpoints.
+    say : where its lines go (e.g. the run's ``run.log`` and terminal); default the terminal.
     """
 
     def __init__(self, model: CryoAI, optimizer: torch.optim.Optimizer, dataset: ParticleDataset,
@@ -163,7 +164,8 @@ class Trainer:
                  poses: Poses | None = None, prior_lam: torch.Tensor | None = None,
                  kept: np.ndarray | None = None, polish: bool = False, noise_free: bool = False,
                  checkpoint_extra: dict | None = None, scale: float = 1.0,
-                 dist_info: DistInfo | None = None, quiet: bool = False, argv: list[str] | None = None):
+                 dist_info: DistInfo | None = None, quiet: bool = False, argv: list[str] | None = None,
+                 say=None):
         self.model, self.optimizer, self.dataset, self.cfg = model, optimizer, dataset, cfg
         self.run_dir, self.device, self.state = run_dir, device, state
         self.poses, self.prior_lam, self.kept, self.polish = poses, prior_lam, kept, polish
@@ -172,6 +174,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.quiet = quiet or not self.is_main
         self.argv = argv or sys.argv
+        self.say = say
         self.box = dataset.table.box_px
         self.pixel_size_a = dataset.table.median_pixel_size_a()
         self.n_kept = len(dataset.table) if kept is None else int(kept.sum())
@@ -187,11 +190,12 @@ class Trainer:
             self.ddp = data_parallel_loss(model, self.loss_on_batch, device, find_unused_parameters=unused)
 
     # ------------------------------------------------------------------ the fit
-    def fit(self, on_volume=None) -> None:
+    def fit(self, on_volume=None) -> dict:
         """Mini-batch gradient descent on the images, until the epochs or the minutes run out
         (or SIGINT); saves the state and re-raises on a diverged loss or a bad image.
 
         ``on_volume(trainer)`` is called after each write of the map (e.g. to compute an FSC).
+        Returns the fit's log record (steps, seconds, minutes).
         """
         from tqdm.auto import tqdm
 
@@ -245,14 +249,10 @@ class Trainer:
                 f"{self.run_dir.path}; continue with --resume"
             )
             raise KeyboardInterrupt
-        self.run_dir.log(
-            {
-                "stage": "fit",
-                "steps": self.state.step - step_start,
-                "seconds": time.perf_counter() - t_start,
-                "minutes": self.state.minutes,
-            }
-        )
+        figures = {"stage": "fit", "steps": self.state.step - step_start,
+                   "seconds": time.perf_counter() - t_start, "minutes": self.state.minutes}
+        self.run_dir.log(figures)
+        return figures
 
     def _loop(self, total_steps, steps_per_epoch, bar, on_volume, stop_flag, best) -> None:
         cfg = self.cfg
@@ -503,7 +503,9 @@ class Trainer:
         return ((rot, shifts) for rot, shifts, _ in predicted)
 
     def _log(self, message: str) -> None:
-        if not self.quiet:
+        if self.say is not None:
+            self.say(message)
+        elif not self.quiet:
             from tqdm.auto import tqdm
 
             tqdm.write(message)
