@@ -169,3 +169,11 @@ def test_the_policy_as_options(tmp_path):
     with pytest.raises(InputError, match="must be a number"):
         TrainConfig.from_dict({"policy": {"min_explained": "high"}})
     assert math.isclose(TrainConfig().policy.preferred_views_scf, 0.81)
+
+
+def test_the_encoder_trains_only_where_it_may_pose_particles_or_when_asked():
+    assert decisions.encoder_wanted("auto", 10) == (True, "")
+    wanted, why = decisions.encoder_wanted("auto", 0)
+    assert not wanted and "--pose-encoder always" in why
+    assert decisions.encoder_wanted("always", 0) == (True, "")
+    assert decisions.encoder_wanted("off", 10) == (False, "")

@@ -66,3 +66,18 @@ def test_the_readme_example_runs_and_gives_the_cli_result(small_set, monkeypatch
         np.testing.assert_array_equal(a.data, b.data)
         np.testing.assert_array_equal(result.volume, b.data)  # the result holds what was written
     np.testing.assert_allclose(result.poses.rotations.numpy(), written.rotations.numpy(), atol=1e-4)
+    # the half set each particle's map went to, as RELION and cryoSPARC read it; the images'
+    # contrast (simulated: protein bright) as cryoSPARC's blob/sign
+    import starfile
+    from cryosparc.dataset import Dataset
+
+    from cryoai.reconstruction.regularised import half_sets
+
+    star = starfile.read("run/poses.star", always_dict=True)["particles"]
+    expected = np.ones(len(table), dtype=int)
+    expected[half_sets(len(table), 0)[1]] = 2
+    np.testing.assert_array_equal(star["rlnRandomSubset"].to_numpy(), expected)
+    assert "# version 30001" in Path("run/poses.star").read_text().splitlines()[:4]
+    cs = Dataset.load("run/poses.cs")
+    np.testing.assert_array_equal(cs["alignments3D/split"], expected - 1)
+    assert set(np.unique(cs["blob/sign"])) == {1.0}

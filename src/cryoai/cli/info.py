@@ -12,7 +12,10 @@ import numpy as np
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("particles", help="RELION .star or cryoSPARC .cs particle file")
-    parser.add_argument("--datadir", default=None, help="folder to look for image stacks in")
+    parser.add_argument("--datadir", default=None,
+                        help="folder to look for image stacks in, after the current folder (the project "
+                             "folder, to which RELION and cryoSPARC write stack names) and the particle "
+                             "file's folder")
     parser.add_argument("--check-images", action="store_true",
                         help="also open every stack and check the references and the box")
 

@@ -8,7 +8,8 @@ the run's choice), then local refinement rounds. The map stays fixed, so the pos
 frame (the run's map plus these poses reconstruct) and every particle costs the same. A run of
 the paper's amortized training (``--ab-initio encoder``, ``--preset paper``) predicts the poses
 with its own encoder. Writes a RELION 3.1 STAR with every input column kept and rlnAngleRot/Tilt/Psi
-(degrees) and rlnOriginXAngst/YAngst.
+(degrees) and rlnOriginXAngst/YAngst, or a cryoSPARC .cs. The stacks keep the names they had in the
+input (run from the RELION or cryoSPARC project folder, the output imports from there too).
 
 Example: cryoai predict-poses run/checkpoint.pt particles.star --out poses.star
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InputError
+from ..io import IMAGE_PATHS
 from .common import pick_device, progress_bar
 
 
@@ -25,8 +27,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint.pt written by cryoai train")
     parser.add_argument("particles", help=".star or .cs particle file (same box and pixel size)")
     parser.add_argument("--out", required=True,
-                        help="output particle file: .star (RELION) or .cs (cryoSPARC)")
-    parser.add_argument("--datadir", default=None, help="folder to look for image stacks in")
+                        help="output particle file: .star (RELION) or .cs (cryoSPARC); its folder is made "
+                             "if needed")
+    parser.add_argument("--datadir", default=None,
+                        help="folder to look for image stacks in, after the current folder (the project "
+                             "folder, to which RELION and cryoSPARC write stack names) and the particle "
+                             "file's folder")
+    parser.add_argument("--image-paths", choices=IMAGE_PATHS, default="as_read",
+                        help="how the output names the image stacks: as_read keeps the input's names "
+                             "(relative to the project folder, as RELION and cryoSPARC write them) where "
+                             "they lead to the same stacks from the output, else relative to the output's "
+                             "folder; relative: all relative to the output's folder; absolute: absolute "
+                             "paths (default: as_read)")
     parser.add_argument("--first-guess", choices=("auto", "encoder", "global"), default="auto",
                         help="first guess before the local refinement: the run's pose encoder (for every "
                              "particle), the global search, or what the run's check chose (default: the "
@@ -80,7 +92,7 @@ def main(args) -> int:
     if model.encoder is None:
         assigner = _assigner(model, cfg, ckpt, device, args.first_guess, args.checkpoint)
         poses = _assign_against_map(assigner, dataset, device, len(table), args.quiet)
-        _write(args.out, table, poses)
+        _write(args.out, table, poses, args.image_paths, cfg.invert_contrast)
         counts = assigner.counts
         print(f"wrote poses of {len(table)} particles to {args.out} (posed against the run's map: first "
               f"guess from the pose encoder for {counts['amortized']}, the global search for "
@@ -94,7 +106,8 @@ def main(args) -> int:
     poses = iter_poses(model, loader, mask, device, use_symmetric=cfg.loss == "symmetric",
                        learn_shifts=cfg.learn_shifts, progress=bar.update)
     try:  # streamed: the poses are written as they are predicted
-        _write(args.out, table, ((rot, shifts) for rot, shifts, _ in poses))
+        _write(args.out, table, ((rot, shifts) for rot, shifts, _ in poses), args.image_paths,
+               cfg.invert_contrast)
     finally:
         bar.close()
     print(f"wrote poses of {len(table)} particles to {args.out}")
@@ -139,13 +152,26 @@ def _assign_against_map(assigner, dataset, device, n_particles: int, quiet: bool
         bar.close()
 
 
-def _write(path, table, poses) -> None:
-    """Write the poses as RELION STAR or cryoSPARC .cs, by the extension of ``path``."""
+def _write(path, table, poses, image_paths: str, invert_contrast: bool) -> None:
+    """Write the poses as RELION STAR or cryoSPARC .cs, by the extension of ``path``; the stacks
+    named as ``image_paths`` says. ``invert_contrast``: the run's (after its own check of the
+    map's sign), i.e. whether the protein is dark in the stacks (cryoSPARC's ``blob/sign`` -1).
+    """
+    import contextlib
     from pathlib import Path
 
     from ..io import write_cs, write_star
 
-    if Path(path).suffix.lower() == ".cs":
-        write_cs(path, table, poses=poses)
-    else:
-        write_star(path, table, poses=poses)
+    out = Path(path)
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)  # e.g. a RELION External/jobNNN/ folder
+    try:
+        if out.suffix.lower() == ".cs":
+            write_cs(out, table, poses=poses, image_paths=image_paths, sign=-1 if invert_contrast else 1)
+        else:
+            write_star(out, table, poses=poses, image_paths=image_paths)
+    except BaseException:
+        for d in created:  # leave no empty folders behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise

@@ -20,6 +20,7 @@ import torch
 from .. import __version__
 from ..errors import InputError
 from ..io import load_particles, read_stack_images, read_volume, write_json_atomic, write_text_atomic
+from ..io.star import read_star_columns
 from ..physics.fsc import fsc, resolution_px
 from ..simulate.views import sampling_compensation_factor
 from . import plots
@@ -255,14 +256,9 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
 
 def particle_columns(path: Path) -> dict[str, np.ndarray]:
     """The junk and class stages' columns of a run's poses.star (``rlnClassNumber``,
-    ``rlnCryoai*``), those present.
+    ``rlnCryoai*``), those present (read by cryoai's own STAR reader, only those columns).
     """
-    import starfile
-
-    blocks = starfile.read(path, always_dict=True)
-    table = blocks.get("particles", next(iter(blocks.values())))
-    return {c: table[c].to_numpy() for c in table.columns
-            if c == "rlnClassNumber" or c.startswith("rlnCryoai")}
+    return read_star_columns(path, lambda label: label == "rlnClassNumber" or label.startswith("rlnCryoai"))
 
 
 def _fmt(v) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryoai.errors import InputError
 
-from ._util import atomic_path, require_file, write_json_atomic, write_text_atomic
+from ._util import IMAGE_PATHS, atomic_path, require_file, write_json_atomic, write_text_atomic
 from .cryosparc import read_cs, write_cs
 from .images import ImageSource, resolve_stacks, validate_images
 from .mrc import (
@@ -29,6 +29,7 @@ from .star import read_star, write_star
 
 __all__ = [
     "CTF_FIELDS",
+    "IMAGE_PATHS",
     "ImageSource",
     "ParticleTable",
     "StackWriter",
@@ -61,7 +62,8 @@ def load_particles(path: str | os.PathLike, datadir: str | os.PathLike | None = 
     Parameters
     ----------
     path : particle metadata file.
-    datadir : optional directory to look for image stacks in (see :func:`read_star`).
+    datadir : optional directory to look for image stacks in, after the current folder (the
+        project folder) and the file's own (see :func:`read_star`, :func:`read_cs`).
     read_poses : read the poses the file holds (False: skip them, e.g. for training, which
         does not use them; saves 44 bytes per particle).
 

@@ -8,6 +8,8 @@ Fields used (per particle):
 ``blob/idx``                0-based index in the stack
 ``blob/shape``              (ny, nx) image size, optional (else read from the stack)
 ``blob/psize_A``            pixel size, Angstrom
+``blob/sign``               -1: the protein is dark in the images; +1: bright (optional,
+                            kept for the writer)
 ``ctf/accel_kv``            voltage, kV
 ``ctf/cs_mm``               spherical aberration, mm
 ``ctf/amp_contrast``        amplitude contrast
@@ -15,8 +17,10 @@ Fields used (per particle):
 ``ctf/df_angle_rad``        astigmatism angle, radians (RELION's rlnDefocusAngle in radians)
 ``ctf/phase_shift_rad``     phase shift, radians (optional, default 0)
 ``ctf/bfactor``             CTF B-factor, A^2 (optional, default 0)
+``ctf/exp_group_id``        exposure group (optional; RELION's optics group)
 ``alignments3D/pose``       rotation vector (axis * angle, radians), optional
 ``alignments3D/shift``      in-plane shift, pixels, optional
+``alignments3D/split``      half set, 0 or 1 (written only)
 ==========================  ==============================================================
 
 Pose convention (verified, see :func:`pose_to_matrix`): cryoai's pose is
@@ -38,7 +42,14 @@ import torch
 from cryoai.errors import InputError
 from cryoai.physics.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
-from ._util import box_from_first_stack, one_line, paths_relative_to, require_file, resolve_stack_path
+from ._util import (
+    box_from_first_stack,
+    cs_base_dirs,
+    one_line,
+    require_file,
+    resolve_stack_path,
+    stack_names_to_write,
+)
 from .particles import ParticleTable, compact_column
 
 _CTF_FIELDS = (
@@ -162,10 +173,13 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
 
     Returns
     -------
-    :class:`ParticleTable`. Stack paths are resolved against the ``.cs`` file's directory, its
-    parent (cryoSPARC stores paths relative to the project directory, and job outputs sit in
-    ``project/Jnn/``), the basename next to the ``.cs``, then ``datadir``. Poses are present
-    when ``alignments3D/pose`` is (shifts zero if ``alignments3D/shift`` is absent).
+    :class:`ParticleTable`. Relative stack paths are looked up from the current folder (the
+    project folder: cryoSPARC stores paths relative to it), the ``.cs`` file's folder, its
+    parent (job outputs sit in ``project/Jnn/``), the basename next to the ``.cs``, then
+    ``datadir``; the names as written are kept (``stack_names``) for the writers. Poses are
+    present when ``alignments3D/pose`` is (shifts zero if ``alignments3D/shift`` is absent).
+    ``blob/sign`` and ``ctf/exp_group_id``, where present, become ``image_sign`` and
+    ``optics_group``.
 
     Raises
     ------
@@ -189,7 +203,7 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
         raise InputError(f"{p}: no pixel size (blob/psize_A)")
     with_poses = read_poses and "alignments3D/pose" in names
     wanted = {name: (n,) for name in (*_CTF_FIELDS, "blob/psize_A", "ctf/phase_shift_rad",
-                                     "ctf/bfactor") if name in names}
+                                     "ctf/bfactor", "blob/sign") if name in names}
     if with_poses:
         wanted["alignments3D/pose"] = (n, 3)
         if "alignments3D/shift" in names:
@@ -201,6 +215,7 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
     raw_ids: dict[bytes | str, int] = {}
     shapes: set[tuple[int, ...]] = set()
     micrograph_uid = np.empty(n, dtype=np.uint64) if "location/micrograph_uid" in names else None
+    exp_group = np.empty(n, dtype=np.int64) if "ctf/exp_group_id" in names else None
     for start, chunk in records.chunks():
         sl = slice(start, start + len(chunk))
         for name, arr in columns.items():
@@ -214,6 +229,8 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
         idx[sl] = blob_idx
         if micrograph_uid is not None:
             micrograph_uid[sl] = np.asarray(chunk["location/micrograph_uid"]).astype(np.uint64)
+        if exp_group is not None:
+            exp_group[sl] = np.asarray(chunk["ctf/exp_group_id"]).astype(np.int64)
         if "blob/shape" in names:
             shapes.update(map(tuple, np.unique(np.asarray(chunk["blob/shape"]).reshape(len(chunk), -1),
                                                axis=0).tolist()))
@@ -227,10 +244,13 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
                  for u in raw_ids]
     if any(not r for r in raw_paths):
         raise InputError(f"{p}: empty blob/path")
-    base = [p.parent.absolute(), p.parent.absolute().parent]
+    base, folder = cs_base_dirs(p), p.parent.absolute()
+    resolved = [resolve_stack_path(r, base, datadir, basename_dir=folder) for r in raw_paths]
     file_ids: dict[str, int] = {}  # two names may resolve to the same file
-    remap = np.array([file_ids.setdefault(resolve_stack_path(r, base, datadir), len(file_ids))
-                      for r in raw_paths], dtype=np.int32)
+    remap = np.array([file_ids.setdefault(r, len(file_ids)) for r in resolved], dtype=np.int32)
+    stack_names: dict[str, str] = {}
+    for raw, r in zip(raw_paths, resolved, strict=True):
+        stack_names.setdefault(r, raw)
     stack_ids = remap[stack_codes]
     stack_files = tuple(file_ids)
 
@@ -274,13 +294,17 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
         rotations=rotations,
         shifts_a=shifts,
         micrograph_ids=None if micrograph_uid is None else np.unique(micrograph_uid, return_inverse=True)[1],
+        optics_group=exp_group,
+        stack_names=stack_names,
+        image_sign=columns.get("blob/sign"),
         source_path=str(p.absolute()),
         source_format="cs",
     )
 
 
 def write_cs(path: str | os.PathLike, table: ParticleTable, *, poses=None,
-             chunk_records: int = CHUNK_RECORDS) -> None:
+             chunk_records: int = CHUNK_RECORDS, half_set: np.ndarray | None = None,
+             sign: float | None = None, image_paths: str = "as_read") -> None:
     """Write ``table`` as a cryoSPARC particle ``.cs`` file (atomically, streaming).
 
     Written by hand rather than through cryosparc-tools' ``Dataset``, which holds the whole
@@ -296,34 +320,64 @@ def write_cs(path: str | os.PathLike, table: ParticleTable, *, poses=None,
         ``(rotations (k, 3, 3), shifts_a (k, 2) or None)`` blocks in row order, written
         instead of the table's own poses.
     chunk_records : records formatted at a time.
+    half_set : optional (N,) ints, 0 or 1: the half set each particle went to, written as
+        ``alignments3D/split`` (with the poses).
+    sign : ``blob/sign`` of every particle: -1 when the protein is dark in the stacks (as
+        extracted from cryo-EM micrographs, RELION's and cryoSPARC's particles), +1 when it is
+        bright. None: the table's ``image_sign`` (read from a ``.cs``) where it has one, else -1.
+    image_paths : how ``blob/path`` names the stacks: ``"as_read"`` (default) keeps the names
+        of the file the table was read from (relative to the cryoSPARC or RELION project
+        folder), where they lead to the same stacks from the output (looked up from the
+        current folder, the output's folder and its parent); others relative to the output's
+        folder. ``"relative"``: all relative to the output's folder. ``"absolute"``: absolute
+        paths.
 
     Notes
     -----
-    Fields: ``uid`` (the row number + 1), ``blob/path`` (the stack, relative to the output's
-    directory), ``blob/idx``, ``blob/shape``, ``blob/psize_A``, the ``ctf/*`` fields of
-    :func:`read_cs`, and, when there are poses, ``alignments3D/pose`` (rotation vectors,
-    :func:`matrix_to_pose`), ``alignments3D/shift`` (pixels, the sign of RELION's origin:
-    ``-shifts_a / psize``) and ``alignments3D/psize_A``.
+    Fields: ``uid`` (the row number + 1), ``blob/path`` (the stack, named as ``image_paths``
+    says), ``blob/idx``, ``blob/shape``, ``blob/psize_A``, ``blob/sign``, the ``ctf/*`` fields
+    of :func:`read_cs`, ``ctf/exp_group_id`` (the table's optics group, else 1), and, when
+    there are poses, ``alignments3D/pose`` (rotation vectors, :func:`matrix_to_pose`),
+    ``alignments3D/shift`` (pixels, the sign of RELION's origin: ``-shifts_a / psize``),
+    ``alignments3D/psize_A`` and, with ``half_set``, ``alignments3D/split``.
+
+    Raises
+    ------
+    ValueError
+        ``half_set`` of the wrong length or with values other than 0 and 1, ``half_set``
+        without poses, ``sign`` not -1 or +1, an unknown ``image_paths``.
     """
     from ..physics.poses import Poses
     from ._util import atomic_path
-    from .star import _PoseChunks
+    from .star_write import _PoseChunks, half_set_column
 
     out = Path(path)
     n = len(table)
     if isinstance(poses, Poses):
         poses = poses.chunks()
     with_poses = poses is not None or table.has_poses
-    relative = paths_relative_to(table.stack_files, out.parent)
-    paths = np.array([r.encode() for r in relative])
+    if half_set is not None:
+        if not with_poses:
+            raise ValueError("half_set is written in alignments3D, which needs poses")
+        half_set = half_set_column(half_set, n)
+    if sign is not None and sign not in (-1, 1):
+        raise ValueError(f"sign must be -1 (dark protein) or +1 (bright), got {sign}")
+    signs = (compact_column(float(sign), n) if sign is not None else
+             table.image_sign if table.image_sign is not None else compact_column(-1.0, n))
+    groups = table.optics_group if table.optics_group is not None else compact_column(1, n, np.uint32)
+    names = stack_names_to_write(table.stack_files, table.stack_names, out, image_paths, cs_base_dirs(out))
+    paths = np.array([name.encode() for name in names])
     fields = [("uid", "<u8"), ("blob/path", paths.dtype.str), ("blob/idx", "<u4"),
-              ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4"),
+              ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4"), ("blob/sign", "<f4"),
+              ("ctf/exp_group_id", "<u4"),
               ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"), ("ctf/amp_contrast", "<f4"),
               ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"),
               ("ctf/phase_shift_rad", "<f4"), ("ctf/bfactor", "<f4")]
     if with_poses:
         fields += [("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)),
                    ("alignments3D/psize_A", "<f4")]
+        if half_set is not None:
+            fields += [("alignments3D/split", "<u4")]
     dtype = np.dtype(fields)
     pose_chunks = _PoseChunks(poses) if poses is not None else None
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)}
@@ -339,6 +393,8 @@ def write_cs(path: str | os.PathLike, table: ParticleTable, *, poses=None,
             rec["blob/shape"] = table.box_px
             apix = np.asarray(table.pixel_size_a[sl], dtype=np.float32)
             rec["blob/psize_A"] = apix
+            rec["blob/sign"] = signs[sl]
+            rec["ctf/exp_group_id"] = groups[sl]
             for name, values in (("ctf/accel_kv", table.voltage_kv), ("ctf/cs_mm", table.cs_mm),
                                  ("ctf/amp_contrast", table.amplitude_contrast),
                                  ("ctf/df1_A", table.defocus_u_a), ("ctf/df2_A", table.defocus_v_a),
@@ -355,6 +411,8 @@ def write_cs(path: str | os.PathLike, table: ParticleTable, *, poses=None,
                 rec["alignments3D/pose"] = matrix_to_pose(rot)
                 rec["alignments3D/shift"] = -np.asarray(shifts_a, dtype=np.float64) / apix[:, None]
                 rec["alignments3D/psize_A"] = apix
+                if half_set is not None:
+                    rec["alignments3D/split"] = half_set[sl]
             rec.tofile(f)
         if pose_chunks is not None:
             pose_chunks.finish()

@@ -19,8 +19,9 @@ from .particles import ParticleTable
 def _missing_message(path: str, source_path: str | None, n_missing: int) -> str:
     src = f" (referenced by {source_path})" if source_path else ""
     more = f"; {n_missing - 1} more stack(s) missing" if n_missing > 1 else ""
-    return (f"{path}: image stack not found{src}{more}; pass datadir= (or --datadir) to point "
-            "at the stacks")
+    return (f"{path}: image stack not found{src}{more}; relative names are looked up from the current "
+            "folder (run from the project folder), then beside the particle file; or pass datadir= "
+            "(or --datadir) to point at the stacks")
 
 
 def resolve_stacks(table: ParticleTable) -> list[str]:

@@ -72,6 +72,9 @@ class ParticleTable:
     Attributes
     ----------
     stack_files : tuple of str, the distinct image stacks (absolute paths).
+    stack_names : dict or None, stack file (as in ``stack_files``) -> its name in the file the
+        table was read from, as written there (relative to the project folder, to that file's
+        folder, or absolute); writers keep these names (``image_paths="as_read"``).
     stack_ids : (N,) int32, index into ``stack_files`` of the stack holding each image.
     stack_indices : (N,) int32, 0-based index of the image in its stack.
     box_px : int, image size N (images are N x N).
@@ -87,7 +90,10 @@ class ParticleTable:
     shifts_a : (N, 2) float32 or None, translation of the projection in the image, Angstrom
         (``= -rlnOrigin{X,Y}Angst``).
     optics : pandas DataFrame or None, the original optics table (STAR 3.1).
-    optics_group : (N,) int32 or None, each particle's ``rlnOpticsGroup`` in ``optics``.
+    optics_group : (N,) int32 or None, each particle's ``rlnOpticsGroup`` in ``optics`` (STAR),
+        or cryoSPARC's ``ctf/exp_group_id`` (.cs, without ``optics``).
+    image_sign : (N,) float32 or None, cryoSPARC's ``blob/sign`` as read (-1: the protein is
+        dark in the images, as extracted from cryo-EM micrographs; +1: bright).
     micrograph_ids : (N,) int32 or None, a code per distinct micrograph (``rlnMicrographName``,
         cryoSPARC's ``location/micrograph_uid``): particles of one micrograph share its noise.
     source_path : str or None, the file this table was read from.
@@ -118,6 +124,8 @@ class ParticleTable:
     optics: pd.DataFrame | None = field(default=None, repr=False)
     optics_group: np.ndarray | None = field(default=None, repr=False)
     micrograph_ids: np.ndarray | None = field(default=None, repr=False)
+    stack_names: dict[str, str] | None = field(default=None, repr=False)
+    image_sign: np.ndarray | None = field(default=None, repr=False)
     source_path: str | None = None
     source_format: str | None = None
     source_rows: np.ndarray | None = field(default=None, repr=False)
@@ -143,6 +151,8 @@ class ParticleTable:
             self.optics_group = compact_column(self.optics_group, n, np.int32)
         if self.micrograph_ids is not None:
             self.micrograph_ids = np.asarray(self.micrograph_ids, dtype=np.int32).reshape(n)
+        if self.image_sign is not None:
+            self.image_sign = compact_column(self.image_sign, n)
 
     def __len__(self) -> int:
         return len(self.stack_indices)

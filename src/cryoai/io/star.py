@@ -2,9 +2,11 @@
 
 Reading maps a STAR file to a :class:`~cryoai.io.particles.ParticleTable` in cryoai's units:
 
-- ``rlnImageName = "000012@Particles/stack.mrcs"`` -> stack index 11 (STAR is 1-based), stack
-  path resolved relative to the STAR file's directory, else the same basename there, else in
-  ``datadir`` (a missing stack is reported only when images are read or validated);
+- ``rlnImageName = "000012@Extract/job012/stack.mrcs"`` -> stack index 11 (STAR is 1-based);
+  a relative stack name is looked up from the current folder first (RELION writes it relative
+  to the project folder), then the STAR file's folder, then the same basename there, then in
+  ``datadir`` (a missing stack is reported only when images are read or validated); the name
+  as written is kept (``ParticleTable.stack_names``) for the writers;
 - ``rlnDefocusU/V`` Angstrom; ``rlnDefocusAngle`` and ``rlnPhaseShift`` degrees -> radians;
   ``rlnCtfBfactor`` A^2 (default 0); ``rlnVoltage`` kV, ``rlnSphericalAberration`` mm,
   ``rlnAmplitudeContrast``, from the particle rows (3.0) or the optics group (3.1);
@@ -38,7 +40,7 @@ import pandas as pd
 
 from cryoai.errors import InputError
 
-from ._util import box_from_first_stack, require_file, resolve_stack_path
+from ._util import box_from_first_stack, require_file, resolve_stack_path, star_base_dirs
 from .particles import ParticleTable, compact_column
 from .star_format import (
     ANGLE_LABELS,
@@ -56,11 +58,7 @@ from .star_format import (
     read_loop_frame,
     scan_star,
 )
-from .star_write import (
-    WRITE_CHUNK_ROWS,
-    _PoseChunks,  # noqa: F401  (kept importable here: cryosparc.write_cs uses it)
-    write_star,
-)
+from .star_write import STAR_VERSION_LINE, WRITE_CHUNK_ROWS, write_star
 
 __all__ = [
     "ANGLE_LABELS",
@@ -70,6 +68,7 @@ __all__ = [
     "OPTICS_LEVEL_LABELS",
     "ORIGIN_ANGST_LABELS",
     "ORIGIN_PX_LABELS",
+    "STAR_VERSION_LINE",
     "WRITE_CHUNK_ROWS",
     "StarBlock",
     "euler_deg_to_matrix",
@@ -78,6 +77,7 @@ __all__ = [
     "parse_image_names",
     "read_loop_frame",
     "read_star",
+    "read_star_columns",
     "scan_star",
     "write_star",
 ]
@@ -192,8 +192,9 @@ def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
     Parameters
     ----------
     path : ``.star`` file.
-    datadir : optional directory where image stacks are looked up when they are neither at
-        the path written in ``rlnImageName`` (relative to the STAR file) nor next to the STAR.
+    datadir : optional directory where image stacks are looked up when they are not at the
+        path written in ``rlnImageName`` from the current folder (the project folder, as
+        RELION means it) or from the STAR file's folder, nor next to the STAR.
     read_poses : parse the angles and origins (False: the table has no poses, and the
         columns are not parsed; for training, which does not use them).
     chunk_rows : rows parsed at a time (memory use grows with it, not with the file).
@@ -312,10 +313,13 @@ def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
         raise InputError(f"{p}: read {n} particle rows where {cols.n} were counted (malformed rows?)")
     _release_freed_memory()
 
-    base = [p.parent.absolute()]
-    resolved = [resolve_stack_path(raw, base, datadir) for raw in raw_ids]
+    base, folder = star_base_dirs(p), p.parent.absolute()
+    resolved = [resolve_stack_path(raw, base, datadir, basename_dir=folder) for raw in raw_ids]
     file_ids: dict[str, int] = {}  # two names may resolve to the same file
     remap = np.array([file_ids.setdefault(r, len(file_ids)) for r in resolved], dtype=np.int32)
+    stack_names: dict[str, str] = {}
+    for raw, r in zip(raw_ids, resolved, strict=True):
+        stack_names.setdefault(r, raw)
     stack_ids = remap[cols.get("stack_ids")]
     stack_files = tuple(file_ids)
     box = _box_size(p, box_sizes, stack_files)
@@ -347,10 +351,41 @@ def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
         optics=optics_frame,
         optics_group=cols.get("optics_group") if cols.has("optics_group") else None,
         micrograph_ids=cols.get("micrograph_ids") if cols.has("micrograph_ids") else None,
+        stack_names=stack_names,
         source_path=str(p.absolute()),
         source_format="star",
         source_stamp=(stat.st_size, stat.st_mtime_ns),
     )
+
+
+def read_star_columns(path: str | os.PathLike, wanted) -> dict[str, np.ndarray]:
+    """Columns of a STAR file's particle table, parsed as numbers where they are numbers.
+
+    Parameters
+    ----------
+    path : ``.star`` file.
+    wanted : a label -> bool test; the columns whose label passes are read (streamed, the
+        others are not parsed).
+
+    Returns
+    -------
+    dict label -> (N,) array, in the file's column order; empty when no label passes.
+
+    Raises
+    ------
+    InputError
+        Not a STAR file, no particle table, a malformed row.
+    """
+    p = require_file(path, "STAR file")
+    block, _ = _pick_blocks(p, scan_star(p))
+    labels = [label for label in block.labels if wanted(label)]
+    if not labels:
+        return {}
+    chunks = list(iter_loop(p, block, usecols=labels))
+    if not chunks:
+        return {label: np.empty(0) for label in labels}
+    frame = pd.concat(chunks) if len(chunks) > 1 else chunks[0]
+    return {label: frame[label].to_numpy() for label in labels}
 
 
 def _release_freed_memory() -> None:

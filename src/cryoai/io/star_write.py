@@ -21,7 +21,7 @@ from cryoai import __version__
 from cryoai.errors import InputError
 from cryoai.physics.poses import Poses
 
-from ._util import atomic_path, one_line, paths_relative_to
+from ._util import atomic_path, one_line, stack_names_to_write, star_base_dirs
 from .particles import ParticleTable, is_constant
 from .star_format import (
     ANGLE_LABELS,
@@ -161,6 +161,22 @@ class _PoseChunks:
             raise ValueError("the pose chunks hold more rows than the table")
 
 
+def half_set_column(half_set, n: int) -> np.ndarray:
+    """``half_set`` checked: (n,) int64 of 0 (first half set) and 1 (second).
+
+    Raises
+    ------
+    ValueError
+        Not ``n`` values, or values other than 0 and 1.
+    """
+    values = np.asarray(half_set)
+    if values.shape != (n,):
+        raise ValueError(f"half_set: {values.shape} values for {n} particles")
+    if values.size and not np.isin(values, (0, 1)).all():
+        raise ValueError("half_set must hold 0 (first half set) or 1 (second) for every particle")
+    return values.astype(np.int64)
+
+
 def _carry_source(table: ParticleTable) -> tuple[Path, StarBlock] | None:
     """The source STAR file and particle block whose other columns can be carried over."""
     if table.source_format != "star" or not table.source_path:
@@ -186,8 +202,13 @@ def _carry_source(table: ParticleTable) -> tuple[Path, StarBlock] | None:
     return src, block
 
 
+#: The format line RELION 3.1 and later write before each block (read by RELION to tell
+#: 3.1 files, with an optics table, from 3.0 ones).
+STAR_VERSION_LINE = "# version 30001"
+
+
 def _loop_header(name: str, labels: list[str]) -> str:
-    lines = [f"data_{name}", "", "loop_"]
+    lines = [STAR_VERSION_LINE, "", f"data_{name}", "", "loop_"]
     lines += [f"_{label} #{i}" for i, label in enumerate(labels, start=1)]
     return "\n".join(lines) + "\n"
 
@@ -195,7 +216,9 @@ def _loop_header(name: str, labels: list[str]) -> str:
 def write_star(path: str | os.PathLike, table: ParticleTable, *,
                poses: Poses | Iterable[tuple[np.ndarray, np.ndarray | None]] | None = None,
                chunk_rows: int = WRITE_CHUNK_ROWS,
-               extra_columns: dict[str, np.ndarray] | None = None) -> None:
+               extra_columns: dict[str, np.ndarray] | None = None,
+               half_set: np.ndarray | None = None,
+               image_paths: str = "as_read") -> None:
     """Write ``table`` as a RELION 3.1 particle STAR file (atomically, streaming).
 
     Parameters
@@ -209,13 +232,22 @@ def write_star(path: str | os.PathLike, table: ParticleTable, *,
     chunk_rows : rows formatted at a time.
     extra_columns : further particle columns, label -> (N,) values written as text (e.g. a
         simulation's ``rlnMicrographName``); they replace a carried column of the same label.
+    half_set : optional (N,) ints, 0 or 1: the half set (of the gold-standard split) each
+        particle went to, written as ``rlnRandomSubset`` 1 or 2 (RELION's numbering; it
+        replaces a carried ``rlnRandomSubset``).
+    image_paths : how ``rlnImageName`` names the stacks: ``"as_read"`` (default) keeps the
+        names of the file the table was read from (relative to the RELION project folder, as
+        RELION writes them), where they lead to the same stacks from the output (looked up
+        from the current folder, then the output's folder); others, and stacks of tables not
+        read from a file, relative to the output's folder. ``"relative"``: all relative to the
+        output's folder. ``"absolute"``: absolute paths.
 
     Notes
     -----
     - When the table was read from a STAR file, every other column of its particle rows is
       carried over from that file, read again chunk by chunk (it must not have changed since;
       otherwise a warning says that only cryoai's columns are written). ``rlnImageName``
-      (``NNNNNN@stack``, the stack path relative to the output directory), the CTF columns
+      (``NNNNNN@stack``, the stack named as ``image_paths`` says), the CTF columns
       and, when there are poses, ``rlnAngleRot/Tilt/Psi`` (degrees) and
       ``rlnOriginXAngst/YAngst`` (``= -shifts_a``) are written from the table. 3.0-only
       columns (``rlnOriginX/Y`` in pixels and the per-particle optics labels such as
@@ -225,6 +257,14 @@ def write_star(path: str | os.PathLike, table: ParticleTable, *,
       contrast), all with ``rlnImageSize = box_px``.
     - Numbers are written as the shortest text that reads back to the same single-precision
       value (the table's precision).
+    - Each block is preceded by ``# version 30001``, as RELION 3.1 and later write it.
+
+    Raises
+    ------
+    ValueError
+        ``extra_columns`` or ``half_set`` of the wrong length, ``half_set`` with values other
+        than 0 and 1 or given with an ``rlnRandomSubset`` extra column, an unknown
+        ``image_paths``.
     """
     out = Path(path)
     if isinstance(poses, Poses):
@@ -249,6 +289,10 @@ def write_star(path: str | os.PathLike, table: ParticleTable, *,
     written += list(ORIGIN_ANGST_LABELS) if with_shifts else []
     dropped = set(OPTICS_LEVEL_LABELS) | set(ORIGIN_PX_LABELS) | set(_WRITTEN_LABELS)
     extra_columns = {label: np.asarray(values) for label, values in (extra_columns or {}).items()}
+    if half_set is not None:
+        if "rlnRandomSubset" in extra_columns:
+            raise ValueError("half_set and an rlnRandomSubset extra column: give one")
+        extra_columns["rlnRandomSubset"] = half_set_column(half_set, n) + 1
     for label, values in extra_columns.items():
         if values.shape != (n,):
             raise ValueError(f"extra column {label}: {values.shape} values for {n} particles")
@@ -257,7 +301,8 @@ def write_star(path: str | os.PathLike, table: ParticleTable, *,
     labels += [label for label in written if label not in labels]
     labels += [label for label in extra_columns if label not in labels]
 
-    relative = paths_relative_to(table.stack_files, out.parent)
+    relative = stack_names_to_write(table.stack_files, table.stack_names, out, image_paths,
+                                    star_base_dirs(out))
     pose_chunks = _PoseChunks(poses) if poses is not None else None
 
     def carried_chunks() -> Iterator[pd.DataFrame]:

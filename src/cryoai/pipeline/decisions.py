@@ -286,6 +286,20 @@ def views_warning(
     )
 
 
+def encoder_wanted(pose_encoder: str, particles_to_pose: int) -> tuple[bool, str]:
+    """Whether the pose encoder stage runs (docs/pipeline.md#pose-encoder): ``off`` never,
+    ``always`` always (e.g. for ``predict-poses`` on new particles later), ``auto`` only where
+    it may pose particles of this run (some lie outside the search's subset). Returns the
+    verdict and, when it is skipped under ``auto``, why.
+    """
+    if pose_encoder == "off":
+        return False, ""
+    if pose_encoder == "always" or particles_to_pose > 0:
+        return True, ""
+    return False, ("encoder: every particle already has its pose: no pose encoder is trained "
+                   "(--pose-encoder always trains one, for predict-poses on new particles)")
+
+
 def encoder_pays(check: dict, policy: Policy) -> tuple[bool, str]:
     """Whether the pose encoder poses the other particles (docs/pipeline.md#pose-encoder): at
     least ``policy.encoder_min_amortized_fraction`` of the particles skip the global search as

@@ -41,7 +41,7 @@ from ..models.encoder import PoseGridEncoder
 from ..physics.grids import max_paired_radius_px
 from ..physics.poses import Poses
 from ..reconstruction.particle_scores import ParticleScores
-from ..reconstruction.regularised import half_set_sums, reconstruction_from_sums
+from ..reconstruction.regularised import half_set_sums, half_sets, reconstruction_from_sums
 from ..training.checkpoint import load_pose_encoder
 from ..training.config import TrainConfig
 from ..training.distributed import DistInfo, broadcast_
@@ -54,6 +54,7 @@ from ..training.trainer import (
     new_optimizer,
     start_decoder,
 )
+from . import decisions
 from .records import (
     ClassesRecord,
     EncoderRecord,
@@ -303,6 +304,7 @@ def run_default(
             found.rotations,
             found.shifts_px,
             minutes_before=state.minutes,
+            particles_to_pose=len(table) - len(found.subset),
             trains=dist.is_main,
             say=run.say,
             progress=run.progress,
@@ -384,10 +386,16 @@ def run_default(
         "version": __version__,
     }
     if mode != "given":
+        sign = -1.0 if cfg.invert_contrast else 1.0  # cryoSPARC's blob/sign: -1 protein dark
         if poses is not None:
-            written = run_dir.write_poses(table, poses, particle_columns(junk, classes))
+            # every particle's half set: the split of the half maps (and of the junk stage's)
+            half_set = np.zeros(len(table), dtype=np.int64)
+            half_set[half_sets(len(table), cfg.seed)[1]] = 1
+            written = run_dir.write_poses(table, poses, particle_columns(junk, classes), half_set=half_set,
+                                          sign=sign, image_paths=cfg.image_paths)
         elif dist.is_main:
-            written = run_dir.write_poses(table, trainer.predicted_poses())
+            written = run_dir.write_poses(table, trainer.predicted_poses(), sign=sign,
+                                          image_paths=cfg.image_paths)
         else:
             written = run_dir.poses_path
         outputs["poses"] = str(written)
@@ -515,10 +523,12 @@ def _encoder_from_given_poses(
     run: _Run,
 ) -> EncoderRecord:
     """``--poses``: the encoder stage on the reconstruction and the given poses of up to
-    ``search_subset`` particles, so that ``predict-poses`` can use it.
+    ``search_subset`` particles, so that ``predict-poses`` can use it (``--pose-encoder always``:
+    the run itself poses no particle with it).
     """
-    if cfg.pose_encoder == "off" or not dist.is_main:
-        return EncoderRecord("encoder")
+    wanted, why = decisions.encoder_wanted(cfg.pose_encoder, 0)
+    if not wanted or not dist.is_main:
+        return run.done(EncoderRecord("encoder", said=(why,) if why and dist.is_main else ()))
     rng = np.random.default_rng(cfg.seed)
     n = len(particles.table)
     rows = np.sort(rng.choice(n, size=min(cfg.search_subset, n), replace=False))
@@ -533,6 +543,7 @@ def _encoder_from_given_poses(
         chosen.rotations.to(particles.device),
         (chosen.shifts_a / particles.pixel_size_a).to(particles.device),
         minutes_before=state.minutes,
+        particles_to_pose=0,  # (every particle has its pose: trained only when asked)
         say=run.say,
         progress=run.progress,
     )

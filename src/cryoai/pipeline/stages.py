@@ -98,6 +98,7 @@ def encoder_stage(
     shifts_px: torch.Tensor,
     *,
     minutes_before: float,
+    particles_to_pose: int,
     trains: bool = True,
     say: Callable[[str], None] = print,
     progress: Progress | None = None,
@@ -106,10 +107,16 @@ def encoder_stage(
     part), then is checked against those poses on the held-out part; the policy decides
     whether it poses the other particles (docs/pipeline.md#pose-encoder).
 
-    ``trains``: this process trains it (under torchrun rank 0 does, and the poses are broadcast).
+    ``particles_to_pose``: how many particles of this run it may pose (those outside the
+    search's subset; under ``--pose-encoder auto`` none means no encoder:
+    :func:`cryoai.pipeline.decisions.encoder_wanted`). ``trains``: this process trains it (under
+    torchrun rank 0 does, and the poses are broadcast).
     """
     policy = cfg.policy
     minutes = cfg.encoder_minutes
+    wanted, why = decisions.encoder_wanted(cfg.pose_encoder, particles_to_pose)
+    if not wanted:
+        return EncoderRecord("encoder", said=(why,) if why else ())
     said = []
     if cfg.max_minutes is not None:
         minutes = min(minutes, cfg.max_minutes - minutes_before)

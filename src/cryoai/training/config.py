@@ -11,6 +11,7 @@ import yaml
 
 from ..data.noise import NOISE_MODELS
 from ..errors import InputError
+from ..io import IMAGE_PATHS
 from ..physics.masks import MAP_MASK_RADIUS_FRAC
 from ..policy import Policy, describe
 
@@ -165,6 +166,10 @@ class TrainConfig:
     checkpoint_every_minutes: float = _opt(5.0, "Write checkpoint.pt this often during the fit, minutes.",
                                            "outputs")
     tensorboard: bool = _opt(True, "Write TensorBoard logs in RUN/tensorboard.", "outputs")
+    image_paths: str = _opt(
+        "as_read", "How poses.star and poses.cs name the image stacks: as the input named them (so "
+                   "RELION and cryoSPARC import them from the same project folder), relative to RUN, "
+                   "or absolute.", "outputs", choices=IMAGE_PATHS)
     # --- the policy: every tuned threshold of the default run (cryoai.policy; expert options)
     policy: Policy = field(default_factory=Policy)
 

@@ -181,25 +181,36 @@ class RunDirectory:
 
     def write_poses(self, table: ParticleTable,
                     poses: Poses | Iterable[tuple[np.ndarray, np.ndarray]],
-                    extra_columns: dict[str, np.ndarray] | None = None) -> Path:
-        """``poses.star``: every input column of ``table`` with the poses (a :class:`Poses`, or
-        (rotations, shifts_a) blocks in particle order, streamed) and ``extra_columns`` (label
-        -> (N,) values, e.g. the particles' scores and classes; with a :class:`Poses` only).
+                    extra_columns: dict[str, np.ndarray] | None = None, *,
+                    half_set: np.ndarray | None = None, sign: float | None = None,
+                    image_paths: str = "as_read") -> Path:
+        """``poses.star`` and ``poses.cs``: every input column of ``table`` with the poses (a
+        :class:`Poses`, or (rotations, shifts_a) blocks in particle order, streamed) and
+        ``extra_columns`` (label -> (N,) values, e.g. the particles' scores and classes; with a
+        :class:`Poses` only).
+
+        ``half_set`` : (N,) 0/1, the half set each particle's map went to (``rlnRandomSubset``,
+        ``alignments3D/split``), or None. ``sign`` : the images' contrast as cryoSPARC's
+        ``blob/sign`` (-1: protein dark). ``image_paths`` : how stack names are written
+        (:data:`cryoai.io.IMAGE_PATHS`; "as_read": as the input named them).
         """
         if not self.writes:
             return self.poses_path
         if isinstance(poses, Poses):
-            write_star(self.poses_path, table, poses=poses, extra_columns=extra_columns)
-            write_cs(self.poses_cs_path, table, poses=poses)
+            write_star(self.poses_path, table, poses=poses, extra_columns=extra_columns, half_set=half_set,
+                       image_paths=image_paths)
+            write_cs(self.poses_cs_path, table, poses=poses, half_set=half_set, sign=sign,
+                     image_paths=image_paths)
             return self.poses_path
         # A stream (predicted batch by batch) is read once: its blocks go to poses.star and to
         # a temporary file on disk, from which poses.cs is written (memory stays flat in N).
         spill_path = self.path / ".poses.blocks.tmp"
         try:
             with open(spill_path, "wb") as spill:
-                write_star(self.poses_path, table, poses=_spilled(poses, spill))
+                write_star(self.poses_path, table, poses=_spilled(poses, spill), image_paths=image_paths)
             with open(spill_path, "rb") as spill:
-                write_cs(self.poses_cs_path, table, poses=_replayed(spill))
+                write_cs(self.poses_cs_path, table, poses=_replayed(spill), sign=sign,
+                         image_paths=image_paths)
         finally:
             spill_path.unlink(missing_ok=True)
         return self.poses_path

@@ -1,0 +1,54 @@
+"""The runtime imports only what a plain ``pip install cryoai`` installs: every package that
+``src/cryoai`` imports (at the top of a module or inside a function) is one of the standard
+library's or of the project's ``dependencies``, not of an extra such as ``[test]`` (starfile,
+cryosparc-tools, pytest). ``cryoai report`` without starfile is run in ``tests/test_projects.py``."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "cryoai"
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _runtime_distributions() -> set[str]:
+    """The project's ``dependencies`` (its requirements without an ``extra ==`` marker)."""
+    requires = importlib.metadata.requires("cryoai") or []
+    return {_normalise(re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0]) for r in requires if "extra ==" not in r}
+
+
+def _imported_top_level_names() -> dict[str, list[str]]:
+    """Top-level module name -> the files importing it, for every absolute import in src."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], []).append(str(path.relative_to(SRC)))
+    return found
+
+
+def test_src_imports_only_runtime_dependencies():
+    runtime = _runtime_distributions()
+    assert {"torch", "numpy", "mrcfile"} <= runtime, runtime  # the metadata was read
+    distributions = importlib.metadata.packages_distributions()
+    wrong = {}
+    for name, files in _imported_top_level_names().items():
+        if name in sys.stdlib_module_names or name in ("cryoai", "__future__"):
+            continue
+        dists = {_normalise(d) for d in distributions.get(name, [name])}
+        if not dists & runtime:
+            wrong[name] = sorted(set(files))
+    assert not wrong, f"imported by src but not in pyproject's dependencies: {wrong}"
