@@ -20,7 +20,7 @@ from cryoai.io import read_volume, write_volume
 from cryoai.physics.rotations import euler_zyz_to_matrix, random_rotations
 
 FIGURES = ("curves.png", "fsc.png", "map.png", "viewing_directions.png", "rotation_errors.png",
-           "shift_errors.png")
+           "shift_errors.png", "times.png")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,10 @@ def test_report_is_self_contained_and_complete(report):
     assert len(sources) == len(FIGURES)
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert "batch_size: 8" in page  # the run's config
-    assert "rotation_error_deg_median" in page and "half_map_fsc_0.143_px" in page
+    assert "rotation error deg median" in page and "half map fsc 0.143 px" in page
+    summary = page.split('id="summary"')[1].split("</table>")[0]
+    assert "Resolution" in summary and " A (half maps, FSC = 0.143)" in summary
+    assert "Against the ground truth" in summary and 'id="warnings"' in page
     for name in FIGURES:
         data = (report.parent / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name

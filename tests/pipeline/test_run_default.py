@@ -81,3 +81,13 @@ def test_the_readme_example_runs_and_gives_the_cli_result(small_set, monkeypatch
     cs = Dataset.load("run/poses.cs")
     np.testing.assert_array_equal(cs["alignments3D/split"], expected - 1)
     assert set(np.unique(cs["blob/sign"])) == {1.0}
+    # the run's log and its report: the search's convergence, the time per stage, the summary
+    assert "summary:" in Path("run/run.log").read_text() and "search plan:" in Path("run/run.log").read_text()
+    assert cli(["report", "run"]) == 0
+    page = Path("run/report/report.html").read_text()
+    for title in ("Summary", "Search convergence", "Time per stage", "Fourier shell correlation"):
+        assert f"<h2>{title}</h2>" in page, title
+    assert "<h2>Training curves</h2>" not in page  # (the polish's loss is not the run)
+    summary = page.split('id="summary"')[1].split("</table>")[0]
+    assert "in the map" in summary and "called junk" in summary and "explains" in summary
+    assert 'class="warn"' in page  # the run warned (a short search): said in the box

@@ -44,11 +44,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     from pathlib import Path
 
-    from ..io import load_particles, write_json_atomic
+    from ..io import load_particles
     from ..pipeline import check_inputs, run_default
     from ..training.config import TrainConfig, load_yaml
     from ..training.distributed import barrier, init_distributed, shutdown
-    from ..training.run_dir import strict_json
 
     if args.resume:
         saved = Path(args.outdir) / "config.yaml"
@@ -83,8 +82,6 @@ def main(args) -> int:
         shutdown()
     if not dist_info.is_main:
         return 0
-    outputs["world_size"] = dist_info.world_size
-    write_json_atomic(outdir / "outputs.json", strict_json(outputs))
     if args.quiet:  # (else the run's summary said it)
         print(f"map:   {outputs['volume']}")
         if "poses" in outputs:

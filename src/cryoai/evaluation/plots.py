@@ -130,20 +130,98 @@ def plot_training_curves(loss_steps: np.ndarray, losses: np.ndarray, path: str |
     plt.close(fig)
 
 
+def fsc_crossing(curve: np.ndarray, threshold: float) -> float | None:
+    """The shell (fractional, linearly interpolated) where an FSC curve first falls below
+    ``threshold``; None if it never does.
+    """
+    c = np.asarray(curve, dtype=float)
+    below = np.flatnonzero(c[1:] < threshold)
+    if not len(below):
+        return None
+    s = int(below[0]) + 1
+    c0, c1 = c[s - 1], c[s]
+    return (s - 1) + ((c0 - threshold) / (c0 - c1) if c0 != c1 else 0.0)
+
+
 def plot_fsc_curves(curves: dict[str, np.ndarray], box_px: int, pixel_size_a: float,
-                    path: str | Path) -> None:
-    """Several FSC curves (label -> (N//2+1,) values) on one plot, with the 0.5 and 0.143 lines."""
+                    path: str | Path, thresholds: dict[str, float] | None = None) -> None:
+    """Several FSC curves (label -> (N//2+1,) values) against spatial frequency, with the
+    resolution in Angstrom on the top axis, the 0.5 and 0.143 lines, and each curve's crossing of
+    its threshold (``thresholds``: label -> 0.5 or 0.143) marked with its resolution in A.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
+    extent_a = box_px * pixel_size_a
     for label, curve in curves.items():
-        freq = np.arange(len(curve)) / (box_px * pixel_size_a)
-        ax.plot(freq, curve, lw=2, label=label)
+        freq = np.arange(len(curve)) / extent_a
+        (line,) = ax.plot(freq, curve, lw=2, label=label)
+        t = (thresholds or {}).get(label)
+        shell = None if t is None else fsc_crossing(curve, t)
+        if shell is not None and shell > 0:
+            f = shell / extent_a
+            ax.axvline(f, color=line.get_color(), ls=":", lw=1)
+            ax.annotate(f"{1 / f:.1f} A at {t:g}", (f, t), textcoords="offset points", xytext=(4, 6),
+                        fontsize=8, color=line.get_color())
     for t, style in ((0.5, "--"), (0.143, ":")):
         ax.axhline(t, color="grey", ls=style, lw=1)
+    nyquist = 1 / (2 * pixel_size_a)
+    ax.set_xlim(0, nyquist)
     ax.set_xlabel("spatial frequency (1/A)")
     ax.set_ylabel("FSC")
     ax.set_ylim(-0.1, 1.05)
+    top = ax.twiny()  # the same axis, labelled in resolution
+    top.set_xlim(ax.get_xlim())
+    nice = [a for a in (100, 50, 30, 20, 15, 12, 10, 8, 7, 6, 5, 4, 3.5, 3, 2.5, 2)
+            if 1 / a <= nyquist and a >= 2 * pixel_size_a]
+    top.set_xticks([1 / a for a in nice])
+    top.set_xticklabels([f"{a:g}" for a in nice], fontsize=8)
+    top.set_xlabel("resolution (A)")
     ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_search_convergence(attempts: list[dict], path: str | Path) -> None:
+    """The search's convergence, per EM iteration of each attempt: the images' mean maximum
+    posterior (how sharply they pick a pose) and the band (frequency px) it was scored in.
+
+    ``attempts`` : dicts with ``attempt``, ``start``, ``em_posterior``, ``em_band_px`` and
+    ``explained_signal`` (train_log.jsonl's ``search`` records).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.5), dpi=110)
+    band_ax = ax.twinx()
+    for r in attempts:
+        post = np.asarray(r.get("em_posterior") or [], dtype=float)
+        if not len(post):
+            continue
+        explained = r.get("explained_signal")
+        said = f", explains {explained:.0%}" if isinstance(explained, (int, float)) else ""
+        (line,) = ax.plot(np.arange(1, len(post) + 1), post, lw=2,
+                          label=f"attempt {r.get('attempt')} ({r.get('start')}{said})")
+        band = np.asarray(r.get("em_band_px") or [], dtype=float)
+        band_ax.plot(np.arange(1, len(band) + 1), band, lw=1, ls="--", color=line.get_color())
+    ax.set_xlabel("EM iteration")
+    ax.set_ylabel("mean maximum posterior")
+    ax.set_ylim(0, 1.02)
+    band_ax.set_ylabel("band (frequency px, dashed)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_stage_times(seconds: dict[str, float], path: str | Path) -> None:
+    """Where the run's time went: one bar per stage (seconds)."""
+    plt = _pyplot()
+    names = list(seconds)
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(names) + 0.9), dpi=110)
+    ax.barh(names[::-1], [seconds[n] for n in names[::-1]], color="#4a7ab5")
+    for i, n in enumerate(names[::-1]):
+        ax.text(seconds[n], i, f" {seconds[n]:.0f} s", va="center", fontsize=8)
+    ax.set_xlabel("seconds")
+    ax.set_xlim(0, max(seconds.values()) * 1.2 if seconds else 1)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

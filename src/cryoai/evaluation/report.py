@@ -115,9 +115,17 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     figures: list[tuple[str, str, str]] = []  # (title, file name, caption)
     metrics: dict = {}
 
-    # Curves.
+    # The search's convergence (the run), else the fit's curves (amortized and --poses runs).
+    searches = [r for r in log if r.get("stage") == "search" and r.get("em_posterior")]
+    if searches:
+        plots.plot_search_convergence(searches, out / "search.png")
+        figures.append(("Search convergence", "search.png",
+                        "Per EM iteration of each attempt of the search: how sharply the images pick a "
+                        "pose (their mean maximum posterior; solid) and the band it was scored in "
+                        "(dashed), with the share of the images' signal each attempt's map explains "
+                        "(a right map about 100%)."))
     loss_recs = [r for r in log if "loss" in r and "step" in r]
-    if loss_recs or fsc_log:
+    if (loss_recs or fsc_log) and not searches:
         plots.plot_training_curves(np.array([r["step"] for r in loss_recs]),
                                    np.array([r["loss"] for r in loss_recs]), out / "curves.png",
                                    np.array([r["minutes"] for r in fsc_log]),
@@ -149,10 +157,12 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
         metrics["half_map_fsc_0.143_px"] = resolution_px(torch.as_tensor(half), 0.143)
         metrics["half_map_fsc_0.143_a"] = metrics["half_map_fsc_0.143_px"] * pixel_size_a
     if curves:
-        plots.plot_fsc_curves(curves, box, pixel_size_a, out / "fsc.png")
+        thresholds = {label: 0.5 if "ground truth" in label else 0.143 for label in curves}
+        plots.plot_fsc_curves(curves, box, pixel_size_a, out / "fsc.png", thresholds=thresholds)
         figures.append(("Fourier shell correlation", "fsc.png",
-                        "Against the ground truth (after alignment) and/or between the two half maps; "
-                        "dashed 0.5, dotted 0.143."))
+                        "Between the two half maps (crossing 0.143 marked) and against the ground truth "
+                        "after alignment (crossing 0.5 marked), against spatial frequency; the top axis "
+                        "reads resolution in Angstrom. Dashed 0.5, dotted 0.143."))
 
     if (run / "class_averages.mrcs").exists():
         sizes = next((r["sizes"] for r in reversed(log) if r.get("stage") == "class_averages"), None)
@@ -247,8 +257,15 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
                             "assignment_by_encoder": r.get("amortized"),
                             "assignment_images_per_s": r.get("images_per_s")})
     metrics.update({k: outputs[k] for k in ("steps", "minutes", "images_seen") if k in outputs})
+    times = _stage_seconds(log)
+    if times:
+        plots.plot_stage_times(times, out / "times.png")
+        figures.append(("Time per stage", "times.png", "Seconds of each stage of the run (the last run of "
+                        "each, after a resume)."))
+    summary = _summary(metrics, outputs, pred, box, pixel_size_a)
+    metrics["warnings"] = list(outputs.get("warnings", []))
     write_json_atomic(out / "report.json", metrics)
-    page = _html(run, figures, metrics, config_text, out, box, pixel_size_a)
+    page = _html(run, figures, metrics, config_text, out, box, pixel_size_a, summary, metrics["warnings"])
     path = out / "report.html"
     write_text_atomic(path, page)
     return path
@@ -261,21 +278,85 @@ def particle_columns(path: Path) -> dict[str, np.ndarray]:
     return read_star_columns(path, lambda label: label == "rlnClassNumber" or label.startswith("rlnCryoai"))
 
 
+#: The stages timed in the report, in the run's order, and their names there.
+_STAGES = (("noise", "noise model", "noise_seconds"), ("search", "search", "search_seconds"),
+           ("balanced_views", "view balancing", "seconds"), ("encoder", "pose encoder", "seconds"),
+           ("assignment", "assignment", "seconds"), ("junk", "junk", "seconds"),
+           ("reconstruction", "reconstruction", "seconds"), ("classes", "3D classes", "seconds"),
+           ("fit", "polish", "seconds"))
+
+
+def _stage_seconds(log: list[dict]) -> dict[str, float]:
+    """Seconds per stage from train_log.jsonl (the search's attempts added; the junk stage's
+    time taken out of the reconstruction's, which holds it).
+    """
+    out: dict[str, float] = {}
+    for stage, name, key in _STAGES:
+        records = [r for r in log if r.get("stage") == stage and isinstance(r.get(key), (int, float))]
+        if stage == "search":
+            value = sum(r[key] for r in records)
+        else:
+            value = records[-1][key] if records else None
+        if records and value is not None:
+            out[name] = float(value)
+    if "junk" in out and "reconstruction" in out:
+        out["reconstruction"] = max(out["reconstruction"] - out["junk"], 0.0)
+    return out
+
+
+def _summary(metrics: dict, outputs: dict, pred, box: int, pixel_size_a: float) -> list[tuple[str, str]]:
+    """The report's first box: what a biologist reads first, in words and Angstrom."""
+    rows = []
+    res = metrics.get("half_map_fsc_0.143_a")
+    if res is not None:
+        limit_px = box / (box // 2 - 1)
+        said = f"{res:.1f} A (half maps, FSC = 0.143)"
+        if metrics["half_map_fsc_0.143_px"] <= limit_px + 1e-6:
+            said += (f": limited by the box (the finest the maps hold at {pixel_size_a:.3g} A per pixel); "
+                     "finer pixels could go further")
+        rows.append(("Resolution", said))
+    if metrics.get("resolution_a_0.5") is not None:
+        rows.append(("Against the ground truth", f"{metrics['resolution_a_0.5']:.1f} A (FSC = 0.5)"
+                     + (f"; poses {metrics['rotation_error_deg_median']:.2f} deg off (median)"
+                        if metrics.get("rotation_error_deg_median") is not None else "")))
+    if pred is not None:
+        junk = metrics.get("junk_particles")
+        kept = "" if junk is None else f": {len(pred) - junk:,} in the map, {junk:,} called junk"
+        rows.append(("Particles", f"{len(pred):,}{kept}"))
+    if outputs.get("search_explained_signal") is not None:
+        rows.append(("Search", f"{metrics.get('search_kept', 'kept')}; its map explains "
+                               f"{outputs['search_explained_signal']:.0%} of the images' signal "
+                               "(a right map about 100%)"))
+    if metrics.get("views_scf") is not None:
+        rows.append(("Views", f"SCF* {metrics['views_scf']:.2f} (1: uniform; below 0.81 preferred)"))
+    rows.append(("Symmetry", "C1 (none imposed)"))
+    if outputs.get("minutes") is not None:
+        rows.append(("Time", f"{outputs['minutes']:.1f} minutes"))
+    return rows
+
+
 def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, list):
-        return html.escape(json.dumps(v if len(str(v)) < 120 else "[...]"))
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, (list, tuple)):
+        return html.escape(f"{len(v)} values") if len(str(v)) > 80 else html.escape(", ".join(map(str, v)))
     return html.escape(str(v))
 
 
 def _html(run: Path, figures, metrics: dict, config_text: str, out: Path, box: int,
-          pixel_size_a: float) -> str:
+          pixel_size_a: float, summary: list[tuple[str, str]], warnings: list[str]) -> str:
     def img(name: str) -> str:
         data = base64.b64encode((out / name).read_bytes()).decode("ascii")
         return f'<img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
 
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in metrics.items())
+    rows = "".join(f"<tr><th>{html.escape(k.replace('_', ' '))}</th><td>{_fmt(v)}</td></tr>"
+                   for k, v in metrics.items() if k != "warnings")
+    box_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary)
+    warned = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    warned = (f'<div class="warn" id="warnings"><b>Warnings</b><ul>{warned}</ul></div>' if warnings else
+              '<div class="ok" id="warnings">No warnings.</div>')
     sections = "".join(
         f'<section><h2>{html.escape(title)}</h2>{img(name)}<p class="cap">{html.escape(cap)} '
         f'(<a href="{html.escape(name)}">{html.escape(name)}</a>)</p></section>'
@@ -291,12 +372,16 @@ img {{ max-width: 100%; }} .cap {{ color: #555; font-size: 0.9em; }}
 table {{ border-collapse: collapse; }}
 th, td {{ text-align: left; padding: 2px 10px; border-bottom: 1px solid #eee; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }}
+.summary th {{ width: 11em; }} .summary {{ font-size: 1.05em; margin-bottom: 0.8em; }}
+.warn {{ background: #fff4e0; border-left: 4px solid #e08a00; padding: 0.5em 1em; }}
+.ok {{ background: #eef7ee; border-left: 4px solid #3a9a3a; padding: 0.5em 1em; }}
 </style></head>
 <body>
 <h1>cryoai report: {html.escape(str(run))}</h1>
 <p>Box {box} px, pixel size {pixel_size_a:.3f} A. Written {when} by cryoai {html.escape(__version__)}.</p>
-<section><h2>Summary</h2><table id="metrics">{rows}</table></section>
+<section><h2>Summary</h2><table id="summary" class="summary">{box_rows}</table>{warned}</section>
 {sections}
+<section><h2>All figures</h2><table id="metrics">{rows}</table></section>
 <section><h2>Configuration</h2>
 <pre id="config">{html.escape(config_text) or "(no config.yaml)"}</pre></section>
 <script>

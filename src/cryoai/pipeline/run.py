@@ -35,6 +35,7 @@ import torch
 from .. import __version__
 from ..data.dataset import ParticleDataset, estimate_scale
 from ..errors import InputError
+from ..io import write_json_atomic
 from ..io.images import ImageSource
 from ..io.particles import ParticleTable
 from ..models.encoder import PoseGridEncoder
@@ -45,7 +46,7 @@ from ..reconstruction.regularised import half_set_sums, half_sets, reconstructio
 from ..training.checkpoint import load_pose_encoder
 from ..training.config import TrainConfig
 from ..training.distributed import DistInfo, broadcast_
-from ..training.run_dir import RUN_LOG, RunDirectory
+from ..training.run_dir import RUN_LOG, RunDirectory, strict_json
 from ..training.trainer import (
     Trainer,
     TrainState,
@@ -419,6 +420,9 @@ def run_default(
             outputs["classes"] = list(classes.info)
     if run.warnings:
         outputs["warnings"] = list(run.warnings)
+    outputs["world_size"] = dist.world_size
+    if dist.is_main:
+        write_json_atomic(run_dir.path / "outputs.json", strict_json(outputs))
     volume = trainer.volume()
     kept_rows = np.arange(len(table)) if junk is None else np.flatnonzero(junk.kept)
     reconstruction = next((r for r in reversed(run.records) if r.stage == "reconstruction"), None)

@@ -233,6 +233,8 @@ def search_stage(
                 "explained_signal": explained,
                 "views_scf": scf,
                 "time_limit_reached": found.time_limit_reached,
+                "em_band_px": list(found.em_band_px),  # per EM iteration: the convergence
+                "em_posterior": list(found.em_posterior),
             }
         )
         tried.append((found.subset, found.rotations.detach().double().cpu(), explained))

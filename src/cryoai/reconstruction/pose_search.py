@@ -122,6 +122,8 @@ class SubsetSearch:
     seconds : how long the search took.
     time_limit_reached : whether the deadline cut it short.
     class_averages : the 2D classes its start was made from (``start="classes"``), else None.
+    em_band_px, em_posterior : per EM iteration, its band (frequency px) and the images' mean
+        maximum posterior (how sharply they pick a pose): the search's convergence.
     """
 
     subset: np.ndarray
@@ -133,6 +135,8 @@ class SubsetSearch:
     seconds: float = 0.0
     time_limit_reached: bool = False
     class_averages: ClassAverages | None = None
+    em_band_px: tuple[float, ...] = ()
+    em_posterior: tuple[float, ...] = ()
 
 
 def class_average_settings(settings: SearchSettings, n_images: int) -> ClassAverageSettings:
@@ -400,11 +404,14 @@ class _Search:
             gain = (em.fourier_volume[band].abs().square().sum() /
                     start[band].abs().square().sum().clamp_min(1e-30)).sqrt()
             em.fourier_volume = start * gain
+        bands, posteriors = [], []
         for it in range(st.iterations):
             r = r0 + (r1 - r0) * min(1.0, it / max(1, int(0.7 * st.iterations)))
             idx = torch.randperm(n_sub, generator=self.gen)[: st.batch].to(self.particles.device)
             out = em.iterate(y[idx], c[idx], r, ema=st.ema, temperature=st.temperature)
             post = float(out["posterior_max"].mean())
+            bands.append(round(float(r), 3))
+            posteriors.append(round(post, 4))
             converged = r >= r1 and post >= st.stop_posterior
             self.progress("search EM", st.iterations if converged else it + 1, st.iterations)
             if (it + 1) % 10 == 0 or it == st.iterations - 1 or converged:
@@ -420,7 +427,8 @@ class _Search:
         seconds = time.perf_counter() - t0
         self.log(f"search done in {seconds:.0f} s")
         return SubsetSearch(subset, rot, shifts, em.fourier_volume, y, c, seconds=seconds,
-                            time_limit_reached=self.deadline_said, class_averages=averages)
+                            time_limit_reached=self.deadline_said, class_averages=averages,
+                            em_band_px=tuple(bands), em_posterior=tuple(posteriors))
 
     def _past_deadline(self, what: str) -> bool:
         """Whether the deadline has passed (said once, with what the search cuts short)."""
