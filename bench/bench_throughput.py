@@ -37,19 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryoai.data.dataset import ParticleBatch, ParticleDataset
+from cryoai.data.dataset import ParticleBatch
 from cryoai.io.mrc import write_stack
 from cryoai.io.particles import ParticleTable
 from cryoai.models.encoder import count_parameters
 from cryoai.physics.masks import circular_mask
 from cryoai.physics.rotations import random_rotations
-from cryoai.pipeline import check_inputs
-from cryoai.pipeline.records import Particles
-from cryoai.pipeline.stages import noise_stage
+from cryoai.pipeline.run import fitting_loop
 from cryoai.training.config import PRESETS, TrainConfig
 from cryoai.training.poses import choose_poses
-from cryoai.training.run_dir import RunDirectory
-from cryoai.training.trainer import Trainer, TrainState, new_model, new_optimizer
+from cryoai.training.trainer import Trainer
 
 CASES = {
     "a": ("voxel + encoder 0.25", dict(decoder="voxel", encoder_width=0.25), False),
@@ -125,14 +122,7 @@ def build_trainer(values: dict, fixed: bool, table: ParticleTable, workdir: Path
     if "ab_initio" in names and not fixed:
         values["ab_initio"] = "encoder"  # the amortized (encoder) training step
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in names})
-    outdir = workdir / "run"
-    outdir.mkdir(exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    dataset = ParticleDataset(table, scale=check_inputs(table, cfg))
-    dataset = dataset.variant(noise=noise_stage(Particles(table, dataset, None, device), cfg).noise)
-    model = new_model(cfg, dataset, with_encoder=not fixed, device=device)
-    return Trainer(model, new_optimizer(model, cfg), dataset, cfg, RunDirectory(outdir), device=device,
-                   state=TrainState(), poses=table.poses() if fixed else None, quiet=True)
+    return fitting_loop(table, cfg, workdir / "run", device=device, poses=table.poses() if fixed else None)
 
 
 def count_flops(fn) -> int:

@@ -177,23 +177,12 @@ def test_choose_poses_resolves_the_in_plane_flip(volume):
 
 # ------------------------------------------------------------------------------ training
 def _trainer(table, cfg, outdir, fixed: bool) -> Trainer:
-    """The fitting loop of a run on ``table`` as the pipeline builds it (whitened data, the
-    model drawn from the seed), at the table's poses if ``fixed`` else the encoder's.
+    """The fitting loop of a run on ``table`` as the pipeline builds it, at the table's poses if
+    ``fixed`` else the encoder's.
     """
-    from cryoai.data.dataset import ParticleDataset
-    from cryoai.pipeline import check_inputs
-    from cryoai.pipeline.records import Particles
-    from cryoai.pipeline.stages import noise_stage
-    from cryoai.training.run_dir import RunDirectory
-    from cryoai.training.trainer import TrainState, new_model, new_optimizer
+    from cryoai.pipeline.run import fitting_loop
 
-    cpu = torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    dataset = ParticleDataset(table, scale=check_inputs(table, cfg))
-    dataset = dataset.variant(noise=noise_stage(Particles(table, dataset, None, cpu), cfg).noise)
-    model = new_model(cfg, dataset, with_encoder=not fixed, device=cpu)
-    return Trainer(model, new_optimizer(model, cfg), dataset, cfg, RunDirectory(outdir), device=cpu,
-                   state=TrainState(), poses=table.poses() if fixed else None, quiet=True)
+    return fitting_loop(table, cfg, outdir, poses=table.poses() if fixed else None)
 
 
 @pytest.mark.parametrize("decoder,fixed", [("voxel", False), ("fouriernet", False), ("voxel", True)])

@@ -510,6 +510,22 @@ def summary_lines(result: RunResult, n_particles: int, box_px: int, pixel_size_a
     return lines
 
 
+def fitting_loop(table: ParticleTable, cfg: TrainConfig, outdir: str | Path, *, device=None,
+                 poses: Poses | None = None, quiet: bool = True) -> Trainer:
+    """The run's gradient loop alone, built as :func:`run_default` builds it (the images scaled
+    and whitened, the model drawn from the seed), at fixed ``poses`` or, with None, with the
+    encoder (amortized training): for benchmarks of a training step and for tests.
+    """
+    device = torch.device(device if device is not None else "cpu")
+    Path(outdir).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    dataset = ParticleDataset(table, scale=check_inputs(table, cfg))
+    dataset = dataset.variant(noise=noise_stage(Particles(table, dataset, None, device), cfg).noise)
+    model = new_model(cfg, dataset, with_encoder=poses is None, device=device)
+    return Trainer(model, new_optimizer(model, cfg), dataset, cfg, RunDirectory(outdir), device=device,
+                   state=TrainState(), poses=poses, quiet=quiet)
+
+
 def _broadcast_poses(poses: Poses, dist: DistInfo) -> None:
     """Under torchrun: every rank holds rank 0's poses."""
     if dist.enabled:
