@@ -70,6 +70,10 @@ def test_report_is_self_contained_and_complete(report):
     summary = page.split('id="summary"')[1].split("</table>")[0]
     assert "Resolution" in summary and " A (half maps, FSC = 0.143)" in summary
     assert "Against the ground truth" in summary and 'id="warnings"' in page
+    assert "<h2>Map in 3D</h2>" in page and "Plotly.newPlot" in page and "https://" not in page.split(
+        "<h2>Map in 3D</h2>")[1][:200]
+    cxc = (report.parent.parent / "volume.cxc").read_text()
+    assert "open volume.mrc" in cxc and "level" in cxc
     for name in FIGURES:
         data = (report.parent / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
@@ -129,14 +133,16 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True,
-                         timeout=120)
+    dom = subprocess.run([CHROMIUM, *flags, "--virtual-time-budget=20000", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]
     body = re.search(r"<body[^>]*>", dom.stdout)
     assert body is not None, dom.stdout[:500]
     # The page's own script marks whether every image decoded (naturalWidth > 0).
     assert 'data-images-ok="true"' in body.group(0), body.group(0)
     assert f'data-image-count="{len(FIGURES)}"' in body.group(0)
+    # The 3D view (plotly, WebGL) drew its canvas.
+    assert 'data-view3d="ok"' in body.group(0), body.group(0)
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *flags, "--window-size=1000,2000", f"--screenshot={shot}", report.as_uri()],
                    capture_output=True, timeout=120, check=True)
@@ -145,3 +151,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (2000, 1000)
     assert pixels[..., :3].std() > 0.05  # not a blank page
+
+
+def test_the_3d_view_opens_at_three_sd_of_the_solvent():
+    from cryoai.evaluation.view3d import DEFAULT_SIGMA, map_levels
+
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0.5, 2.0, size=(32, 32, 32))  # solvent: mean 0.5, sd 2
+    volume[12:20, 12:20, 12:20] += 50.0  # a molecule in the middle does not move the level
+    levels, default = map_levels(volume)
+    assert default == pytest.approx(0.5 + DEFAULT_SIGMA * 2.0, abs=0.2)
+    assert levels == sorted(levels) and default in levels

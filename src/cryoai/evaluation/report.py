@@ -1,4 +1,5 @@
-"""A self-contained HTML page about a training run: curves, FSC, map, poses, errors, config.
+"""A self-contained HTML page about a training run: summary, the map in 3D, FSC, search, poses,
+errors, config.
 
 :func:`build_report` reads what ``cryoai train`` wrote in a run directory (``train_log.jsonl``,
 ``fsc_log.jsonl``, ``volume.mrc``, ``volume_half1/2.mrc``, ``poses.star``, ``config.yaml``,
@@ -12,6 +13,7 @@ import base64
 import datetime
 import html
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from ..physics.fsc import fsc, resolution_px
 from ..simulate.views import sampling_compensation_factor
 from . import plots
 from .metrics import evaluate
+from .view3d import map_levels, view3d_html, write_chimerax_script
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -177,6 +180,12 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     plots.plot_map_slices(shown, out / "map.png",
                           title="map aligned to the ground truth" if shown is not volume else "map")
     figures.append(("Map", "map.png", "Central slices (top) and projections (bottom) along z, y, x."))
+    # The map in 3D (interactive, offline), and a ChimeraX script beside it at the same level.
+    view = view3d_html(volume, pixel_size_a, metrics.get("half_map_fsc_0.143_a"))
+    _, level = map_levels(volume)
+    if os.access(run, os.W_OK):
+        write_chimerax_script(run / "volume.cxc", vol_path.name, level)
+    metrics["map_level_chimerax"] = level
 
     for info in outputs.get("classes", []):  # --classes K: each class's map, largest first
         path = run / info["map"]
@@ -265,7 +274,8 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     summary = _summary(metrics, outputs, pred, box, pixel_size_a)
     metrics["warnings"] = list(outputs.get("warnings", []))
     write_json_atomic(out / "report.json", metrics)
-    page = _html(run, figures, metrics, config_text, out, box, pixel_size_a, summary, metrics["warnings"])
+    page = _html(run, figures, metrics, config_text, out, box, pixel_size_a, summary, metrics["warnings"],
+                 view)
     path = out / "report.html"
     write_text_atomic(path, page)
     return path
@@ -346,7 +356,7 @@ def _fmt(v) -> str:
 
 
 def _html(run: Path, figures, metrics: dict, config_text: str, out: Path, box: int,
-          pixel_size_a: float, summary: list[tuple[str, str]], warnings: list[str]) -> str:
+          pixel_size_a: float, summary: list[tuple[str, str]], warnings: list[str], view: str) -> str:
     def img(name: str) -> str:
         data = base64.b64encode((out / name).read_bytes()).decode("ascii")
         return f'<img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
@@ -380,6 +390,10 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 <h1>cryoai report: {html.escape(str(run))}</h1>
 <p>Box {box} px, pixel size {pixel_size_a:.3f} A. Written {when} by cryoai {html.escape(__version__)}.</p>
 <section><h2>Summary</h2><table id="summary" class="summary">{box_rows}</table>{warned}</section>
+<section><h2>Map in 3D</h2>{view}<p class="cap">The map's isosurface (drag to turn, scroll to zoom),
+low-passed to its resolution; the slider sets the level in standard deviations of the solvent
+(the corners of the box) above its mean. For print: the slices below.
+<code>chimerax volume.cxc</code>, from the run folder, opens the map at the same level.</p></section>
 {sections}
 <section><h2>All figures</h2><table id="metrics">{rows}</table></section>
 <section><h2>Configuration</h2>
