@@ -325,7 +325,7 @@ def run_default(
         t0 = time.perf_counter()
         # The half sets' sums are kept for the junk stage, which updates them as poses change.
         # (C1: a point group plugs in here, once the map's axes are found: symmetry=...)
-        sums = half_set_sums(particles.spectra(), poses, seed=cfg.seed, symmetry=None)
+        sums = half_set_sums(particles.spectra(), poses, seed=cfg.seed, symmetry=None, progress=run.progress)
         rec = reconstruction_from_sums(sums, mask_radius_px=mask_radius_px(cfg, particles.box_px))
         if mode == "search" and cfg.sort_junk and dataset.noise is not None:
             # (the scores are in units of the measured noise: none without a noise model)

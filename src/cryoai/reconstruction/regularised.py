@@ -86,8 +86,8 @@ def half_sets(n_particles: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def backproject_particles(particles: ParticleSpectra, indices: np.ndarray, poses: Poses,
-                          weights: torch.Tensor | None = None, *,
-                          symmetry: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          weights: torch.Tensor | None = None, *, symmetry: torch.Tensor | None = None,
+                          progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`backproject` of the particles ``indices`` at their ``poses`` (all N particles'
     poses, CPU), summed over batches; with ``weights`` (all N particles', CPU), each particle's
     terms times its weight (``sum w C conj(T) Y`` and ``sum w C^2``).
@@ -97,7 +97,7 @@ def backproject_particles(particles: ParticleSpectra, indices: np.ndarray, poses
     projects the same image at the poses ``R`` and ``S R``, so each particle is inserted once
     per operator, at ``S R`` (as cryoSPARC's and RELION's reconstructions do): the sums are those
     of the symmetric map. Symmetry expansion of this kind never feeds a pose search (the
-    copies are not independent data).
+    copies are not independent data). ``progress(done, total)``: called after each batch, or None.
     """
     formation, device = particles.formation, particles.device
     n = formation.box_px
@@ -106,6 +106,7 @@ def backproject_particles(particles: ParticleSpectra, indices: np.ndarray, poses
         operators = symmetry.to(device=device, dtype=torch.float32)
     num = torch.zeros(n, n, n, dtype=torch.complex64, device=device)
     den = torch.zeros(n, n, n, device=device)
+    done = 0
     for idx, y, c in particles.batches(indices):
         rows = torch.as_tensor(idx)
         if weights is not None:
@@ -113,6 +114,9 @@ def backproject_particles(particles: ParticleSpectra, indices: np.ndarray, poses
             y, c = y * root_w, c * root_w
         phases = formation.phase(poses.shifts_a[rows].to(device))
         rotations = poses.rotations[rows].to(device)
+        done += len(idx)
+        if progress is not None:
+            progress(done, len(indices))
         for op in ([None] if operators is None else operators):
             at = rotations if op is None else op @ rotations
             a, b = backproject(y, c, at, formation.coords_px, n, phases)
@@ -147,17 +151,22 @@ def reconstruct(particles: ParticleSpectra, poses: Poses, *, mask_radius_px: flo
 
 
 def half_set_sums(particles: ParticleSpectra, poses: Poses, *, seed: int = 0,
-                  indices: np.ndarray | None = None,
-                  symmetry: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  indices: np.ndarray | None = None, symmetry: torch.Tensor | None = None,
+                  progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The back-projected sums ``[(num, den), (num, den)]`` of the two random half sets
     (:func:`half_sets` of ``indices``, all particles if None) at their poses: what
     :func:`reconstruct` solves, for a caller that keeps them (e.g. to update them as particles
     leave or change pose, :func:`cryoai.reconstruction.junk_sorting.sort_junk`). ``symmetry``: as
-    :func:`reconstruct`'s.
+    :func:`reconstruct`'s. ``progress(what, done, total)``: after each batch, or None.
     """
     rows = np.arange(len(particles)) if indices is None else np.asarray(indices, dtype=np.int64)
-    return [backproject_particles(particles, rows[h], poses, symmetry=symmetry)
-            for h in half_sets(len(rows), seed)]
+    halves = half_sets(len(rows), seed)
+    out = []
+    for k, h in enumerate(halves):
+        tick = None if progress is None else (
+            lambda done, total, k=k: progress("reconstruction", done + k * len(halves[0]), len(rows)))
+        out.append(backproject_particles(particles, rows[h], poses, symmetry=symmetry, progress=tick))
+    return out
 
 
 def reconstruction_from_sums(sums: list[tuple[torch.Tensor, torch.Tensor]], *, mask_radius_px: float,
