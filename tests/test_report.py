@@ -19,13 +19,15 @@ from cryoai.evaluation.plots import viewing_directions
 from cryoai.io import read_volume, write_volume
 from cryoai.physics.rotations import euler_zyz_to_matrix, random_rotations
 
-FIGURES = ("curves.png", "fsc.png", "map.png", "viewing_directions.png", "rotation_errors.png",
+FIGURES = ("isosurface.png", "curves.png", "fsc.png", "map.png", "class_001.png", "class_001_isosurface.png",
+           "class_002.png", "class_002_isosurface.png", "viewing_directions.png", "rotation_errors.png",
            "shift_errors.png", "times.png")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A short ab initio (encoder) run with half maps added: every section of the report."""
+    """A short ab initio (encoder) run with half maps and two 3D classes added: every section of
+    the report."""
     root = tmp_path_factory.mktemp("report")
     sim, run = root / "sim", root / "run"
     assert main(["simulate", "--box", "32", "--n", "64", "--seed", "5", "--snr-db", "0",
@@ -38,6 +40,16 @@ def run_dir(tmp_path_factory) -> Path:
     for k in (1, 2):
         noisy = truth + 0.3 * truth.std() * rng.normal(size=truth.shape)
         write_volume(run / f"volume_half{k}.mrc", noisy.astype(np.float32), apix)
+    # Two 3D classes as --classes 2 writes them: the truth, and the truth turned upside down.
+    import json
+
+    outputs = json.loads((run / "outputs.json").read_text())
+    outputs["classes"] = []
+    for k, class_map in ((1, truth), (2, truth[::-1].copy())):
+        write_volume(run / f"volume_class{k:03d}.mrc", class_map.astype(np.float32), apix)
+        outputs["classes"].append({"class": k, "map": f"volume_class{k:03d}.mrc",
+                                   "particles": 40 - 16 * (k - 1), "junk_called": k, "resolution_a": 8.0 + k})
+    (run / "outputs.json").write_text(json.dumps(outputs))
     return root
 
 
@@ -59,8 +71,9 @@ def report(run_dir) -> Path:
 
 def test_report_is_self_contained_and_complete(report):
     page = report.read_text()
-    for title in ("Summary", "Training curves", "Fourier shell correlation", "Map", "Viewing directions",
-                  "Rotation errors", "Shift errors", "Configuration"):
+    for title in ("Summary", "Map: isosurface", "Training curves", "Fourier shell correlation", "Map",
+                  "3D class 1", "3D class 2: isosurface", "Viewing directions", "Rotation errors",
+                  "Shift errors", "Configuration"):
         assert f"<h2>{title}</h2>" in page, title
     sources = re.findall(r'<img src="([^"]*)"', page)
     assert len(sources) == len(FIGURES)
@@ -72,6 +85,8 @@ def test_report_is_self_contained_and_complete(report):
     assert "Against the ground truth" in summary and 'id="warnings"' in page
     assert "<h2>Map in 3D</h2>" in page and "Plotly.newPlot" in page and "https://" not in page.split(
         "<h2>Map in 3D</h2>")[1][:200]
+    # The 3D view's menu picks the map or a class.
+    assert page.count('"type":"isosurface"') == 3 and '"label":"3D class 2"' in page
     cxc = (report.parent.parent / "volume.cxc").read_text()
     assert "open volume.mrc" in cxc and "level" in cxc
     for name in FIGURES:
@@ -151,6 +166,24 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (2000, 1000)
     assert pixels[..., :3].std() > 0.05  # not a blank page
+
+
+def test_isosurface_views_draw_the_surface_at_its_level(tmp_path):
+    """A sphere's isosurface: drawn (gold pixels) at a level inside the map's range, and said to
+    be absent above its maximum."""
+    import matplotlib.image
+
+    from cryoai.evaluation.plots import plot_isosurface_views
+
+    g = np.arange(32) - 16.0
+    r = np.sqrt(g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2)
+    sphere = np.exp(-(r / 6.0) ** 2)
+    gold = []
+    for level in (0.5, 2.0):
+        plot_isosurface_views(sphere, level, tmp_path / "iso.png", title="sphere", voxel_a=2.0)
+        rgb = matplotlib.image.imread(tmp_path / "iso.png")[..., :3]
+        gold.append(float(((rgb[..., 0] - rgb[..., 2]) > 0.15).mean()))  # red well above blue
+    assert gold[0] > 0.05 and gold[1] == 0.0
 
 
 def test_the_3d_view_opens_at_three_sd_of_the_solvent():

@@ -307,3 +307,63 @@ def plot_class_averages(images: np.ndarray, sizes: list[int] | None, path: str |
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+#: The isosurface thumbnails' views: (elevation, azimuth) in degrees of matplotlib's 3D camera, and
+#: the map axis each looks down (the map is stored [z, y, x]).
+ISOSURFACE_VIEWS = ((90.0, -90.0, "down z"), (0.0, -90.0, "down y"), (0.0, 0.0, "down x"))
+
+
+def plot_isosurface_views(volume: np.ndarray, level: float, path: str | Path, title: str = "",
+                          voxel_a: float = 1.0) -> None:
+    """Three static views of the isosurface of ``volume`` at ``level`` (for print and for pages
+    without WebGL): a triangulated surface (scikit-image's marching cubes), shaded by its normals
+    under one light, seen down z, y and x.
+
+    Parameters
+    ----------
+    volume : (N, N, N) map, [z, y, x] as MRC stores it (already cropped/low-passed as shown).
+    level : the isosurface's value.
+    path : PNG file to write.
+    title : the figure's title.
+    voxel_a : Angstrom per voxel of ``volume`` (the axes' scale).
+    """
+    from matplotlib.colors import LightSource
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+    from skimage.measure import marching_cubes
+
+    plt = _pyplot()
+    volume = np.asarray(volume, dtype=np.float32)
+    fig = plt.figure(figsize=(9, 3.4), dpi=110)
+    inside = volume.max() > level > volume.min()
+    if inside:
+        # Vertices come in index order (z, y, x); drawn as (x, y, z) in Angstrom.
+        verts, faces, _, _ = marching_cubes(volume, level=level, spacing=(voxel_a,) * 3)
+        xyz = verts[:, ::-1]
+        tris = xyz[faces]
+        normals = np.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0])
+        normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
+        light = LightSource(azdeg=315, altdeg=45)
+        base = np.array([0.78, 0.64, 0.29])  # the 3D view's gold
+        centre = (xyz.min(0) + xyz.max(0)) / 2  # the surface fills each panel
+        half = 0.5 * float((xyz.max(0) - xyz.min(0)).max()) * 1.05
+    else:
+        centre, half = np.full(3, volume.shape[0] * voxel_a / 2), volume.shape[0] * voxel_a / 2
+    for i, (elev, azim, name) in enumerate(ISOSURFACE_VIEWS):
+        ax = fig.add_subplot(1, 3, i + 1, projection="3d")
+        if inside:
+            shade = light.shade_normals(normals, fraction=1.0)
+            colors = np.clip(base[None, :] * (0.35 + 0.65 * shade[:, None]), 0, 1)
+            ax.add_collection3d(Poly3DCollection(tris, facecolors=colors, edgecolors="none", linewidths=0))
+        ax.set_xlim(centre[0] - half, centre[0] + half)
+        ax.set_ylim(centre[1] - half, centre[1] + half)
+        ax.set_zlim(centre[2] - half, centre[2] + half)
+        ax.set_box_aspect((1, 1, 1), zoom=0.85)
+        ax.view_init(elev=elev, azim=azim)
+        ax.set_axis_off()
+        ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title + ("" if inside else " (no surface at this level)"), fontsize=10)
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=0.88, wspace=0)
+    save_figure(fig, path)
+    plt.close(fig)

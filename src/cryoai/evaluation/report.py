@@ -24,10 +24,11 @@ from ..errors import InputError
 from ..io import load_particles, read_stack_images, read_volume, write_json_atomic, write_text_atomic
 from ..io.star import read_star_columns
 from ..physics.fsc import fsc, resolution_px
+from ..physics.masks import MAP_MASK_RADIUS_FRAC, map_mask_radius_px
 from ..simulate.views import sampling_compensation_factor
 from . import plots
 from .metrics import evaluate
-from .view3d import map_levels, view3d_html, write_chimerax_script
+from .view3d import map_levels, shown_map, view3d_html, write_chimerax_script
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -86,10 +87,13 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     volume, pixel_size_a = read_volume(vol_path)
     box = volume.shape[-1]
     config_text = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
+    mask_px = map_mask_radius_px(box, MAP_MASK_RADIUS_FRAC)  # the run's map mask (its config's)
     if config_text:
         import yaml
 
-        policy = (yaml.safe_load(config_text) or {}).get("policy") or {}
+        config = yaml.safe_load(config_text) or {}
+        mask_px = map_mask_radius_px(box, float(config.get("mask_radius_frac", MAP_MASK_RADIUS_FRAC)))
+        policy = config.get("policy") or {}
         preferred_views_scf = float(policy.get("preferred_views_scf", preferred_views_scf))
     outputs = json.loads((run / "outputs.json").read_text()) if (run / "outputs.json").exists() else {}
     log = _read_jsonl(run / "train_log.jsonl")
@@ -180,27 +184,43 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     plots.plot_map_slices(shown, out / "map.png",
                           title="map aligned to the ground truth" if shown is not volume else "map")
     figures.append(("Map", "map.png", "Central slices (top) and projections (bottom) along z, y, x."))
-    # The map in 3D (interactive, offline), and a ChimeraX script beside it at the same level.
-    view = view3d_html(volume, pixel_size_a, metrics.get("half_map_fsc_0.143_a"))
+    # The maps in 3D (interactive, offline; the 3D classes in its menu), static isosurface views
+    # for print, and a ChimeraX script beside the map at the same level.
+    resolution_a = metrics.get("half_map_fsc_0.143_a")
     _, level = map_levels(volume)
     if os.access(run, os.W_OK):
         write_chimerax_script(run / "volume.cxc", vol_path.name, level)
     metrics["map_level_chimerax"] = level
+    view_maps = [("map", volume)]
+    # First among the figures, under the 3D view: the map's isosurface for print.
+    figures.insert(0, _isosurface_figure(volume, "map", pixel_size_a, resolution_a, mask_px,
+                                         out / "isosurface.png",
+                                         "The map's isosurface at 3 standard deviations of the solvent, "
+                                         "seen down z, y and x (the view above, for print)."))
 
     for info in outputs.get("classes", []):  # --classes K: each class's map, largest first
         path = run / info["map"]
         if not path.exists():
             continue
         class_map, _ = read_volume(path)
-        name = f"class_{info['class']:03d}.png"
-        plots.plot_map_slices(class_map, out / name, title=f"3D class {info['class']}")
+        if class_map.shape != volume.shape:
+            raise InputError(f"{path}: box {class_map.shape} differs from {vol_path} {volume.shape}")
+        k = info["class"]
+        name = f"class_{k:03d}.png"
+        plots.plot_map_slices(class_map, out / name, title=f"3D class {k}")
         share = info["particles"] / max(len(pred), 1) if pred is not None else float("nan")
-        figures.append((f"3D class {info['class']}", name,
-                        f"{info['particles']} particles ({share:.0%}), {info['junk_called']} of them "
-                        f"called junk; half-map FSC=0.143 at {info['resolution_a']:.1f} A "
-                        f"({info['map']}; rlnClassNumber {info['class']} in poses.star)."))
-        metrics[f"class_{info['class']}_particles"] = info["particles"]
-        metrics[f"class_{info['class']}_resolution_a"] = info["resolution_a"]
+        said = (f"{info['particles']} particles ({share:.0%}), {info['junk_called']} of them called junk; "
+                f"half-map FSC=0.143 at {info['resolution_a']:.1f} A ({info['map']}; rlnClassNumber {k} "
+                "in poses.star)")
+        figures.append((f"3D class {k}", name, said + ": central slices and projections."))
+        view_maps.append((f"3D class {k}", class_map))
+        figures.append(_isosurface_figure(class_map, f"3D class {k}", pixel_size_a, info["resolution_a"],
+                                          mask_px, out / f"class_{k:03d}_isosurface.png",
+                                          f"3D class {k}'s isosurface at 3 standard deviations of "
+                                          f"its solvent: {said}."))
+        metrics[f"class_{k}_particles"] = info["particles"]
+        metrics[f"class_{k}_resolution_a"] = info["resolution_a"]
+    view = view3d_html(view_maps, pixel_size_a, resolution_a, mask_px)
 
     if pred is not None:
         columns = particle_columns(poses_path)
@@ -279,6 +299,16 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
     path = out / "report.html"
     write_text_atomic(path, page)
     return path
+
+
+def _isosurface_figure(volume: np.ndarray, name: str, pixel_size_a: float, resolution_a: float | None,
+                       mask_radius_px: float, path: Path, caption: str) -> tuple[str, str, str]:
+    """Static isosurface views of a map as the 3D view shows it (cropped, low-passed to
+    ``resolution_a``, under the run's mask, at 3 sd of its solvent): the report's figure record.
+    """
+    shown, voxel_a, _, level = shown_map(volume, pixel_size_a, resolution_a, mask_radius_px)
+    plots.plot_isosurface_views(shown, level, path, title=f"{name}, isosurface at 3 sd", voxel_a=voxel_a)
+    return (f"{name[0].upper()}{name[1:]}: isosurface", path.name, caption)
 
 
 def particle_columns(path: Path) -> dict[str, np.ndarray]:
@@ -391,8 +421,9 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 <p>Box {box} px, pixel size {pixel_size_a:.3f} A. Written {when} by cryoai {html.escape(__version__)}.</p>
 <section><h2>Summary</h2><table id="summary" class="summary">{box_rows}</table>{warned}</section>
 <section><h2>Map in 3D</h2>{view}<p class="cap">The map's isosurface (drag to turn, scroll to zoom),
-low-passed to its resolution; the slider sets the level in standard deviations of the solvent
-(the corners of the box) above its mean. For print: the slices below.
+low-passed to its resolution and under the run's mask; the slider sets the level in standard
+deviations of the solvent (the corners of the box) above its mean; the menu, where there are 3D
+classes, picks the map. For print: the isosurface views and slices below.
 <code>chimerax volume.cxc</code>, from the run folder, opens the map at the same level.</p></section>
 {sections}
 <section><h2>All figures</h2><table id="metrics">{rows}</table></section>

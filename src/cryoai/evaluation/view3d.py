@@ -1,6 +1,6 @@
-"""The map in 3D for the run report: an interactive isosurface with a threshold slider (plotly,
-written into the page with plotly.js itself, so it works offline), and a ChimeraX script that
-opens the map at the same threshold.
+"""The maps in 3D for the run report: an interactive isosurface with a threshold slider and a
+menu of maps (the run's map and its 3D classes; plotly, written into the page with plotly.js
+itself, so it works offline), and a ChimeraX script that opens the map at the same threshold.
 
 plotly draws the isosurface in the browser (WebGL) from the map's values; the page carries the
 map Fourier-cropped to at most :data:`MAX_VIEW_PX` voxels a side (enough to see the shape, and
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..physics.fft import fft3_c, ifft3_c
+from ..physics.masks import spherical_mask
 
 #: The largest box the 3D view carries (the map is Fourier-cropped to it: about 1 MB of values).
 MAX_VIEW_PX = 64
@@ -58,37 +59,83 @@ def map_levels(volume: np.ndarray) -> tuple[list[float], float]:
     return [mean + k * sd for k in LEVEL_SIGMAS], mean + DEFAULT_SIGMA * sd
 
 
-def view3d_html(volume: np.ndarray, pixel_size_a: float, resolution_a: float | None = None,
-                div_id: str = "view3d") -> str:
-    """An HTML fragment: the map's isosurface (plotly, with plotly.js inlined; low-passed to
-    ``resolution_a`` where given) and a slider of levels. The page's ``<body>`` gets
-    ``data-view3d="ok"`` once the view has drawn.
-    """
-    import plotly.graph_objects as go
+def shown_map(volume: np.ndarray, pixel_size_a: float, resolution_a: float | None = None,
+              mask_radius_px: float | None = None) -> tuple[np.ndarray, float, list[float], float]:
+    """The map as the 3D view and its print thumbnails show it: Fourier-cropped to at most
+    :data:`MAX_VIEW_PX` voxels a side, low-passed to ``resolution_a`` (None: not) and, where
+    ``mask_radius_px`` is given, under the run's soft spherical mask (so that noise at the box's
+    faces does not hide the molecule); its levels are measured before the mask.
 
+    Returns
+    -------
+    The shown map, its voxel size in Angstrom, the slider's levels and the default level
+    (:func:`map_levels` of the unmasked shown map).
+    """
     n = volume.shape[-1]
     shown = _shown(np.asarray(volume, dtype=np.float64), MAX_VIEW_PX, pixel_size_a, resolution_a)
     m = shown.shape[-1]
-    step_a = pixel_size_a * n / m
     levels, default = map_levels(shown)
-    # Voxel indices (uint8) and float32 values: plotly writes numpy arrays as typed arrays.
-    z, y, x = np.meshgrid(*(np.arange(m, dtype=np.uint8),) * 3, indexing="ij")  # [z, y, x] as the map
-    values = shown.astype(np.float32)
-    surface = go.Isosurface(x=x.ravel(), y=y.ravel(), z=z.ravel(), value=values.ravel(), isomin=default,
-                            isomax=default, surface_count=1,
-                            caps={"x_show": False, "y_show": False, "z_show": False},
-                            colorscale=[[0, "#c8a24a"], [1, "#c8a24a"]], showscale=False,
-                            lighting={"ambient": 0.5, "diffuse": 0.8})
-    fig = go.Figure(surface)
-    steps = [{"method": "restyle", "args": [{"isomin": [lv], "isomax": [lv]}], "label": f"{k:g} sd"}
-             for k, lv in zip(LEVEL_SIGMAS, levels, strict=True)]
+    if mask_radius_px is not None:
+        shown = shown * spherical_mask(m, mask_radius_px * m / n, soft_edge_px=4 * m / n,
+                                       dtype=torch.float64).numpy()
+    return shown, pixel_size_a * n / m, levels, default
+
+
+def view3d_html(maps: list[tuple[str, np.ndarray]], pixel_size_a: float,
+                resolution_a: float | None = None, mask_radius_px: float | None = None,
+                div_id: str = "view3d") -> str:
+    """An HTML fragment: the isosurface of each map (plotly, with plotly.js inlined; low-passed
+    to ``resolution_a`` where given), a menu that picks the map shown (where there are several:
+    the run's map and its 3D classes) and a slider of levels, each map at the same number of
+    standard deviations of its own solvent. The page's ``<body>`` gets ``data-view3d="ok"``
+    once the view has drawn.
+
+    Parameters
+    ----------
+    maps : (name, (N, N, N) map) pairs, all at ``pixel_size_a``; the first is shown first.
+    pixel_size_a : Angstrom per voxel of the maps.
+    resolution_a : the low-pass of the view (the map's resolution), or None.
+    mask_radius_px : the run's map mask radius (px of the maps' box), or None (no mask).
+    div_id : the HTML id of the view's ``<div>``.
+    """
+    import plotly.graph_objects as go
+
+    if not maps:
+        raise ValueError("view3d_html needs at least one map")
+    traces, levels = [], []
+    step_a = pixel_size_a
+    for i, (name, volume) in enumerate(maps):
+        shown, step_a, map_levels_i, default = shown_map(volume, pixel_size_a, resolution_a, mask_radius_px)
+        m = shown.shape[-1]
+        levels.append(map_levels_i)
+        # Voxel indices (uint8) and float32 values: plotly writes numpy arrays as typed arrays.
+        z, y, x = np.meshgrid(*(np.arange(m, dtype=np.uint8),) * 3, indexing="ij")  # [z, y, x] as the map
+        traces.append(go.Isosurface(
+            x=x.ravel(), y=y.ravel(), z=z.ravel(), value=shown.astype(np.float32).ravel(), isomin=default,
+            isomax=default, surface_count=1, caps={"x_show": False, "y_show": False, "z_show": False},
+            colorscale=[[0, "#c8a24a"], [1, "#c8a24a"]], showscale=False, name=name, visible=i == 0,
+            lighting={"ambient": 0.5, "diffuse": 0.8}))
+    fig = go.Figure(traces)
+    # restyle with one value per trace: each map at k sd of its own solvent.
+    steps = [{"method": "restyle", "label": f"{k:g} sd",
+              "args": [{"isomin": [lv[j] for lv in levels], "isomax": [lv[j] for lv in levels]}]}
+             for j, k in enumerate(LEVEL_SIGMAS)]
     active = LEVEL_SIGMAS.index(DEFAULT_SIGMA)
+    menus = []
+    if len(maps) > 1:
+        menus = [{"type": "dropdown", "x": 0.0, "y": 1.0, "xanchor": "left", "yanchor": "top",
+                  "active": 0, "buttons": [
+                      {"method": "restyle", "label": name,
+                       "args": [{"visible": [j == i for j in range(len(maps))]}]}
+                      for i, (name, _) in enumerate(maps)]}]
     fig.update_layout(
-        height=520, margin={"l": 0, "r": 0, "t": 30, "b": 0},
+        height=520, margin={"l": 0, "r": 0, "t": 30, "b": 0}, updatemenus=menus,
         scene={"aspectmode": "data", **{f"{a}axis_title": f"{a} (voxels of {step_a:.3g} A)" for a in "xyz"}},
         sliders=[{"active": active, "currentvalue": {"prefix": "level above the solvent: "}, "steps": steps,
                   "pad": {"t": 10}}],
-        title={"text": "isosurface (drag to turn; the slider sets the level)", "font": {"size": 12}})
+        title={"text": "isosurface (drag to turn; the slider sets the level"
+                       + ("; the menu picks the map)" if len(maps) > 1 else ")"),
+               "font": {"size": 12}, "x": 0.5})
     post = ("var b = document.body; if (b) { b.setAttribute('data-view3d', "
             "document.querySelector('#" + div_id + " canvas') ? 'ok' : 'no-canvas'); }")
     return fig.to_html(full_html=False, include_plotlyjs=True, div_id=div_id, post_script=post,
@@ -107,4 +154,4 @@ def write_chimerax_script(path: str | Path, map_name: str, level: float) -> Path
     return path
 
 
-__all__ = ["map_levels", "view3d_html", "write_chimerax_script"]
+__all__ = ["map_levels", "shown_map", "view3d_html", "write_chimerax_script"]
