@@ -36,6 +36,17 @@ class Policy:
         "band within which each image's whitened signal energy is measured for the run's decisions",
         "the search's final band (--search-radius-end): the band its poses are found in",
     )
+    # --- the box the search runs at
+    search_box_px: int = _tuned(
+        64,
+        "px",
+        "the search, its first guesses, the pose encoder and the assignment run on the images "
+        "Fourier-cropped to this box (the bands they use, in cycles per box, are unchanged by the "
+        "crop); the reconstruction, the junk calls, the 3D classes and the polish at the full box. "
+        "0 or the box or more: the full box throughout",
+        "every threshold here was measured at 64 px; on a 128 px set the 64 px search gave the same "
+        "poses as the 64 px images' run (docs/results.md#box-sizes)",
+    )
     # --- the search's start
     class_start_energy: float = _tuned(
         250.0,

@@ -90,6 +90,14 @@ def main(args) -> int:
     dataset.noise = measure_noise(dataset, noise_kind, map_mask_radius_px(table.box_px, cfg.mask_radius_frac),
                                   seed=cfg.seed)
     if model.encoder is None:
+        working = ckpt.get("working_box")
+        if working:  # posed as the run posed its particles: on the images cropped to its working box
+            from ..data.cropped import cropped_dataset
+
+            dataset = cropped_dataset(dataset, int(working["box_px"]), scale=float(working["scale"]))
+            dataset.noise = measure_noise(dataset, noise_kind, map_mask_radius_px(dataset.table.box_px,
+                                                                                  cfg.mask_radius_frac),
+                                          seed=cfg.seed)
         assigner = _assigner(model, cfg, ckpt, device, args.first_guess, args.checkpoint)
         poses = _assign_against_map(assigner, dataset, device, len(table), args.quiet)
         _write(args.out, table, poses, args.image_paths, cfg.invert_contrast)
@@ -125,6 +133,17 @@ def _assigner(model, cfg, ckpt, device, first_guess: str, checkpoint_path):
 
     n = model.box_px
     fourier_volume = fft3_c(decoder_to_volume(model.decoder, n)) / n  # the decoders' 1/N scale
+    formation = model.formation
+    working = ckpt.get("working_box")
+    if working:  # the run's map at the box the run posed its particles at
+        from ..data.cropped import cropped_fourier_volume
+        from ..models.image_formation import ImageFormation
+
+        n = int(working["box_px"])
+        ratio = float(ckpt["scale"]) / float(working["scale"])  # full box scale / cropped images scale
+        fourier_volume = cropped_fourier_volume(fourier_volume, n, ratio)
+        pixel_size_a = model.formation.pixel_size_a * model.box_px / n
+        formation = ImageFormation(n, pixel_size_a).to(fourier_volume.device)
     payload = ckpt.get("pose_encoder")
     encoder = load_pose_encoder(payload, device)
     if first_guess == "encoder" and encoder is None:
@@ -132,7 +151,7 @@ def _assigner(model, cfg, ckpt, device, first_guess: str, checkpoint_path):
     use = encoder is not None and (first_guess == "encoder" or
                                    (first_guess == "auto" and bool((payload.get("check") or {}).get("used"))))
     check = (payload or {}).get("check")
-    return PoseAssigner(model.formation, fourier_volume, assignment_settings(cfg, n),
+    return PoseAssigner(formation, fourier_volume, assignment_settings(cfg, n),
                         encoder if use else None,
                         min_confidence=(0.0 if first_guess == "encoder" else
                                         encoder_min_confidence(check, cfg.pose_encoder)))

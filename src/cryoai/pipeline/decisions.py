@@ -8,6 +8,8 @@ thresholds are explained in docs/pipeline.md.
 
 from __future__ import annotations
 
+import math
+
 from ..physics.grids import max_paired_radius_px
 from ..policy import Policy
 from .records import AttemptFigures, RetryDecision
@@ -41,6 +43,21 @@ def choose_start(search_start: str, energy: float, policy: Policy) -> tuple[str,
         + f"{policy.class_start_energy:.0f})"
     )
     return choice, said
+
+
+def working_box(box_px: int, bands_px: tuple[float, ...], policy: Policy) -> int | None:
+    """The box (px) the search and the stages before the reconstruction run at
+    (``policy.search_box_px``; docs/pipeline.md#working-box), grown where a band they use
+    (``bands_px``, frequency px: cycles per box, the same at either box) would not fit with 2 px
+    to spare; None: the full box (the policy's box is 0, or the box is not larger, or odd).
+    """
+    target = int(policy.search_box_px)
+    if target <= 0 or box_px % 2:
+        return None
+    need = 2 * (math.ceil(max(bands_px, default=0.0)) + 2)
+    work = max(target, need)
+    work += work % 2
+    return work if work < box_px else None
 
 
 def first_guess_band(

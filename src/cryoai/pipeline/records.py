@@ -39,6 +39,15 @@ class StageRecord:
 
 
 @dataclass(frozen=True)
+class WorkingBoxRecord(StageRecord):
+    """The box the search works at: ``particles``, the run's particles Fourier-cropped to it
+    (their own scale, noise model and coefficient layout).
+    """
+
+    particles: Particles | None = None
+
+
+@dataclass(frozen=True)
 class MapRecord:
     """One map of a run: the run's own (the particles kept), or one of its classes or
     conformations. A run's maps are a list of these, so that several maps (``--classes K``,

@@ -76,6 +76,7 @@ from .stages import (
     noise_stage,
     reconstruction_figures,
     views_stage,
+    working_box_stage,
 )
 
 
@@ -235,15 +236,19 @@ def run_default(
     dataset = ParticleDataset(table, invert_contrast=cfg.invert_contrast, scale=scale, source=source)
     particles = Particles(table, dataset, None, device)
 
-    # 1. the noise model (the images whitened by it from here on), and the band the global first
-    # guesses score in
+    # 1. the noise model (the images whitened by it from here on), the box the search works at,
+    # and the band the global first guesses score in
     noise = noise_stage(particles, cfg)
     dataset = dataset.variant(noise=noise.noise)
     particles = replace(particles, dataset=dataset)
-    cfg, band = first_guess_stage(particles, cfg)
+    box = working_box_stage(particles, cfg) if mode == "search" else None
+    work = None if box is None else box.particles  # the particles the search sees (None: these)
+    cfg, band = first_guess_stage(work or particles, cfg)
     model = new_model(cfg, dataset, with_encoder=mode == "amortized", device=device)
     optimizer = new_optimizer(model, cfg)
     particles = replace(particles, formation=model.formation)
+    work = work or particles
+    working = None if box is None else {k: box.figures[k] for k in ("box_px", "scale")}
     state, saved = TrainState(), {}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -253,6 +258,7 @@ def run_default(
         saved = restored_stages(ckpt, device)
     run_dir.write_config(cfg)
     run.done(noise)
+    run.done(box)
     run.done(band)
 
     poses = fixed_poses.poses() if fixed_poses is not None else saved.get("poses")
@@ -264,7 +270,8 @@ def run_default(
 
     def checkpoint() -> None:
         if dist.is_main:
-            extra = stage_payload(poses if mode == "search" else None, encoder, junk, classes, views_balanced)
+            extra = stage_payload(poses if mode == "search" else None, encoder, junk, classes, views_balanced,
+                                  working)
             if prior_lam is not None:
                 extra["prior_lam"] = prior_lam.cpu()
             run_dir.save_checkpoint(
@@ -274,7 +281,7 @@ def run_default(
     # 2-3. the search, the view balancing, the pose encoder and the assignment
     if mode == "search" and poses is None:
         search, before = search_stage(
-            particles, cfg, minutes_before=state.minutes, say=run.say, log=run_dir.log, progress=run.progress
+            work, cfg, minutes_before=state.minutes, say=run.say, log=run_dir.log, progress=run.progress
         )
         for record in before:
             run.records.append(record)  # (logged and said as they happened)
@@ -283,21 +290,27 @@ def run_default(
             # the images read with the other sign from here on, and so by predict-poses
             cfg = replace(cfg, invert_contrast=not cfg.invert_contrast)
             run_dir.write_config(cfg)
-            particles, dataset = search.particles, search.particles.dataset
+            if work is particles:
+                particles = work = search.particles
+                dataset = particles.dataset
+            else:  # the full box's images too
+                work = search.particles
+                dataset = dataset.variant(sign=-dataset.sign)
+                particles = replace(particles, dataset=dataset)
         run.done(search)
         explained = search.explained
         found = search.found
         if found.class_averages is not None:
             ca = found.class_averages
             run_dir.write_class_averages(
-                ca.images.cpu().numpy() * particles.box_px, ca.sizes.cpu().numpy(), particles.pixel_size_a
+                ca.images.cpu().numpy() * work.box_px, ca.sizes.cpu().numpy(), work.pixel_size_a
             )
-        views = balance_views_stage(particles, cfg, found, say=run.say, progress=run.progress)
+        views = balance_views_stage(work, cfg, found, say=run.say, progress=run.progress)
         found, views_balanced = views.found, views.balanced
         state.minutes += views.figures.get("seconds", 0.0) / 60
         run.done(views, state.minutes)
         encoder = encoder_stage(
-            particles,
+            work,
             cfg,
             found.fourier_volume,
             found.spectra,
@@ -312,7 +325,7 @@ def run_default(
         )
         state.minutes += encoder.figures.get("seconds", 0.0) / 60
         run.done(encoder, state.minutes)
-        assignment = assignment_stage(particles, cfg, found, encoder, say=run.say, progress=run.progress)
+        assignment = assignment_stage(work, cfg, found, encoder, say=run.say, progress=run.progress)
         poses = assignment.poses
         state.minutes += assignment.figures["seconds"] / 60
         _broadcast_poses(poses, dist)
@@ -367,7 +380,7 @@ def run_default(
         argv=argv,
         say=run.say,
         checkpoint_extra=stage_payload(
-            poses if mode == "search" else None, encoder, junk, classes, views_balanced
+            poses if mode == "search" else None, encoder, junk, classes, views_balanced, working
         ),
     )
     run.records.append(StageRecord("fit", trainer.fit(on_volume)))  # (logged by the trainer)
@@ -606,9 +619,15 @@ def stage_payload(
     junk: JunkRecord | None,
     classes: ClassesRecord | None,
     views_balanced: bool,
+    working_box: dict | None = None,
 ) -> dict:
-    """The stages' results a checkpoint keeps, so that a resumed run and predict-poses find them."""
+    """The stages' results a checkpoint keeps, so that a resumed run and predict-poses find them
+    (``working_box``: the box the particles were posed at and the images' scale there, where
+    not the full box).
+    """
     extra: dict = {"views_balanced": views_balanced}
+    if working_box is not None:
+        extra["working_box"] = dict(working_box)
     if poses is not None:
         extra.update(pose_rotations=poses.rotations, pose_shifts_a=poses.shifts_a)
     if junk is not None:

@@ -12,8 +12,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from ..data.cropped import cropped_dataset
 from ..data.noise import measure_noise
 from ..models.encoder import PoseGridEncoder
+from ..models.image_formation import ImageFormation
 from ..physics.fft import ifft3_c
 from ..physics.fsc import resolution_px
 from ..physics.grids import max_paired_radius_px
@@ -37,6 +39,7 @@ from .records import (
     Particles,
     PosesRecord,
     StageRecord,
+    WorkingBoxRecord,
 )
 from .settings import assignment_settings, junk_settings, mask_radius_px
 
@@ -64,6 +67,32 @@ def noise_stage(particles: Particles, cfg: TrainConfig) -> NoiseRecord:
         "the images are whitened by them"
     )
     return NoiseRecord("noise", {"stage": "noise", **s}, (said,), noise=noise)
+
+
+def working_box_stage(particles: Particles, cfg: TrainConfig) -> WorkingBoxRecord | None:
+    """The box the search, its first guesses, the pose encoder and the assignment work at
+    (:func:`cryoai.pipeline.decisions.working_box`; docs/pipeline.md#working-box): the run's
+    particles Fourier-cropped to it as they are read, with their own intensity scale and noise
+    model measured at that box. None: the full box (64 px or less by default).
+    """
+    box_px = particles.box_px
+    bands = (cfg.search_radius_end, cfg.search_radius_start, cfg.assign_radius_px or 0.0)
+    work_px = decisions.working_box(box_px, bands, cfg.policy)
+    if work_px is None:
+        return None
+    t0 = time.perf_counter()
+    dataset = cropped_dataset(particles.dataset, work_px, n_samples=cfg.normalize_samples, seed=cfg.seed)
+    formation = ImageFormation(work_px, dataset.table.median_pixel_size_a()).to(particles.device)
+    work = Particles(dataset.table, dataset, formation, particles.device)
+    noise = noise_stage(work, cfg)
+    work = replace(work, dataset=dataset.variant(noise=noise.noise))
+    pixel_a = work.pixel_size_a
+    figures = {"stage": "working_box", "box_px": work_px, "full_box_px": box_px, "pixel_size_a": pixel_a,
+               "scale": dataset.scale, "seconds": round(time.perf_counter() - t0, 2)}
+    said = (f"working box: the search, its first guesses, the pose encoder and the assignment on the "
+            f"images Fourier-cropped to {work_px} px ({pixel_a:.3g} A per px, Nyquist {2 * pixel_a:.3g} A); "
+            f"the reconstruction, the junk calls and the polish at the full {box_px} px",)
+    return WorkingBoxRecord("working_box", figures, said, particles=work)
 
 
 def first_guess_stage(particles: Particles, cfg: TrainConfig) -> tuple[TrainConfig, StageRecord | None]:
