@@ -66,7 +66,7 @@ from .records import (
     StageRecord,
 )
 from .search import balance_views_stage, read_initial_map, search_stage
-from .settings import in_pixels, mask_radius_px
+from .settings import at_full_box, in_pixels, mask_radius_px
 from .stages import (
     assignment_stage,
     classes_stage,
@@ -342,7 +342,10 @@ def run_default(
         rec = reconstruction_from_sums(sums, mask_radius_px=mask_radius_px(cfg, particles.box_px))
         if mode == "search" and cfg.sort_junk and dataset.noise is not None:
             # (the scores are in units of the measured noise: none without a noise model)
-            junk = run.done(junk_stage(particles, cfg, poses, rec, sums, say=run.say, progress=run.progress))
+            full_cfg = at_full_box(cfg, None if working is None else working["box_px"], particles.box_px)
+            junk = run.done(
+                junk_stage(particles, full_cfg, poses, rec, sums, say=run.say, progress=run.progress)
+            )
             poses, rec = junk.poses, junk.reconstruction
             _broadcast_poses(poses, dist)
         del sums

@@ -45,6 +45,17 @@ def in_pixels(cfg: TrainConfig, box_px: int, pixel_size_a: float,
     return cfg
 
 
+def at_full_box(cfg: TrainConfig, working_box_px: int | None, box_px: int) -> TrainConfig:
+    """The options for the stages at the full box of a run that searched at a working box: the
+    global first guesses' shift grid (the junk stage's second look) in the same steps in
+    Angstrom as at the working box (2 working px, not 2 full-box px: the same number of shifts
+    over the same range in Angstrom, refined locally after).
+    """
+    if working_box_px is None or working_box_px >= box_px:
+        return cfg
+    return replace(cfg, search_shift_step_px=cfg.search_shift_step_px * box_px / working_box_px)
+
+
 def mask_radius_px(cfg: TrainConfig, box_px: int) -> float:
     """The radius (px) of the maps' soft spherical mask."""
     return map_mask_radius_px(box_px, cfg.mask_radius_frac)
