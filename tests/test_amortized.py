@@ -175,9 +175,10 @@ def test_unsure_particles_get_the_global_search(noise_free_set):
 
 
 def test_default_run_trains_checks_and_saves_the_encoder_for_predict_poses(tmp_path):
-    """L=32, noise-free: the encoder stage runs after the search of a subset, is checked against
-    the search's poses on held-out particles, the other particles are posed as the check chose,
-    and predict-poses uses the saved encoder (for every particle with --first-guess encoder)."""
+    """L=32, noise-free, --pose-encoder always (50 particles could not pay for its training
+    under auto): the encoder stage runs after the search of a subset, is checked against the
+    search's poses on held-out particles, the other particles are posed by it, and predict-poses
+    uses the saved encoder (for every particle with --first-guess encoder)."""
     sim = tmp_path / "sim"
     assert cli(["simulate", "--box", "32", "--n", "300", "--no-noise", "--shift-sigma-a", "10",
                 "--seed", "3", "--outdir", str(sim), "--quiet"]) == 0
@@ -185,7 +186,7 @@ def test_default_run_trains_checks_and_saves_the_encoder_for_predict_poses(tmp_p
     assert cli(["train", str(sim / "particles.star"), "--outdir", str(run), "--quiet",
                 "--search-iterations", "80", "--search-batch", "200", "--search-subset", "250",
                 "--refine-rounds", "4", "--decoder-epochs", "1", "--encoder-minutes", "0.15",
-                "--no-tensorboard"]) == 0
+                "--pose-encoder", "always", "--no-tensorboard"]) == 0
     records = {r["stage"]: r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
                if "stage" in r}
     plan = records["search_plan"]  # said: the subset (capped), the schedule a blob's start runs
@@ -205,10 +206,11 @@ def test_default_run_trains_checks_and_saves_the_encoder_for_predict_poses(tmp_p
                 "--first-guess", "encoder", "--quiet"]) == 0
     predicted = load_particles(out)
     assert len(predicted) == 300 and np.isfinite(predicted.rotations).all()
-    # The default first guess (as the run chose) agrees with the run's own poses.
+    # The global first guess against the run's map agrees with the run's own poses (the run's
+    # choice, --pose-encoder always, is this seconds-trained encoder for every particle).
     out2 = tmp_path / "predicted2.star"
     assert cli(["predict-poses", str(run / "checkpoint.pt"), str(sim / "particles.star"), "--out", str(out2),
-                "--quiet"]) == 0
+                "--first-guess", "global", "--quiet"]) == 0
     ours = torch.as_tensor(load_particles(run / "poses.star").rotations)
     theirs = torch.as_tensor(load_particles(out2).rotations)
     # ... and the run converged (40 search iterations did not: poses agreeing on a wrong map
@@ -216,6 +218,26 @@ def test_default_run_trains_checks_and_saves_the_encoder_for_predict_poses(tmp_p
     truth = load_particles(sim / "particles.star").rotations
     assert float(np.median(align_rotations(ours.numpy(), truth)["angle_deg"])) < 10
     assert float(torch.rad2deg(geodesic_distance(ours, theirs)).median()) < 6.0
+
+
+def test_the_encoder_is_not_trained_where_it_cannot_pay_for_its_training(tmp_path):
+    """--pose-encoder auto: 20 particles outside the subset cannot save the encoder's training
+    time (its cost model, timed on the machine before training): no encoder, and the run says why."""
+    sim = tmp_path / "sim"
+    assert cli(["simulate", "--box", "24", "--n", "60", "--snr-db", "0", "--outdir", str(sim),
+                "--quiet"]) == 0
+    run = tmp_path / "run"
+    assert cli(["train", str(sim / "particles.star"), "--outdir", str(run), "--quiet",
+                "--search-iterations", "5", "--search-batch", "20", "--search-subset", "40",
+                "--refine-rounds", "1", "--decoder-epochs", "0.1", "--no-tensorboard"]) == 0
+    records = {r["stage"]: r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+               if "stage" in r}
+    enc = records["encoder"]
+    assert enc["trained"] is False and enc["global_first_guess_images_per_s"] > 0
+    said = (run / "run.log").read_text()
+    assert "encoder: not trained: the global search gives the 20 other particles" in said
+    assert "pose_encoder" not in load_checkpoint(run / "checkpoint.pt")
+    assert records["assignment"]["global"] == 20
 
 
 def test_predict_poses_refuses_first_guess_encoder_without_one(tmp_path):

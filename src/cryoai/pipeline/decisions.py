@@ -317,6 +317,26 @@ def encoder_wanted(pose_encoder: str, particles_to_pose: int) -> tuple[bool, str
                    "(--pose-encoder always trains one, for predict-poses on new particles)")
 
 
+def encoder_may_pay(particles_to_pose: int, global_s: float, amortized_s: float,
+                    budget_s: float) -> tuple[bool, str]:
+    """Whether training the pose encoder can pay for itself in this run, before it is trained
+    (docs/pipeline.md#pose-encoder): at best it gives every one of ``particles_to_pose`` its
+    first guess at ``amortized_s`` (s per particle, measured on this machine) instead of the
+    global search's ``global_s``; if even that saves less than its ``budget_s`` of training, it
+    is not trained. Returns the verdict and, when it is not, why.
+    """
+    saved = particles_to_pose * (global_s - amortized_s)
+    if saved >= budget_s:
+        return True, ""
+    return False, (
+        f"encoder: not trained: the global search gives the {particles_to_pose:,} other particles their "
+        f"first guess at {1 / global_s:,.0f} img/s here and the encoder's hypotheses at "
+        f"{1 / amortized_s:,.0f} img/s, so it would save at most {max(saved, 0.0):.0f} s, less than its "
+        f"{budget_s:.0f} s of training (--pose-encoder always trains one, e.g. for predict-poses on new "
+        "particles)"
+    )
+
+
 def encoder_pays(check: dict, policy: Policy) -> tuple[bool, str]:
     """Whether the pose encoder poses the other particles (docs/pipeline.md#pose-encoder): at
     least ``policy.encoder_min_amortized_fraction`` of the particles skip the global search as

@@ -28,7 +28,12 @@ from ..reconstruction.pose_search import Progress, SubsetSearch
 from ..reconstruction.regularised import Reconstruction, density_skewness
 from ..simulate.views import sampling_compensation_factor
 from ..training.config import TrainConfig
-from ..training.encoder_fit import EncoderSettings, check_pose_encoder, train_pose_encoder
+from ..training.encoder_fit import (
+    EncoderSettings,
+    check_pose_encoder,
+    first_guess_seconds,
+    train_pose_encoder,
+)
 from . import decisions
 from .records import (
     ClassesRecord,
@@ -155,12 +160,30 @@ def encoder_stage(
         return EncoderRecord("encoder", said=tuple(said))
     t0 = time.perf_counter()
     settings = EncoderSettings(minutes=minutes, seed=cfg.seed)
+    band_px = cfg.refine_radius_frac * max_paired_radius_px(particles.box_px)  # the search map's band
+    if cfg.pose_encoder == "auto":
+        # Its cost model, before it is trained: the two first guesses timed on a probe of the subset.
+        torch.manual_seed(cfg.seed + 5)
+        probe = torch.arange(min(len(spectra), 256), device=spectra.device)
+        global_s, amortized_s = first_guess_seconds(
+            PoseGridEncoder(band_px=band_px).to(particles.device),
+            particles.formation,
+            fourier_volume,
+            spectra[probe],
+            ctf[probe],
+            assignment_settings(cfg, particles.box_px),
+        )
+        pays, why = decisions.encoder_may_pay(particles_to_pose, global_s, amortized_s, 60 * minutes)
+        if not pays:
+            figures = {"stage": "encoder", "seconds": time.perf_counter() - t0, "trained": False,
+                       "global_first_guess_images_per_s": 1 / global_s,
+                       "amortized_first_guess_images_per_s": 1 / amortized_s}
+            return EncoderRecord("encoder", figures, (*said, why))
     n = len(spectra)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 99)).to(spectra.device)
     n_check = min(settings.held_out, max(n // 10, 1))
     check_rows, train_rows = order[:n_check], order[n_check:]
     torch.manual_seed(cfg.seed + 5)  # the encoder's initial weights
-    band_px = cfg.refine_radius_frac * max_paired_radius_px(particles.box_px)  # the search map's band
     encoder = PoseGridEncoder(band_px=band_px).to(particles.device)
     say(
         f"encoder: learning poses from the map for at most {minutes:.3g} min "

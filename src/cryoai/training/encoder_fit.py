@@ -324,6 +324,30 @@ def check_pose_encoder(encoder: PoseGridEncoder, formation: ImageFormation, four
         combined_images_per_s=1 / combined_s)
 
 
+def first_guess_seconds(encoder: PoseGridEncoder, formation: ImageFormation, fourier_volume: torch.Tensor,
+                        spectra: torch.Tensor, ctf: torch.Tensor,
+                        assign: AssignSettings) -> tuple[float, float]:
+    """Seconds per particle of the two first guesses on this machine, measured on ``spectra``
+    (a probe of a few hundred particles): the global search of the SO(3) grid x the shift grid,
+    and the encoder's hypotheses scored over the shift grid (``encoder`` need not be trained:
+    its cost does not depend on its weights). The refinement after is the same for both.
+
+    Returns
+    -------
+    (global, amortized) seconds per particle; each the faster of two timings (the first warms up).
+    """
+    out = []
+    for enc in (None, encoder):
+        assigner = PoseAssigner(formation, fourier_volume, assign, enc)
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            assigner.first_guess(spectra, ctf)
+            best = min(best, (time.perf_counter() - t0) / len(spectra))
+        out.append(best)
+    return out[0], out[1]
+
+
 __all__ = ["EncoderCheck", "EncoderSettings",
-           "background_noise_variance", "check_pose_encoder", "shell_gain", "soft_labels",
-           "train_pose_encoder"]
+           "background_noise_variance", "check_pose_encoder", "first_guess_seconds", "shell_gain",
+           "soft_labels", "train_pose_encoder"]
