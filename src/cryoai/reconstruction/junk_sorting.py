@@ -154,6 +154,7 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
     sums : the two half sets' back-projected sums of every particle at ``poses``, split by
         ``half_sets(n, seed)`` (:func:`cryoai.reconstruction.regularised.half_set_sums`: those
         ``rec`` was made from), or None: computed here (one more back-projection of every particle).
+        They are updated in place as particles change pose (handed over: not the caller's after).
     log : optional ``log(message)``.
     progress : optional ``progress(what, done, total)`` after each pass.
     """
@@ -172,11 +173,16 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
     half[half_sets(n, seed)[1]] = 1
     all_sums = None
     if st.passes:
+        # (updated in place as particles change pose: ``sums`` are the caller's, handed over)
         all_sums = list(sums) if sums is not None else _half_sums(particles, poses, np.arange(n), half)
 
     def kept_map() -> Reconstruction:
-        junk_sums = _half_sums(particles, poses, np.flatnonzero(~decision.keep), half)
-        kept_sums = [(a[0] - j[0], a[1] - j[1]) for a, j in zip(all_sums, junk_sums, strict=True)]
+        # every particle's sums less the junk's, made in the junk's own tensors (one set of sums
+        # fewer alive: at 256 px each set is 400 MB)
+        kept_sums = _half_sums(particles, poses, np.flatnonzero(~decision.keep), half)
+        for (a_num, a_den), (j_num, j_den) in zip(all_sums, kept_sums, strict=True):
+            j_num.neg_().add_(a_num)
+            j_den.neg_().add_(a_den)
         return reconstruction_from_sums(kept_sums, mask_radius_px=mask_radius_px)
 
     for k in range(st.passes):
@@ -187,11 +193,12 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
         assigner = PoseAssigner(particles.formation, rec.fourier_volume, wide, None)
         before = Poses(poses.rotations.clone(), poses.shifts_a.clone())
         changed = repose(particles, poses, junk, assigner, radius_px)
-        if len(changed):
-            old_sums = _half_sums(particles, before, changed, half)
-            new_sums = _half_sums(particles, poses, changed, half)
-            all_sums = [(a[0] - o[0] + w[0], a[1] - o[1] + w[1])
-                        for a, o, w in zip(all_sums, old_sums, new_sums, strict=True)]
+        if len(changed):  # the sums updated in place: the changed particles' old terms out, new in
+            for at, sign in ((before, -1.0), (poses, 1.0)):
+                for (a_num, a_den), (c_num, c_den) in zip(all_sums, _half_sums(particles, at, changed, half),
+                                                          strict=True):
+                    a_num.add_(c_num, alpha=sign)
+                    a_den.add_(c_den, alpha=sign)
         reposed.update(changed.tolist())
         scores = score_particles(particles, rec.fourier_volume, poses, radius_px, mask_radius_px)
         decision = classify_junk(scores, groups, threshold=st.threshold, core_share=st.core_share)

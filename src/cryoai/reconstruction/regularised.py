@@ -30,6 +30,11 @@ from ..physics.poses import Poses
 from .backproject import backproject
 from .spectra import ParticleSpectra
 
+#: The most frequency points (images x coefficients) one trilinear insertion takes at a time: its
+#: per-point temporaries (indices and weights of 8 corners) then stay near 100 MB at any box
+#: (at 64 px a batch of 256 images is one insertion; at 256 px 63 images are).
+INSERT_POINTS = 2**21
+
 
 def regularised_solve(numerator: torch.Tensor, denominator: torch.Tensor, lam: torch.Tensor | float,
                       *, radius_px: float, mask: torch.Tensor) -> torch.Tensor:
@@ -117,11 +122,14 @@ def backproject_particles(particles: ParticleSpectra, indices: np.ndarray, poses
         done += len(idx)
         if progress is not None:
             progress(done, len(indices))
+        step = max(1, INSERT_POINTS // max(1, formation.coords_px.shape[0]))  # images per insertion
         for op in ([None] if operators is None else operators):
             at = rotations if op is None else op @ rotations
-            a, b = backproject(y, c, at, formation.coords_px, n, phases)
-            num += a
-            den += b
+            for s in range(0, len(idx), step):
+                a, b = backproject(y[s:s + step], c[s:s + step], at[s:s + step], formation.coords_px, n,
+                                   phases[s:s + step])
+                num += a
+                den += b
     return num, den
 
 
