@@ -73,9 +73,21 @@ def test_initial_map_of_another_box_is_refused_before_the_run_starts(tmp_path, c
     for box, n, out in (("24", "20", sim), ("32", "2", other)):
         assert cli(["simulate", "--box", box, "--n", n, "--snr-db", "0", "--outdir", str(out),
                     "--quiet"]) == 0
+    # a map of another extent (32 px of 5 A: 160 A, the particles' box 320 A) is refused
+    from cryoai.io import read_volume, write_volume
+    from cryoai.pipeline.search import read_initial_map
+
+    volume, voxel_a = read_volume(other / "ground_truth.mrc")
+    write_volume(other / "ground_truth.mrc", volume, 5.0)
     run = tmp_path / "run"
     rc = cli(["train", str(sim / "particles.star"), "--outdir", str(run), "--quiet",
               "--initial-map", str(other / "ground_truth.mrc")])
     err = capsys.readouterr().err
     assert rc != 0 and "ground_truth.mrc: box 32 differs from the particles' 24" in err
     assert not run.exists()
+    # the same extent at a larger box (a full-box map for a search at a smaller working box) is
+    # Fourier-cropped to the particles' box
+    write_volume(other / "same_extent.mrc", volume, voxel_a)
+    cropped = read_initial_map(str(other / "same_extent.mrc"), 24, voxel_a * 32 / 24)
+    assert cropped.shape == (24, 24, 24)
+    assert abs(cropped.mean() - volume.mean()) < 1e-3 * abs(volume).max()  # the crop keeps the mean

@@ -19,7 +19,7 @@ import torch
 
 from ..evaluation.metrics import pose_agreement
 from ..io.mrc import read_volume
-from ..physics.fft import ifft3_c
+from ..physics.fft import fourier_crop_3d, ifft3_c
 from ..reconstruction import PoseAssigner, repose_subset, search_subset, starting_map
 from ..reconstruction.particle_scores import explained_signal, score_spectra
 from ..reconstruction.pose_search import Progress, SubsetSearch
@@ -34,7 +34,9 @@ from .settings import assignment_settings, mask_radius_px, search_settings
 
 def read_initial_map(path: str, box_px: int, pixel_size_a: float) -> np.ndarray:
     """The map of ``--initial-map``, checked against the particles: the same box, and the same
-    voxel size within 1% where its header gives one (an unset one, 0, is taken as theirs).
+    voxel size within 1% where its header gives one (an unset one, 0, is taken as theirs). A
+    map of the same extent at a larger (even) box, e.g. the particles' full box where the search
+    works at a smaller one, is Fourier-cropped to ``box_px``.
 
     Raises
     ------
@@ -44,11 +46,17 @@ def read_initial_map(path: str, box_px: int, pixel_size_a: float) -> np.ndarray:
     from ..errors import InputError
 
     volume, voxel_a = read_volume(path)
-    if volume.shape[-1] != box_px:
-        raise InputError(
-            f"{path}: box {volume.shape[-1]} differs from the particles' {box_px} "
-            "(resample the map to their box first)"
-        )
+    n = volume.shape[-1]
+    extent_a = box_px * pixel_size_a
+    if n != box_px:
+        same_extent = voxel_a <= 0 or abs(n * voxel_a - extent_a) <= 0.01 * extent_a
+        if not (n > box_px and n % 2 == 0 and box_px % 2 == 0 and same_extent):
+            raise InputError(
+                f"{path}: box {n} differs from the particles' {box_px} "
+                "(resample the map to their box first)"
+            )
+        volume = fourier_crop_3d(torch.as_tensor(volume, dtype=torch.float64), box_px).numpy()
+        voxel_a = extent_a / box_px if voxel_a > 0 else voxel_a
     if voxel_a > 0 and abs(voxel_a - pixel_size_a) > 0.01 * pixel_size_a:
         raise InputError(
             f"{path}: voxel size {voxel_a:.3f} A differs from the particles' "
