@@ -47,7 +47,7 @@ VARIANTS = [
     ("global exhaustive + 8 x 48 random (the default before the encoder stage)", False, False, OLD),
     ("global exhaustive + Newton", False, False, {"prune_keep": 0}),
     ("global pruned + Newton (where it does not)", False, False, {}),
-    ("encoder + exhaustive fallback + Newton (session 7 default)", True, False, {"prune_keep": 0}),
+    ("encoder + exhaustive fallback + Newton (the earlier default)", True, False, {"prune_keep": 0}),
     ("encoder + pruned fallback + Newton (where the run's check passes)", True, False, {}),
     ("encoder + pruned fallback + Newton, 3 rounds", True, False, {"refine_rounds": 3}),
     ("encoder alone + Newton", True, True, {}),
