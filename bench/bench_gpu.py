@@ -34,6 +34,7 @@ def stage_table(run: Path, n: int) -> pd.DataFrame:
     """Seconds and images/s of each stage of a run (the search's attempts added)."""
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     plan = next((r for r in log if r.get("stage") == "search_plan"), {})
+    outputs = json.loads((run / "outputs.json").read_text())
     rows = {}
     for stage, key in STAGES:
         recs = [r for r in log if r.get("stage") == stage and isinstance(r.get(key), (int, float))]
@@ -41,7 +42,7 @@ def stage_table(run: Path, n: int) -> pd.DataFrame:
             continue
         seconds = sum(r[key] for r in recs) if stage == "search" else recs[-1][key]
         images = {"search": plan.get("subset", n), "assignment": recs[-1].get("particles") or 0,
-                  "fit": recs[-1].get("images_seen", 0)}.get(stage, n)
+                  "fit": outputs.get("images_seen", 0)}.get(stage, n)
         rate = images / seconds if seconds else None
         rows[stage] = {"seconds": seconds, "images": images, "images_per_s": rate}
     return pd.DataFrame(rows).T
