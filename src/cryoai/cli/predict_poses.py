@@ -87,17 +87,16 @@ def main(args) -> int:
     # The new particles whitened as the run's were, by their own noise spectra (checkpoints of
     # runs before the noise model read white noise).
     noise_kind = ckpt["config"].get("noise_model", "white")
-    dataset.noise = measure_noise(dataset, noise_kind, map_mask_radius_px(table.box_px, cfg.mask_radius_frac),
+    working = ckpt.get("working_box") if model.encoder is None else None
+    if working:  # posed as the run posed its particles: on the images cropped to its working box
+        from ..data.cropped import cropped_dataset
+
+        dataset = cropped_dataset(dataset, int(working["box_px"]), scale=float(working["scale"]))
+    # (measured once, at the box the particles are posed at)
+    dataset.noise = measure_noise(dataset, noise_kind, map_mask_radius_px(dataset.table.box_px,
+                                                                          cfg.mask_radius_frac),
                                   seed=cfg.seed)
     if model.encoder is None:
-        working = ckpt.get("working_box")
-        if working:  # posed as the run posed its particles: on the images cropped to its working box
-            from ..data.cropped import cropped_dataset
-
-            dataset = cropped_dataset(dataset, int(working["box_px"]), scale=float(working["scale"]))
-            dataset.noise = measure_noise(dataset, noise_kind, map_mask_radius_px(dataset.table.box_px,
-                                                                                  cfg.mask_radius_frac),
-                                          seed=cfg.seed)
         assigner = _assigner(model, cfg, ckpt, device, args.first_guess, args.checkpoint)
         poses = _assign_against_map(assigner, dataset, device, len(table), args.quiet)
         _write(args.out, table, poses, args.image_paths, cfg.invert_contrast)
