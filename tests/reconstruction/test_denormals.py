@@ -78,11 +78,13 @@ def test_em_step_products_have_no_denormals(monkeypatch):
     fvol = em.fourier_volume
     # Precondition (the test can fail): with a plain softmax these data put denormals into the
     # M-step products.
-    def plain_softmax_(errors, scale):
+    def plain_softmax_(errors, scale, minimum=None):
         logits = -(errors - errors.min(dim=-1, keepdim=True).values) * scale
-        return errors.copy_(torch.softmax(logits, dim=-1))
+        post = errors.copy_(torch.softmax(logits, dim=-1))
+        return post, post.max(dim=-1).values
 
-    monkeypatch.setattr(search, "posterior_from_errors_", plain_softmax_)
+    monkeypatch.setattr(search, "posterior_and_max_", plain_softmax_)
+    monkeypatch.setattr(search, "SIGNIFICANT_MASS", 2.0)  # the M step's dense products, every image
     with _DenormalSpy() as spy:
         em.iterate(y, c, radius_px=8.0)
     assert spy.with_denormals > 0

@@ -74,6 +74,7 @@ def search_settings(cfg: TrainConfig, box_px: int) -> SearchSettings:
         radius_end_px=cfg.search_radius_end,
         max_shift_px=(cfg.search_max_shift_px if cfg.search_max_shift_px is not None else 0.12 * box_px),
         shift_step_px=cfg.search_shift_step_px,
+        refine_method=cfg.refine_method,
         refine_rounds=cfg.refine_rounds,
         refine_candidates=cfg.refine_candidates,
         refine_radius_frac=cfg.refine_radius_frac,

@@ -39,7 +39,7 @@ from ..physics.grids import radius_grid_2d
 from ..physics.masks import circular_mask
 from ..physics.projection import inplane_rotations, sample_planes
 from ..physics.shifts import phase_shift
-from .em import SearchData, Workspace, posterior_from_errors_, score_grid, shift_grid
+from .em import SearchData, Workspace, posterior_and_max_, score_grid, shift_grid
 
 
 @dataclass
@@ -176,8 +176,8 @@ def class_averages(formation: ImageFormation, spectra: torch.Tensor, ctf: torch.
             emin, arg = flat.min(dim=-1)
             if sigma2 is None:  # noise per coefficient from the best fits (as the 3D EM does)
                 sigma2 = float(emin.mean() / d.weight.sum().clamp_min(1)) * anneal + 1e-12
-            post = posterior_from_errors_(flat, 1.0 / (2 * sigma2))
-            post_max.append(post.max(dim=-1).values)
+            post, top = posterior_and_max_(flat, 1.0 / (2 * sigma2), emin)
+            post_max.append(top)
             best.append(arg)
             x = (c * y)[:, None, :] * phases.conj()[None]  # (b, S, P)
             pt = post.view(rows * n_s, k * n_a).T

@@ -46,7 +46,7 @@ from ..physics.shifts import phase_shift
 from .amortized import AssignSettings, PoseAssigner
 from .backproject import backproject
 from .class_averages import ClassAverages, ClassAverageSettings, class_averages, class_particles
-from .em import ExpectationMaximisation, assign_global, refine_local
+from .em import ExpectationMaximisation, assign_global, refine_local, refine_newton
 from .particle_scores import score_spectra
 from .spectra import ParticleSpectra, SpectraInMemory
 
@@ -73,7 +73,7 @@ class SearchSettings:
     radius_start_px, radius_end_px : the EM band, cycles per box.
     max_shift_px, shift_step_px : the shift grid (a disk), pixels.
     refine_rounds : local refinement rounds.
-    refine_candidates : local rotations tried per image and round.
+    refine_candidates : local rotations tried per image and round (``refine_method="random"``).
     refine_radius_frac : final refinement band, fraction of the largest paired radius.
     class_radius_px : the band of the 2D classification that makes a start from class averages
         (its in-plane first guesses); None: ``radius_end_px``.
@@ -83,6 +83,10 @@ class SearchSettings:
         kept (by how much of the averages the map explains).
     seed : seeds the subset and every random draw of the search.
     temperature : of the EM's posterior (1: the noise model's; below 1 sharper).
+    refine_method : ``"newton"`` (:func:`cryoai.reconstruction.em.refine_newton`: steps of half
+        the grid's spacing and half the shift step, halved each round) or ``"random"``
+        (:func:`cryoai.reconstruction.em.refine_local`: ``refine_candidates`` rotations within
+        the grid's spacing, x0.6 per round).
     """
 
     mask_radius_px: float
@@ -105,6 +109,7 @@ class SearchSettings:
     class_search_seeds: int
     seed: int
     temperature: float = 1.0
+    refine_method: str = "random"
 
 
 @dataclass
@@ -459,18 +464,24 @@ class _Search:
         """Local refinement rounds with a widening band and a shrinking angular range."""
         st = self.settings
         r_end = self._radius(st.refine_radius_frac * self.r_max)
-        angle = self.em.grid_step_rad
+        newton = st.refine_method == "newton"
+        angle = self.em.grid_step_rad / (2 if newton else 1)
         shift_step = st.shift_step_px / 2
         for k in range(st.refine_rounds):
             if self._past_deadline(f"local refinement stopped after {k} of {st.refine_rounds} rounds"):
                 break
             r = start_radius + (r_end - start_radius) * (k + 1) / st.refine_rounds
-            rot, shifts = refine_local(self.formation, self.em.fourier_volume, y, c, rot, shifts, r,
-                                       max_angle_rad=angle, n_candidates=st.refine_candidates,
-                                       shift_step_px=shift_step, generator=self.gen)
+            if newton:
+                rot, shifts = refine_newton(self.formation, self.em.fourier_volume, y, c, rot, shifts, r,
+                                            step_rad=angle, shift_step_px=shift_step)
+                angle, shift_step = angle / 2, shift_step / 2
+            else:
+                rot, shifts = refine_local(self.formation, self.em.fourier_volume, y, c, rot, shifts, r,
+                                           max_angle_rad=angle, n_candidates=st.refine_candidates,
+                                           shift_step_px=shift_step, generator=self.gen)
+                angle = max(angle * 0.6, math.radians(0.5))
+                shift_step = max(shift_step * 0.7, 0.1)
             if update_map:
                 self._hard_backprojection(y, c, rot, shifts, r)
             self.progress("search refinement", k + 1, st.refine_rounds)
-            angle = max(angle * 0.6, math.radians(0.5))
-            shift_step = max(shift_step * 0.7, 0.1)
         return rot, shifts

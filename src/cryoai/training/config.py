@@ -95,8 +95,14 @@ class TrainConfig:
     balance_views: bool = _opt(
         True, "Where the search's views are preferred, refine its poses against maps that weigh every "
               "direction of views alike.", "search")
-    refine_rounds: int = _opt(8, "Local refinement rounds of the search after its EM.", "search")
-    refine_candidates: int = _opt(48, "Local rotations tried per image and refinement round.", "search")
+    refine_method: str = _opt(
+        "newton", "Local refinement of the search's poses after its EM, each round followed by a new map: "
+                  "newton (quadratic model) or random (best of candidates).", "search",
+        choices=("newton", "random"))
+    refine_rounds: int = _opt(4, "Local refinement rounds of the search after its EM (8 suit "
+                                 "--refine-method random).", "search")
+    refine_candidates: int = _opt(48, "Local rotations tried per image and refinement round (random).",
+                                  "search")
     refine_radius_frac: float = _opt(0.7, "The search refinement's final band, fraction of Nyquist.",
                                      "search")
     encoder_minutes: float = _opt(2.0, "Training budget of the pose encoder, minutes.", "search")
@@ -205,6 +211,8 @@ class TrainConfig:
             raise InputError(f"assign_prune_keep must be >= 0 (got {self.assign_prune_keep})")
         if self.assign_radius_px is not None and not self.assign_radius_px > 0:
             raise InputError(f"assign_radius_px must be > 0 (got {self.assign_radius_px})")
+        if self.refine_method not in ("newton", "random"):
+            raise InputError(f"refine_method must be 'newton' or 'random' (got {self.refine_method!r})")
         if self.assign_refine_method not in ("newton", "random"):
             raise InputError("assign_refine_method must be 'newton' or 'random' "
                              f"(got {self.assign_refine_method!r})")
