@@ -240,16 +240,53 @@ def test_point_groups_are_groups_and_bad_symbols_are_refused():
     from cryoai.errors import InputError
     from cryoai.physics.symmetry import point_group
 
-    for symbol, order in (("C1", 1), ("c4", 4), ("D2", 4), ("D7", 14)):
+    for symbol, order in (("C1", 1), ("c4", 4), ("D2", 4), ("D7", 14), ("T", 12), ("O", 24), ("I1", 60),
+                          ("i2", 60), ("I3", 60), ("I4", 60)):
         g = point_group(symbol)
         assert len(g) == order
         torch.testing.assert_close(g[0], torch.eye(3, dtype=torch.float64))
+        torch.testing.assert_close(g @ g.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand_as(g))
+        assert torch.allclose(torch.linalg.det(g), torch.ones(order, dtype=torch.float64))  # rotations
         products = (g[:, None] @ g[None]).reshape(-1, 9)
         distance = torch.cdist(products, g.reshape(-1, 9))
         assert float(distance.min(dim=1).values.max()) < 1e-6  # closed under products
-    for bad in ("I", "T", "C0", "O2", "D"):
+        assert float(torch.cdist(g.reshape(-1, 9), g.reshape(-1, 9)).add(torch.eye(order)).min()) > 0.1
+    for bad in ("I", "I5", "C0", "O2", "D", "T2"):
         with pytest.raises(InputError, match="symmetry"):
             point_group(bad)
+
+
+def _has_axis(symbol, fold, direction):
+    from cryoai.physics.symmetry import group_axes, point_group
+
+    v = torch.tensor(direction, dtype=torch.float64)
+    v = v / v.norm()
+    return any(f == fold and min(float((a - v).abs().max()), float((a + v).abs().max())) < 1e-6
+               for f, a in group_axes(point_group(symbol)))
+
+
+def test_point_groups_sit_where_relion_puts_their_axes():
+    """RELION's documented settings ("Conventions", Symmetry): the axes each group must have."""
+    import math
+
+    from cryoai.physics.symmetry import PHI, group_axes, point_group
+
+    x, y, z = (1, 0, 0), (0, 1, 0), (0, 0, 1)
+    assert _has_axis("C6", 6, z) and _has_axis("D7", 7, z) and _has_axis("D7", 2, x)
+    # T: a three-fold on z (RELION's own setting), a two-fold in the yz plane at 54.74 deg from z
+    assert _has_axis("T", 3, z) and _has_axis("T", 2, (0, math.sqrt(2), 1)) and not _has_axis("T", 2, z)
+    assert all(_has_axis("O", 4, a) for a in (x, y, z))
+    for setting in ("I1", "I2"):  # the 222 settings: two-folds on x, y and z
+        assert all(_has_axis(setting, 2, a) for a in (x, y, z))
+    assert _has_axis("I1", 5, (0, 1, PHI)) and not _has_axis("I1", 5, (1, 0, PHI))  # five-folds in yz
+    assert _has_axis("I2", 5, (1, 0, PHI)) and not _has_axis("I2", 5, (0, 1, PHI))  # in xz (Crowther)
+    for setting, side in (("I3", -1), ("I4", 1)):  # five-fold on z, two-fold on y ...
+        assert _has_axis(setting, 5, z) and _has_axis(setting, 2, y)
+        # ... and, seen from +z, a five-fold next to z in the xz plane on the -x (I3) or +x (I4) side
+        near = [a * torch.sign(a[2]) for f, a in group_axes(point_group(setting))
+                if f == 5 and abs(abs(float(a[2])) - 1 / math.sqrt(5)) < 1e-6]
+        in_xz = [float(a[0]) for a in near if abs(float(a[1])) < 1e-6]
+        assert len(in_xz) == 1 and in_xz[0] * side > 0
 
 
 def test_align_rotations_measures_errors_up_to_the_symmetry():

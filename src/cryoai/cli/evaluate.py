@@ -27,8 +27,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outdir", required=True, help="where metrics.json and the plots go")
     parser.add_argument("--datadir", default=None)
     parser.add_argument("--symmetry", default="C1",
-                        help="the truth's point group, Cn or Dn (RELION's axes): rotation errors are "
-                             "to the nearest symmetry-equivalent true pose (default C1)")
+                        help="the truth's point group: Cn, Dn, T, O or I1-I4 (RELION's settings): rotation "
+                             "errors are to the nearest symmetry-equivalent true pose (default C1)")
 
 
 def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, datadir=None,
