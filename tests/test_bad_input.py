@@ -335,8 +335,8 @@ def c_evaluate_truncated_map(case):
 
 def c_evaluate_unknown_symmetry(case):
     return (["evaluate", "--map", str(case / "run" / "volume.mrc"), "--gt-map",
-             str(case / "sim" / "ground_truth.mrc"), "--outdir", str(case / "ev"), "--symmetry", "I2"],
-            ["symmetry", "I2"])
+             str(case / "sim" / "ground_truth.mrc"), "--outdir", str(case / "ev"), "--symmetry", "I5"],
+            ["symmetry", "I5"])
 
 
 def c_info_missing(case):

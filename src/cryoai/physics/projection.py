@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .fft import crop_center_2d, fft3_c, ifft2_c, pad_volume
-from .grids import grid_2d, grid_3d
+from .grids import centered_coords_1d, grid_2d, grid_3d
 
 
 def sample_volume(volume: torch.Tensor, coords_px: torch.Tensor) -> torch.Tensor:
@@ -204,3 +204,34 @@ def inplane_rotations(angles_rad: torch.Tensor, coords_2d: torch.Tensor) -> torc
     c, s = torch.cos(angles_rad).to(coords_2d.dtype), torch.sin(angles_rad).to(coords_2d.dtype)
     x, y = coords_2d[:, 0], coords_2d[:, 1]
     return torch.stack([c[:, None] * x - s[:, None] * y, s[:, None] * x + c[:, None] * y], dim=-1)
+
+
+def trilinear_weight(n: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """How trilinear interpolation in Fourier space weighs an (N, N, N) map in real space:
+    ``sinc^2(x/N) sinc^2(y/N) sinc^2(z/N)``, ``x, y, z`` in px from the box centre (the
+    transform of the interpolation's triangle kernel, the box's period; 1 at the centre, 0.41
+    per axis at the box's faces).
+
+    The central slices of :func:`sample_volume` are the projections of the map times this
+    weight, and a map made by trilinear insertion (:func:`cryoai.physics.backprojection.insert_slices`,
+    with its weights' sum as denominator) is the true map times it. So a map fitted through
+    the slices (the decoder's) is the true map divided by it, and the written maps are corrected
+    as RELION corrects its gridding: the decoder's map multiplied by it, the reconstructions
+    divided by it (:func:`gridding_corrected`).
+
+    Returns
+    -------
+    (N, N, N) real, indexed [z, y, x].
+    """
+    s = torch.sinc(centered_coords_1d(n, device=device, dtype=torch.float64) / n) ** 2
+    return (s[:, None, None] * s[None, :, None] * s[None, None, :]).to(dtype)
+
+
+def gridding_corrected(volume: torch.Tensor, *, fitted: bool = False) -> torch.Tensor:
+    """A real (N, N, N) map in true amplitudes: a reconstruction by trilinear insertion divided by
+    :func:`trilinear_weight`; with ``fitted``, a map fitted through trilinear slices (the
+    decoder's) multiplied by it. Maps are masked inside the box, where the weight is at least
+    0.41^3 at the corners and about 0.5 at the mask's edge: the division stays bounded.
+    """
+    w = trilinear_weight(volume.shape[-1], device=volume.device, dtype=volume.dtype)
+    return volume * w if fitted else volume / w

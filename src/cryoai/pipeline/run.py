@@ -41,6 +41,7 @@ from ..io.particles import ParticleTable
 from ..models.encoder import PoseGridEncoder
 from ..physics.grids import max_paired_radius_px
 from ..physics.poses import Poses
+from ..physics.projection import gridding_corrected
 from ..reconstruction.particle_scores import ParticleScores
 from ..reconstruction.regularised import half_set_sums, half_sets, reconstruction_from_sums
 from ..training.checkpoint import load_pose_encoder
@@ -353,7 +354,8 @@ def run_default(
         seconds = time.perf_counter() - t0
         state.minutes += seconds / 60
         run.done(reconstruction_figures(particles, cfg, rec, seconds=seconds, fit_error=fit_error))
-        half_maps = tuple((h * particles.box_px).cpu().numpy().astype(np.float32) for h in rec.half_maps)
+        half_maps = tuple((gridding_corrected(h) * particles.box_px).cpu().numpy().astype(np.float32)
+                          for h in rec.half_maps)
         run_dir.write_half_maps(half_maps, particles.pixel_size_a)
         if mode == "given" and encoder.encoder is None:
             encoder = _encoder_from_given_poses(particles, cfg, poses, rec.fourier_volume, state, dist, run)

@@ -20,6 +20,7 @@ from ..physics.fft import ifft3_c
 from ..physics.fsc import resolution_px
 from ..physics.grids import max_paired_radius_px
 from ..physics.poses import Poses
+from ..physics.projection import gridding_corrected
 from ..reconstruction import PoseAssigner, assign_remaining
 from ..reconstruction.classes3d import Classes3DSettings, classify_3d
 from ..reconstruction.junk_sorting import score_band_px, sort_junk
@@ -417,14 +418,14 @@ def classes_stage(
         )
         k_rec = result.reconstructions[k]
         half = (
-            tuple((h * box).cpu().numpy().astype(np.float32) for h in k_rec.half_maps)
+            tuple((gridding_corrected(h) * box).cpu().numpy().astype(np.float32) for h in k_rec.half_maps)
             if k_rec.half_maps is not None
             else None
         )
         maps.append(
             MapRecord(
                 name,
-                (ifft3_c(k_rec.fourier_volume).real * box).cpu().numpy(),
+                (gridding_corrected(ifft3_c(k_rec.fourier_volume).real) * box).cpu().numpy(),
                 half,
                 np.flatnonzero(members),
                 res_px,

@@ -29,6 +29,7 @@ from ..models.image_formation import ImageFormation
 from ..physics.grids import max_paired_radius_px
 from ..physics.masks import circular_mask
 from ..physics.poses import Poses
+from ..physics.projection import gridding_corrected
 from .config import TrainConfig
 from .decoder_fit import fit_decoder_to_fourier_volume
 from .distributed import DistInfo, any_true, broadcast_, data_parallel_loss, weighted_mean
@@ -455,9 +456,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def volume(self) -> np.ndarray:
-        """The decoder's map, (N, N, N) float32."""
+        """The decoder's map in true amplitudes, (N, N, N) float32: the map it fitted through
+        trilinear slices, times the interpolation's weight (:func:`gridding_corrected`).
+        """
         self.model.eval()
-        return decoder_to_volume(self.model.decoder, self.box).cpu().numpy().astype(np.float32)
+        fitted = decoder_to_volume(self.model.decoder, self.box)
+        return gridding_corrected(fitted, fitted=True).cpu().numpy().astype(np.float32)
 
     def write_volume(self):
         """Write the decoder's map to ``volume.mrc`` (rank 0); returns its path."""
