@@ -42,10 +42,11 @@ def _about(axis: tuple[float, float, float], fold: int) -> torch.Tensor:
     return axis_angle_to_matrix(a / a.norm() * (2 * math.pi / fold))
 
 
-def _closure(generators: list[torch.Tensor], order: int) -> torch.Tensor:
-    """Every product of ``generators`` (the group they generate), the identity first; checks that
-    the group has ``order`` elements.
+def generated_group(generators: list[torch.Tensor] | torch.Tensor, order: int | None = None) -> torch.Tensor:
+    """Every product of ``generators`` (rotations of a finite group: the group they generate),
+    (G, 3, 3) float64, the identity first; with ``order``, checks that the group has that many.
     """
+    generators = [torch.as_tensor(h, dtype=torch.float64) for h in generators]
     elements = [torch.eye(3, dtype=torch.float64)]
     frontier = list(elements)
     while frontier:
@@ -53,19 +54,19 @@ def _closure(generators: list[torch.Tensor], order: int) -> torch.Tensor:
         for g in frontier:
             for h in generators:
                 p = h @ g
-                if all(float((p - e).abs().max()) > 1e-9 for e in elements):
+                if all(float((p - e).abs().max()) > 1e-6 for e in elements):
                     elements.append(p)
                     new.append(p)
         frontier = new
-    if len(elements) != order:  # a wrong generator: a bug, not the user's input
+    if order is not None and len(elements) != order:  # a wrong generator: a bug, not the user's input
         raise AssertionError(f"generated {len(elements)} rotations, expected {order}")
     return torch.stack(elements)
 
 
 def _icosahedral_222() -> torch.Tensor:
     """I1: two-folds on x, y, z; five-folds along the cyclic permutations of (0, +-1, +-PHI)."""
-    return _closure([_about((0.0, 0.0, 1.0), 2), _about((1.0, 0.0, 0.0), 2), _about((1.0, 1.0, 1.0), 3),
-                     _about((0.0, 1.0, PHI), 5)], 60)
+    return generated_group([_about((0.0, 0.0, 1.0), 2), _about((1.0, 0.0, 0.0), 2),
+                            _about((1.0, 1.0, 1.0), 3), _about((0.0, 1.0, PHI), 5)], 60)
 
 
 def _conjugate(group: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -91,10 +92,10 @@ def point_group(symbol: str) -> torch.Tensor:
         two_fold_x = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
         return torch.cat([cyclic, two_fold_x @ cyclic])
     if text == "T":
-        return _closure([_about((0.0, 0.0, 1.0), 3), _about((0.0, math.sqrt(2 / 3), math.sqrt(1 / 3)), 2)],
-                        12)
+        two_fold = _about((0.0, math.sqrt(2 / 3), math.sqrt(1 / 3)), 2)
+        return generated_group([_about((0.0, 0.0, 1.0), 3), two_fold], 12)
     if text == "O":
-        return _closure([_about((0.0, 0.0, 1.0), 4), _about((1.0, 0.0, 0.0), 4)], 24)
+        return generated_group([_about((0.0, 0.0, 1.0), 4), _about((1.0, 0.0, 0.0), 4)], 24)
     if text in ("I1", "I2", "I3", "I4"):
         group = _icosahedral_222()
         if text == "I2":
@@ -130,4 +131,4 @@ def group_axes(group: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return axes
 
 
-__all__ = ["PHI", "group_axes", "point_group"]
+__all__ = ["PHI", "generated_group", "group_axes", "point_group"]

@@ -134,13 +134,15 @@ def add_posterior_sums_(post: torch.Tensor, x: torch.Tensor, c2: torch.Tensor, n
     """
     b, n_s, m = post.shape
     p = x.shape[-1]
-    k = min(SPARSE_ROTATIONS, m)
-    top = post.amax(dim=1).topk(k, dim=-1).indices  # (B, K)
-    w = post.gather(2, top[:, None, :].expand(b, n_s, k))  # (B, S, K)
-    mass = w.sum(dim=(1, 2))
-    sparse = mass >= SIGNIFICANT_MASS if k < m else torch.ones(b, dtype=torch.bool, device=post.device)
-    rows = sparse.nonzero(as_tuple=True)[0]
-    n_sparse = len(rows)
+    k = SPARSE_ROTATIONS
+    n_sparse = 0
+    if k < m:  # (a grid of K rotations or fewer: the dense sums are the cheaper)
+        top = post.amax(dim=1).topk(k, dim=-1).indices  # (B, K)
+        w = post.gather(2, top[:, None, :].expand(b, n_s, k))  # (B, S, K)
+        mass = w.sum(dim=(1, 2))
+        sparse = mass >= SIGNIFICANT_MASS
+        rows = sparse.nonzero(as_tuple=True)[0]
+        n_sparse = len(rows)
     if n_sparse:
         ws = w[rows].transpose(1, 2) / mass[rows, None, None]  # (b', K, S)
         parts = torch.bmm(ws, torch.view_as_real(x[rows]).reshape(n_sparse, n_s, 2 * p))  # (b', K, 2P)

@@ -23,6 +23,7 @@ from ..physics.grids import grid_3d
 from ..physics.masks import spherical_mask
 from ..physics.projection import sample_volume
 from ..physics.rotations import so3_grid
+from ..physics.symmetry import generated_group
 from .em import local_rotations
 
 
@@ -100,33 +101,17 @@ def symmetry_correlations(volume: torch.Tensor, group: torch.Tensor, rotation: t
 
 def _generators(group: torch.Tensor) -> torch.Tensor:
     """A few operators that generate ``group`` (all of them for small groups): enough to score a
-    frame, since a map invariant under the generators is invariant under the group.
+    frame, since a map invariant under the generators is invariant under the group. Operators
+    are taken in order until the group they generate is the whole group.
     """
     if len(group) <= 4:
         return group[1:]
-    # the operators of largest rotation angle and those about other axes: take elements greedily
-    # until their closure is the whole group
     chosen: list[torch.Tensor] = []
     for g in group[1:]:
         chosen.append(g)
-        if _closure_size(chosen) == len(group):
+        if len(generated_group(chosen)) == len(group):
             break
     return torch.stack(chosen)
-
-
-def _closure_size(generators: list[torch.Tensor], limit: int = 200) -> int:
-    elements = [torch.eye(3, dtype=torch.float64)]
-    frontier = list(elements)
-    while frontier and len(elements) < limit:
-        new = []
-        for a in frontier:
-            for h in generators:
-                p = h.to(torch.float64) @ a
-                if all(float((p - e).abs().max()) > 1e-6 for e in elements):
-                    elements.append(p)
-                    new.append(p)
-        frontier = new
-    return len(elements)
 
 
 def find_symmetry_frame(volume: torch.Tensor, group: torch.Tensor, *, box_px: int = 24,
