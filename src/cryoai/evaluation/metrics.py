@@ -250,7 +250,7 @@ def evaluate(volume: np.ndarray, pixel_size_a: float, *, truth_volume: np.ndarra
              symmetry: str = "C1") -> dict:
     """All the metrics that the inputs allow, as a JSON-ready dict (and per-particle errors).
 
-    ``symmetry`` : the truth's point group (``Cn``/``Dn``, :func:`cryoai.physics.symmetry.point_group`):
+    ``symmetry`` : the truth's point group (RELION's names, :func:`cryoai.physics.symmetry.point_group`):
     each true pose stands for its equivalents, and a particle's error is to the nearest.
     """
     metrics: dict = {"pixel_size_a": pixel_size_a, "box_px": int(volume.shape[-1]), "symmetry": symmetry}

@@ -152,7 +152,8 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
                        true_rotations=true_table.rotations if true_table is not None else None,
                        pred_shifts_a=pred.shifts_a if true_table is not None and pred.has_shifts else None,
                        true_shifts_a=(true_table.shifts_a if true_table is not None and true_table.has_shifts
-                                      else None))
+                                      else None),
+                       symmetry=outputs.get("symmetry", "C1"))
         metrics.update({k: v for k, v in res["metrics"].items() if k != "fsc"})
         per_particle = res["per_particle"]
         shown = res["aligned_volume"]
@@ -281,6 +282,12 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
             metrics.update({"balanced_views_rounds": r.get("rounds"),
                             "balanced_views_minutes": r.get("seconds", 0.0) / 60,
                             "balanced_views_effective_particles": r.get("effective_particles")})
+        elif r.get("stage") == "symmetry":  # --sym: the group asked, imposed, and how well it holds
+            metrics.update({"symmetry_asked": r.get("asked"), "symmetry_imposed": r.get("imposed")})
+            if r.get("agreement"):
+                metrics["symmetry_worst_operator_agreement"] = min(r["agreement"][1:], default=1.0)
+            if r.get("proposed"):
+                metrics["symmetry_proposed"] = r["proposed"]
         elif r.get("stage") == "assignment" and r.get("particles"):
             metrics.update({"assignment_particles": r["particles"],
                             "assignment_by_encoder": r.get("amortized"),
@@ -369,7 +376,22 @@ def _summary(metrics: dict, outputs: dict, pred, box: int, pixel_size_a: float) 
                                "(a right map about 100%)"))
     if metrics.get("views_scf") is not None:
         rows.append(("Views", f"SCF* {metrics['views_scf']:.2f} (1: uniform; below 0.81 preferred)"))
-    rows.append(("Symmetry", "C1 (none imposed)"))
+    imposed = outputs.get("symmetry", "C1")
+    asked = metrics.get("symmetry_asked")
+    if imposed != "C1":
+        worst = metrics.get("symmetry_worst_operator_agreement")
+        rows.append(("Symmetry", f"{imposed} imposed; map and poses in RELION's frame for it"
+                     + (f" (its operators agree at least {worst:.2f} as well as the half maps)"
+                        if worst is not None else "")))
+    elif asked == "AUTO":
+        proposed = metrics.get("symmetry_proposed", "C1")
+        rows.append(("Symmetry", "C1: --sym auto found no group in the map" if proposed == "C1" else
+                     f"C1 imposed; --sym auto proposes {proposed} (run again with --sym {proposed})"))
+    elif asked not in (None, "C1"):
+        rows.append(("Symmetry", f"C1: --sym {asked} was asked, but the data do not support it "
+                                 "(see the warnings)"))
+    else:
+        rows.append(("Symmetry", "C1 (none imposed)"))
     if outputs.get("minutes") is not None:
         rows.append(("Time", f"{outputs['minutes']:.1f} minutes"))
     return rows

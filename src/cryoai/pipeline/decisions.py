@@ -371,3 +371,11 @@ def encoder_min_confidence(check: dict | None, pose_encoder: str) -> float:
 def is_inverted(skewness: float, policy: Policy) -> bool:
     """Whether a map is negative: the images' contrast inverted (docs/pipeline.md#contrast)."""
     return skewness < policy.inverted_skewness
+
+
+def symmetry_holds(agreement, policy: Policy):
+    """Which operators of a group the data support (docs/pipeline.md#symmetry): those whose
+    turn of one half map agrees with the other at least ``symmetry_min_agreement`` as well as
+    the halves agree (``agreement``: (G,) tensor, the identity's 1). Returns a (G,) bool tensor.
+    """
+    return agreement >= policy.symmetry_min_agreement

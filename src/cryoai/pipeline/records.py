@@ -142,6 +142,26 @@ class ViewsRecord(StageRecord):
 
 
 @dataclass(frozen=True)
+class SymmetryRecord(StageRecord):
+    """The symmetry stage (``--sym``): the group imposed from here on, the frame it was found in,
+    and the subset's search turned into that frame.
+
+    Attributes
+    ----------
+    found : the subset's search, its poses in the group's standard frame and its map
+        symmetrised (as it was where no group is imposed).
+    imposed : the group's RELION name ("C1": none imposed).
+    operators : (G, 3, 3) the imposed group's rotations, or None (C1).
+    rotation : (3, 3) from the search's frame to the standard frame, or None.
+    """
+
+    found: SubsetSearch | None = None
+    imposed: str = "C1"
+    operators: torch.Tensor | None = None
+    rotation: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class EncoderRecord(StageRecord):
     """The pose encoder stage: the encoder (None: not trained), its check, whether it is used."""
 

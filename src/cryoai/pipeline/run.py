@@ -42,6 +42,7 @@ from ..models.encoder import PoseGridEncoder
 from ..physics.grids import max_paired_radius_px
 from ..physics.poses import Poses
 from ..physics.projection import gridding_corrected
+from ..physics.symmetry import point_group
 from ..reconstruction.particle_scores import ParticleScores
 from ..reconstruction.regularised import half_set_sums, half_sets, reconstruction_from_sums
 from ..training.checkpoint import load_pose_encoder
@@ -79,6 +80,7 @@ from .stages import (
     views_stage,
     working_box_stage,
 )
+from .symmetry import given_symmetry, symmetry_stage, wants_symmetry
 
 
 def check_inputs(
@@ -103,6 +105,7 @@ def check_inputs(
         One line naming the file and the problem.
     """
     in_pixels(cfg, table.box_px, table.median_pixel_size_a(), str(table.source_path))  # (raises if it cannot)
+    check_symmetry(cfg, given_poses is not None)
     source = source or ImageSource(table)
     source.validate()
     if cfg.initial_map:
@@ -116,6 +119,30 @@ def check_inputs(
             f"{'' if given_poses.has_poses else ', without poses'})"
         )
     return scale
+
+
+def check_symmetry(cfg: TrainConfig, given_poses: bool) -> None:
+    """``--sym``: a group RELION names, or ``auto`` where the run searches; refused with
+    ``--ab-initio encoder`` (its decoder is not symmetrised).
+
+    Raises
+    ------
+    InputError
+        One line saying what ``--sym`` accepts.
+    """
+    asked = cfg.sym.strip().upper()
+    if asked == "AUTO":
+        if given_poses or cfg.ab_initio != "search":
+            raise InputError("--sym auto: the groups are tested on the search's map (not with --poses or "
+                             "--ab-initio encoder); give the group, e.g. --sym C4")
+        return
+    try:
+        group = point_group(asked)
+    except InputError as error:
+        raise InputError(f"--sym: {error}") from None
+    if len(group) > 1 and cfg.ab_initio != "search" and not given_poses:
+        raise InputError(f"--sym {cfg.sym}: a point group is imposed by the default run's search and "
+                         "reconstruction, not by --ab-initio encoder")
 
 
 class _Run:
@@ -267,12 +294,13 @@ def run_default(
     junk: JunkRecord | None = saved.get("junk")
     classes: ClassesRecord | None = saved.get("classes")
     views_balanced, explained = saved.get("views_balanced", False), float("nan")
+    imposed = saved.get("symmetry", "C1")  # the point group imposed (after the search, if any)
     prior_lam, half_maps = saved.get("prior_lam"), None
 
     def checkpoint() -> None:
         if dist.is_main:
             extra = stage_payload(poses if mode == "search" else None, encoder, junk, classes, views_balanced,
-                                  working)
+                                  working, imposed)
             if prior_lam is not None:
                 extra["prior_lam"] = prior_lam.cpu()
             run_dir.save_checkpoint(
@@ -310,6 +338,11 @@ def run_default(
         found, views_balanced = views.found, views.balanced
         state.minutes += views.figures.get("seconds", 0.0) / 60
         run.done(views, state.minutes)
+        if wants_symmetry(cfg):
+            symmetry = symmetry_stage(work, cfg, found, say=run.say)
+            found, imposed = symmetry.found, symmetry.imposed
+            state.minutes += symmetry.figures.get("seconds", 0.0) / 60
+            run.done(symmetry, state.minutes)
         encoder = encoder_stage(
             work,
             cfg,
@@ -334,18 +367,24 @@ def run_default(
         del found, views, search
         checkpoint()
 
+    if mode == "given" and wants_symmetry(cfg) and state.step == 0:
+        imposed = run.done(given_symmetry(cfg)).imposed
+    operators = None if imposed == "C1" else point_group(imposed).float()
+
     # 4. the reconstruction, the junk calls and the 3D classes
     if poses is not None and state.step == 0 and cfg.wiener_init:
         t0 = time.perf_counter()
-        # The half sets' sums are kept for the junk stage, which updates them as poses change.
-        # (C1: a point group plugs in here, once the map's axes are found: symmetry=...)
-        sums = half_set_sums(particles.spectra(), poses, seed=cfg.seed, symmetry=None, progress=run.progress)
+        # The half sets' sums are kept for the junk stage, which updates them as poses change;
+        # with a point group, every particle is inserted once per operator.
+        sums = half_set_sums(particles.spectra(), poses, seed=cfg.seed, symmetry=operators,
+                             progress=run.progress)
         rec = reconstruction_from_sums(sums, mask_radius_px=mask_radius_px(cfg, particles.box_px))
         if mode == "search" and cfg.sort_junk and dataset.noise is not None:
             # (the scores are in units of the measured noise: none without a noise model)
             full_cfg = at_full_box(cfg, None if working is None else working["box_px"], particles.box_px)
             junk = run.done(
-                junk_stage(particles, full_cfg, poses, rec, sums, say=run.say, progress=run.progress)
+                junk_stage(particles, full_cfg, poses, rec, sums, symmetry=operators, say=run.say,
+                           progress=run.progress)
             )
             poses, rec = junk.poses, junk.reconstruction
             _broadcast_poses(poses, dist)
@@ -360,7 +399,8 @@ def run_default(
         if mode == "given" and encoder.encoder is None:
             encoder = _encoder_from_given_poses(particles, cfg, poses, rec.fourier_volume, state, dist, run)
         if cfg.classes > 1:
-            classes = run.done(classes_stage(particles, cfg, poses, rec, junk, say=run.say))
+            classes = run.done(
+                classes_stage(particles, cfg, poses, rec, junk, symmetry=operators, say=run.say))
             run_dir.write_class_maps([m.volume for m in classes.maps], particles.pixel_size_a)
         del rec
         checkpoint()
@@ -375,6 +415,7 @@ def run_default(
         device=device,
         state=state,
         poses=poses,
+        symmetry=operators,
         prior_lam=prior_lam,
         kept=None if junk is None else junk.kept,
         polish=mode == "search",
@@ -385,7 +426,7 @@ def run_default(
         argv=argv,
         say=run.say,
         checkpoint_extra=stage_payload(
-            poses if mode == "search" else None, encoder, junk, classes, views_balanced, working
+            poses if mode == "search" else None, encoder, junk, classes, views_balanced, working, imposed
         ),
     )
     run.records.append(StageRecord("fit", trainer.fit(on_volume)))  # (logged by the trainer)
@@ -438,6 +479,7 @@ def run_default(
             outputs["classes"] = list(classes.info)
     if run.warnings:
         outputs["warnings"] = list(run.warnings)
+    outputs["symmetry"] = imposed
     outputs["world_size"] = dist.world_size
     if dist.is_main:
         write_json_atomic(run_dir.path / "outputs.json", strict_json(outputs))
@@ -450,6 +492,7 @@ def run_default(
         half_maps,
         kept_rows,
         reconstruction.figures["half_map_fsc_0.143_px"] if reconstruction else float("nan"),
+        symmetry=imposed,
         file=Path(volume_path).name,
     )
     result = RunResult(
@@ -502,6 +545,8 @@ def summary_lines(result: RunResult, n_particles: int, box_px: int, pixel_size_a
                 f"{pixel_size_a:g} A per pixel; finer pixels could go further)"
             )
         lines.append(said)
+    if out.get("symmetry", "C1") != "C1":
+        lines.append(f"  symmetry: {out['symmetry']} imposed (map and poses in RELION's frame for it)")
     if result.kept is not None:
         junk = int((~result.kept).sum())
         lines.append(f"  particles: {n_particles - junk} of {n_particles} in the map, {junk} called junk")
@@ -625,12 +670,13 @@ def stage_payload(
     classes: ClassesRecord | None,
     views_balanced: bool,
     working_box: dict | None = None,
+    symmetry: str = "C1",
 ) -> dict:
     """The stages' results a checkpoint keeps, so that a resumed run and predict-poses find them
     (``working_box``: the box the particles were posed at and the images' scale there, where
-    not the full box).
+    not the full box; ``symmetry``: the point group imposed).
     """
-    extra: dict = {"views_balanced": views_balanced}
+    extra: dict = {"views_balanced": views_balanced, "symmetry": symmetry}
     if working_box is not None:
         extra["working_box"] = dict(working_box)
     if poses is not None:
@@ -657,7 +703,8 @@ def stage_payload(
 
 def restored_stages(ckpt: dict, device) -> dict:
     """The stages' results of a checkpoint (:func:`stage_payload`), as the run's records."""
-    saved: dict = {"views_balanced": bool(ckpt.get("views_balanced", False))}
+    saved: dict = {"views_balanced": bool(ckpt.get("views_balanced", False)),
+                   "symmetry": str(ckpt.get("symmetry", "C1"))}
     if "prior_lam" in ckpt:
         saved["prior_lam"] = ckpt["prior_lam"].to(device)
     if ckpt.get("pose_encoder"):

@@ -281,6 +281,7 @@ def junk_stage(
     poses: Poses,
     rec: Reconstruction,
     sums,
+    symmetry: torch.Tensor | None = None,
     say: Callable[[str], None] = print,
     progress: Progress | None = None,
 ) -> JunkRecord:
@@ -299,6 +300,7 @@ def junk_stage(
         settings=junk_settings(cfg),
         seed=cfg.seed,
         sums=sums,
+        symmetry=symmetry,
         log=say,
         progress=progress,
     )
@@ -371,6 +373,7 @@ def classes_stage(
     poses: Poses,
     rec: Reconstruction,
     junk: JunkRecord | None,
+    symmetry: torch.Tensor | None = None,
     say: Callable[[str], None] = print,
 ) -> ClassesRecord:
     """``--classes K``: K maps and each particle's class at the run's poses
@@ -395,6 +398,7 @@ def classes_stage(
         radius_px=band_px,
         mask_radius_px=mask_radius_px(cfg, box),
         settings=Classes3DSettings(n_classes=cfg.classes, seed=cfg.seed),
+        symmetry=symmetry,
         log=say,
     )
     order = np.argsort(-result.sizes, kind="stable")

@@ -147,7 +147,7 @@ def _softmax_probability(log_like: np.ndarray, assignment: np.ndarray) -> np.nda
 
 def classify_3d(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, *, amplitude: np.ndarray,
                 radius_px: float, mask_radius_px: float, settings: Classes3DSettings | None = None,
-                log=None) -> Classes3D:
+                symmetry: torch.Tensor | None = None, log=None) -> Classes3D:
     """K maps and each particle's class at fixed poses (the module docstring).
 
     Parameters
@@ -160,6 +160,7 @@ def classify_3d(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, *, a
     radius_px : the band compared, frequency px (where the run's map has signal).
     mask_radius_px : the maps' soft mask.
     settings : :class:`Classes3DSettings`.
+    symmetry : (G, 3, 3) the maps' point group (every class shares it), or None (C1).
     log : optional ``log(message)``.
     """
     st = settings or Classes3DSettings()
@@ -175,7 +176,7 @@ def classify_3d(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, *, a
     iterations = 0
     for iterations in range(1, st.iterations + 1):
         recs = [reconstruct(particles, poses, mask_radius_px=mask_radius_px, seed=st.seed,
-                            indices=rows[assignment == k]) for k in range(k_classes)]
+                            indices=rows[assignment == k], symmetry=symmetry) for k in range(k_classes)]
         scores = class_log_likelihoods(particles, [r.fourier_volume for r in recs], poses, rows, amplitude,
                                        radius_px)
         new = _refill_small_classes(np.argmax(scores, axis=1), scores, st.min_particles)
@@ -188,7 +189,7 @@ def classify_3d(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, *, a
         if changed < st.stop_fraction:
             break
     recs = [reconstruct(particles, poses, mask_radius_px=mask_radius_px, seed=st.seed,
-                        indices=rows[assignment == k]) for k in range(k_classes)]
+                        indices=rows[assignment == k], symmetry=symmetry) for k in range(k_classes)]
     scores = class_log_likelihoods(particles, [r.fourier_volume for r in recs], poses, rows, amplitude,
                                    radius_px)
     return Classes3D(rows=rows, assignment=assignment, probability=_softmax_probability(scores, assignment),

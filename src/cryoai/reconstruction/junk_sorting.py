@@ -101,10 +101,12 @@ def score_band_px(rec: Reconstruction) -> float:
     return min(max(box / resolution_px(rec.fsc_halves, 0.143), 4.0), float(max_paired_radius_px(box)))
 
 
-def _half_sums(particles: ParticleSpectra, poses: Poses, rows: np.ndarray,
-               half: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The back-projected sums of ``rows`` at ``poses``, one per half set (``half``: (n,) 0 or 1)."""
-    return [backproject_particles(particles, rows[half[rows] == h], poses) for h in (0, 1)]
+def _half_sums(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, half: np.ndarray,
+               symmetry: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The back-projected sums of ``rows`` at ``poses``, one per half set (``half``: (n,) 0 or 1),
+    each particle inserted once per operator of ``symmetry`` (None: C1).
+    """
+    return [backproject_particles(particles, rows[half[rows] == h], poses, symmetry=symmetry) for h in (0, 1)]
 
 
 @torch.no_grad()
@@ -136,8 +138,8 @@ def repose(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, assigner:
 def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
               groups: np.ndarray | None, assign_settings: AssignSettings, mask_radius_px: float,
               settings: JunkSortSettings, seed: int = 0,
-              sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None, log=None,
-              progress=None) -> JunkSorting:
+              sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+              symmetry: torch.Tensor | None = None, log=None, progress=None) -> JunkSorting:
     """Score, call the junk, and give the junk a second look (the module docstring).
 
     Parameters
@@ -174,12 +176,13 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
     all_sums = None
     if st.passes:
         # (updated in place as particles change pose: ``sums`` are the caller's, handed over)
-        all_sums = list(sums) if sums is not None else _half_sums(particles, poses, np.arange(n), half)
+        all_sums = list(sums) if sums is not None else \
+            _half_sums(particles, poses, np.arange(n), half, symmetry)
 
     def kept_map() -> Reconstruction:
         # every particle's sums less the junk's, made in the junk's own tensors (one set of sums
         # fewer alive: at 256 px each set is 400 MB)
-        kept_sums = _half_sums(particles, poses, np.flatnonzero(~decision.keep), half)
+        kept_sums = _half_sums(particles, poses, np.flatnonzero(~decision.keep), half, symmetry)
         for (a_num, a_den), (j_num, j_den) in zip(all_sums, kept_sums, strict=True):
             j_num.neg_().add_(a_num)
             j_den.neg_().add_(a_den)
@@ -195,8 +198,8 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
         changed = repose(particles, poses, junk, assigner, radius_px)
         if len(changed):  # the sums updated in place: the changed particles' old terms out, new in
             for at, sign in ((before, -1.0), (poses, 1.0)):
-                for (a_num, a_den), (c_num, c_den) in zip(all_sums, _half_sums(particles, at, changed, half),
-                                                          strict=True):
+                for (a_num, a_den), (c_num, c_den) in zip(
+                        all_sums, _half_sums(particles, at, changed, half, symmetry), strict=True):
                     a_num.add_(c_num, alpha=sign)
                     a_den.add_(c_den, alpha=sign)
         reposed.update(changed.tolist())
@@ -211,6 +214,6 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
     if not decision.keep.all() or reposed:
         rec = kept_map() if all_sums is not None else \
             reconstruct(particles, poses, mask_radius_px=mask_radius_px, seed=seed,
-                        indices=np.flatnonzero(decision.keep))
+                        indices=np.flatnonzero(decision.keep), symmetry=symmetry)
     return JunkSorting(poses=poses, scores=scores, decision=decision, reconstruction=rec, radius_px=radius_px,
                        reposed=len(reposed), seconds=time.perf_counter() - t0)

@@ -44,6 +44,11 @@ class TrainConfig:
               "other jobs.", "common", kind=int)
     classes: int = _opt(
         1, "3D classes at the run's poses (classification without alignment); 1: none.", "common")
+    sym: str = _opt(
+        "C1", "Point group of the molecule, in RELION's names and axes (C1, Cn, Dn, T, O, I1-I4): the "
+              "search runs in C1, the group's axes are found in its map and checked against the data, "
+              "and the map and poses come out in RELION's frame; auto: every common group is tested "
+              "and the best proposed, none imposed.", "common")
     initial_map: str | None = _opt(
         None, "A map (MRC, the particles' box and pixel size, protein positive) to start the search "
               "from instead of a blob; poses and map come out in its frame.", "common", kind=str)

@@ -147,6 +147,9 @@ class Trainer:
     device : torch device.
     state : where the run stands (its minutes so far included).
     poses : every particle's fixed pose; None: the encoder predicts them (amortized training).
+    symmetry : (G, 3, 3) the map's point group (None: C1): with fixed poses, each image of a
+        training batch is compared with the map at ``S R`` for an operator ``S`` drawn at random,
+        so that the decoder fits the symmetric map (the loss over the group, in expectation).
     prior_lam : the voxel decoder's MAP prior (the reconstruction's regulariser), or None.
     kept : (n,) bool, the particles not called junk (None: all).
     polish : the default run's decoder polish: ``decoder_epochs`` (at most ``decoder_max_images``)
@@ -162,7 +165,8 @@ class Trainer:
 
     def __init__(self, model: CryoAI, optimizer: torch.optim.Optimizer, dataset: ParticleDataset,
                  cfg: TrainConfig, run_dir: RunDirectory, *, device, state: TrainState,
-                 poses: Poses | None = None, prior_lam: torch.Tensor | None = None,
+                 poses: Poses | None = None, symmetry: torch.Tensor | None = None,
+                 prior_lam: torch.Tensor | None = None,
                  kept: np.ndarray | None = None, polish: bool = False, noise_free: bool = False,
                  checkpoint_extra: dict | None = None, scale: float = 1.0,
                  dist_info: DistInfo | None = None, quiet: bool = False, argv: list[str] | None = None,
@@ -170,6 +174,7 @@ class Trainer:
         self.model, self.optimizer, self.dataset, self.cfg = model, optimizer, dataset, cfg
         self.run_dir, self.device, self.state = run_dir, device, state
         self.poses, self.prior_lam, self.kept, self.polish = poses, prior_lam, kept, polish
+        self.symmetry = None if symmetry is None or len(symmetry) < 2 else symmetry.to(device, torch.float32)
         self.noise_free, self.checkpoint_extra, self.scale = noise_free, checkpoint_extra or {}, scale
         self.dist = dist_info or DistInfo()
         self.is_main = self.dist.is_main
@@ -363,7 +368,11 @@ class Trainer:
         """The data term (B,) of each image of a batch (on the device) at its fixed pose."""
         target, ctf, keep = self._targets(batch)
         idx = batch.index.cpu()
-        rot = self.poses.rotations[idx].to(self.device)[:, None]
+        rot = self.poses.rotations[idx].to(self.device)
+        if self.symmetry is not None and self.model.training:  # an operator drawn per image
+            pick = torch.randint(len(self.symmetry), (len(rot),)).to(self.device)
+            rot = self.symmetry[pick] @ rot
+        rot = rot[:, None]
         shifts = self.poses.shifts_a[idx].to(self.device)[:, None]
         terms = pose_loss_terms(
             self.model.formation, self.model.decoder, target, ctf, rot, shifts, symmetric=False, keep=keep
