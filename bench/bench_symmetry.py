@@ -85,9 +85,9 @@ def run(args: list[str]) -> float:
 
 def evaluated(run_dir: Path, sim: Path, symbol: str) -> dict:
     out = run_dir.parent / f"{run_dir.name}-eval"
+    poses = ["--poses", str(run_dir / "poses.star"), "--gt-poses", str(sim / "particles.star")]
     run(["evaluate", "--map", str(run_dir / "volume.mrc"), "--gt-map", str(sim / "ground_truth.mrc"),
-         "--poses", str(run_dir / "poses.star"), "--gt-poses", str(sim / "particles.star"),
-         "--outdir", str(out), "--symmetry", symbol])
+         *(poses if (run_dir / "poses.star").exists() else []), "--outdir", str(out), "--symmetry", symbol])
     return json.loads((out / "metrics.json").read_text())
 
 

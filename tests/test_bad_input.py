@@ -339,6 +339,18 @@ def c_evaluate_unknown_symmetry(case):
             ["symmetry", "I5"])
 
 
+def c_train_unknown_symmetry(case):
+    return [*_train(case), "--sym", "C0"], ["--sym", "C0"]
+
+
+def c_train_symmetry_auto_with_given_poses(case):
+    return [*_train(case), "--sym", "auto", "--poses", str(case / "sim" / "particles.star")], ["--sym auto"]
+
+
+def c_train_symmetry_with_the_papers_training(case):
+    return [*_train(case), "--sym", "D7", "--ab-initio", "encoder"], ["--sym D7", "encoder"]
+
+
 def c_info_missing(case):
     return ["info", str(case / "absent.cs")], ["absent.cs", "not found"]
 

@@ -289,6 +289,24 @@ def test_point_groups_sit_where_relion_puts_their_axes():
         assert len(in_xz) == 1 and in_xz[0] * side > 0
 
 
+def test_an_asymmetric_unit_holds_one_of_every_set_of_equivalent_poses():
+    from cryoai.physics.rotations import random_rotations, so3_grid
+    from cryoai.physics.symmetry import asymmetric_unit, point_group
+
+    poses = random_rotations(500, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grid = so3_grid(4608, dtype=torch.float64)
+    for symbol in ("C4", "D7", "O", "I1"):
+        group = point_group(symbol)
+        # of the G equivalents S R of a pose, exactly one lies in the unit (generic poses)
+        orbits = torch.einsum("kab,nbc->nkac", group, poses)  # (n, G, 3, 3)
+        inside = asymmetric_unit(orbits.reshape(-1, 3, 3), group).reshape(len(poses), len(group))
+        assert bool((inside.sum(dim=1) == 1).all()), symbol
+        # a uniform grid keeps about 1/G of its rotations; a margin keeps more
+        kept = int(asymmetric_unit(grid, group).sum())
+        assert abs(kept * len(group) / len(grid) - 1) < 0.05, symbol
+        assert int(asymmetric_unit(grid, group, 0.25).sum()) > 1.2 * kept
+
+
 def test_align_rotations_measures_errors_up_to_the_symmetry():
     from cryoai.physics.symmetry import point_group
 

@@ -123,3 +123,27 @@ def test_the_half_maps_agreement_separates_a_groups_operators_from_others():
     assert float(c4[0]) == pytest.approx(1.0) and float(c4.min()) > 0.9
     assert float(c6[3]) > 0.9  # C6's half turn is C4's too
     assert float(c6[[1, 2, 4, 5]].max()) < 0.9  # its turns by 60 and 120 degrees are not
+
+
+def test_the_global_search_over_an_asymmetric_unit_finds_each_pose_up_to_the_group(c4_set):
+    from cryoai.evaluation.metrics import align_rotations
+    from cryoai.pipeline.settings import assignment_settings
+    from cryoai.reconstruction import PoseAssigner
+
+    particles, poses = c4_set
+    spectra = ParticleSpectra(particles.dataset, particles.formation, particles.device)
+    rows = np.arange(120)
+    y, c = spectra.read(rows)
+    group = point_group("C4")
+    volume = reconstruct(spectra, poses, mask_radius_px=14.0, symmetry=group.float()).fourier_volume
+    settings = assignment_settings(TrainConfig(), particles.box_px)
+    errors = {}
+    for name, sym in (("full", None), ("unit", group.float())):
+        assigner = PoseAssigner(particles.formation, volume, settings, symmetry=sym)
+        rot, _ = assigner.assign(y, c)
+        errors[name] = align_rotations(rot.double().numpy(), poses.rotations[rows].double().numpy(),
+                                       symmetry=group)["angle_deg"]
+        if sym is not None:  # a quarter of the grid and a margin
+            assert len(assigner.grid) < 0.45 * settings.n_rotations
+    assert np.median(errors["unit"]) < 3.0
+    assert np.median(errors["unit"]) < np.median(errors["full"]) + 0.5

@@ -131,4 +131,33 @@ def group_axes(group: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return axes
 
 
-__all__ = ["PHI", "generated_group", "group_axes", "point_group"]
+def rotation_angle(rotations: torch.Tensor) -> torch.Tensor:
+    """The angle (rad) of each rotation (..., 3, 3) about its axis, in [0, pi]."""
+    trace = rotations.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return torch.acos(((trace - 1) / 2).clamp(-1.0, 1.0))
+
+
+def asymmetric_unit(rotations: torch.Tensor, group: torch.Tensor, margin_rad: float = 0.0) -> torch.Tensor:
+    """Which poses lie in one asymmetric unit of a group (a bool mask (R,)): those nearer the
+    identity than any of their equivalents ``S R``, within ``margin_rad``.
+
+    The poses ``R`` and ``S R`` give the same image of a map with symmetry ``S``; the set of poses
+    at least as near the identity as each of their equivalents (the Dirichlet cell of the identity
+    under the group) holds one of every ``G`` equivalent poses, so a pose search over it finds
+    each particle's pose up to the group at ``1/G`` of the cost. On a grid, a pose's nearest grid
+    point may lie just outside the cell: ``margin_rad`` of twice the grid's covering radius keeps
+    it (the triangle inequality).
+
+    Parameters
+    ----------
+    rotations : (R, 3, 3) poses.
+    group : (G, 3, 3) the group's operators.
+    margin_rad : how much nearer an equivalent may be, radians.
+    """
+    g = group.to(rotations.dtype).to(rotations.device)
+    own = rotation_angle(rotations)  # the distance to the identity
+    others = rotation_angle(torch.einsum("kab,rbc->rkac", g[1:], rotations)) if len(g) > 1 else own[:, None]
+    return own <= others.min(dim=1).values + margin_rad
+
+
+__all__ = ["PHI", "asymmetric_unit", "generated_group", "group_axes", "point_group", "rotation_angle"]

@@ -359,7 +359,8 @@ def run_default(
         )
         state.minutes += encoder.figures.get("seconds", 0.0) / 60
         run.done(encoder, state.minutes)
-        assignment = assignment_stage(work, cfg, found, encoder, say=run.say, progress=run.progress)
+        assignment = assignment_stage(work, cfg, found, encoder, say=run.say, progress=run.progress,
+                                      symmetry=None if imposed == "C1" else point_group(imposed).float())
         poses = assignment.poses
         state.minutes += assignment.figures["seconds"] / 60
         _broadcast_poses(poses, dist)

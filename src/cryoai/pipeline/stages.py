@@ -245,12 +245,14 @@ def assignment_stage(
     found: SubsetSearch,
     encoder: EncoderRecord,
     *,
+    symmetry: torch.Tensor | None = None,
     say: Callable[[str], None] = print,
     progress: Progress | None = None,
 ) -> PosesRecord:
     """Every particle outside the search's subset posed against its map (the encoder's
-    hypotheses when it is used, else the global search; then local refinement), then the map
-    centred; returns the poses of every particle (docs/pipeline.md#assignment).
+    hypotheses when it is used, else the global search, over one asymmetric unit where the map
+    has a point group ``symmetry``; then local refinement), then the map centred; returns the
+    poses of every particle (docs/pipeline.md#assignment).
     """
     t0 = time.perf_counter()
     assigner = PoseAssigner(
@@ -259,6 +261,7 @@ def assignment_stage(
         assignment_settings(cfg, particles.box_px),
         encoder.encoder if encoder.used else None,
         min_confidence=decisions.encoder_min_confidence(encoder.check, cfg.pose_encoder),
+        symmetry=symmetry,
     )
     n_rest = len(particles.table) - len(found.subset)
     poses = assign_remaining(particles.spectra(), found, assigner, log=say, progress=progress)

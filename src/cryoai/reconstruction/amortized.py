@@ -33,6 +33,7 @@ from ..models.image_formation import ImageFormation
 from ..physics.grids import max_paired_radius_px
 from ..physics.projection import sample_volume, slice_coords
 from ..physics.rotations import so3_grid
+from ..physics.symmetry import asymmetric_unit
 from .em import (
     PrunedGrid,
     SearchData,
@@ -125,6 +126,10 @@ class PoseAssigner:
     min_confidence : particles whose K hypotheses hold less than this share of the encoder's
         probability get the global first guess instead (the encoder stage calibrates it on
         held-out particles: :func:`cryoai.training.encoder_fit.check_pose_encoder`); 0: none.
+    symmetry : (G, 3, 3) the map's point group, or None: the global first guess then scores
+        only the grid's rotations in one asymmetric unit (and a grid spacing around it:
+        :func:`cryoai.physics.symmetry.asymmetric_unit`), about ``1/G`` of the grid; each pose is
+        found up to the group.
 
     Attributes
     ----------
@@ -132,7 +137,8 @@ class PoseAssigner:
     """
 
     def __init__(self, formation: ImageFormation, fourier_volume: torch.Tensor, settings: AssignSettings,
-                 encoder: PoseGridEncoder | None = None, min_confidence: float = 0.0):
+                 encoder: PoseGridEncoder | None = None, min_confidence: float = 0.0,
+                 symmetry: torch.Tensor | None = None):
         self.formation = formation
         self.min_confidence = float(min_confidence)
         self.counts = {"amortized": 0, "global": 0}
@@ -149,6 +155,9 @@ class PoseAssigner:
             self.grid = encoder.grid.to(self.device)
         else:
             self.grid = so3_grid(settings.n_rotations, device=self.device)
+            if symmetry is not None and len(symmetry) > 1:
+                spacing_rad = (8 * math.pi**2 / len(self.grid)) ** (1 / 3)
+                self.grid = self.grid[asymmetric_unit(self.grid, symmetry, spacing_rad)]
         # The grid's projections in the first guess's band, made once.
         band = formation.band(self.radius_px)
         self.grid_projections = sample_volume(fourier_volume,
