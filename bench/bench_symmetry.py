@@ -138,12 +138,12 @@ def main() -> None:
         row: dict = {"set": symbol, "particles": args.n}
         known = base / "known"
         row["known_seconds"] = run(["train", star, "--poses", star, "--sym", symbol, "--outdir", str(known),
-                                    "--seed", str(args.seed), "--quiet"])
+                                    "--seed", str(args.seed), "--quiet", "--force"])
         row["known_fsc05_px"] = evaluated(known, sim, symbol)["resolution_px_0.5"]
         for sym in (symbol, "C1"):
             out = base / f"abinitio-{sym}"
             seconds = run(["train", star, "--sym", sym, "--outdir", str(out), "--seed", str(args.seed),
-                           "--quiet"])
+                           "--quiet", "--force"])
             m = evaluated(out, sim, symbol)
             tag = "sym" if sym != "C1" else "c1"
             row.update({f"{tag}_seconds": seconds, f"{tag}_fsc05_px": m["resolution_px_0.5"],
@@ -159,7 +159,7 @@ def main() -> None:
     if args.wrong and "C4" in args.sets:
         out = args.outdir / "C4" / "abinitio-C6"
         run(["train", str(args.outdir / "C4" / "sim" / "particles.star"), "--sym", "C6", "--outdir", str(out),
-             "--seed", str(args.seed), "--quiet"])
+             "--seed", str(args.seed), "--quiet", "--force"])
         o = outputs(out)
         caught = o.get("symmetry") == "C1" and any("--sym C6" in w for w in o.get("warnings", []))
         print(json.dumps({"wrong": "C6 on C4", "imposed": o.get("symmetry"), "caught": caught}), flush=True)
@@ -169,7 +169,7 @@ def main() -> None:
                 continue
             out = args.outdir / f"auto-{name}"
             run(["train", str(star), "--sym", "auto", "--outdir", str(out), "--seed", str(args.seed),
-                 "--quiet"])
+                 "--quiet", "--force"])
             log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
             stage = next(r for r in log if r.get("stage") == "symmetry")
             print(json.dumps({"auto": name, "proposed": stage.get("proposed"),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,59 @@ def test_two_process_encoder_training_runs_and_resumes(sim, tmp_path):
     _run([*cmd, *_args(sim, out, *extra), "--resume", "--max-epochs", "3"])
     assert load_checkpoint(out / "checkpoint.pt")["state"]["step"] == 6
     assert [r["step"] for r in _log(out)] == [1, 2, 3, 4, 5, 6]
+
+
+_SHARDED = r'''
+import sys
+import numpy as np
+import torch
+from cryoai.data.dataset import ParticleDataset
+from cryoai.io import load_particles
+from cryoai.models.image_formation import ImageFormation
+from cryoai.pipeline.settings import assignment_settings
+from cryoai.reconstruction import ParticleSpectra, PoseAssigner, assign_remaining, reconstruct
+from cryoai.reconstruction.pose_search import SubsetSearch
+from cryoai.reconstruction.regularised import half_set_sums
+from cryoai.reconstruction.shard import ALONE
+from cryoai.training.config import TrainConfig
+from cryoai.training.distributed import init_distributed, particle_shard, shutdown
+
+star, out = sys.argv[1], sys.argv[2]
+info, _ = init_distributed(torch.device("cpu"))
+shard = particle_shard(info) if info.enabled else ALONE
+table = load_particles(star)
+formation = ImageFormation(table.box_px, table.median_pixel_size_a())
+spectra = ParticleSpectra(ParticleDataset(table), formation, torch.device("cpu"))
+poses = table.poses()
+subset = np.arange(0, len(table), 3)
+y, c = spectra.read(subset)
+volume = reconstruct(spectra, poses, mask_radius_px=14.0).fourier_volume
+found = SubsetSearch(subset=subset, rotations=poses.rotations[subset],
+                     shifts_px=poses.shifts_a[subset] / formation.pixel_size_a, fourier_volume=volume,
+                     spectra=y, ctf=c)
+assigner = PoseAssigner(formation, volume, assignment_settings(TrainConfig(), table.box_px))
+assigned = assign_remaining(spectra, found, assigner, log=lambda _: None, block=7, shard=shard)
+sums = half_set_sums(spectra, poses, seed=1, shard=shard)
+if info.rank == 0:
+    np.savez(out, rotations=assigned.rotations.numpy(), shifts=assigned.shifts_a.numpy(),
+             num=sums[0][0].numpy(), den=sums[1][1].numpy())
+shutdown()
+'''
+
+
+def test_two_ranks_share_the_assignment_and_the_sums_and_get_what_one_process_gets(sim, tmp_path):
+    """The stages that visit every particle, split between 2 ranks (each poses and back-projects
+    its block, the results added over the ranks): the poses and the sums of one process."""
+    script = tmp_path / "sharded.py"
+    script.write_text(_SHARDED)
+    star = str(sim / "particles.star")
+    _run([sys.executable, str(script), star, str(tmp_path / "one.npz")])
+    _run([*_torchrun(), "--standalone", "--nproc_per_node", "2", str(script), star,
+          str(tmp_path / "two.npz")])
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert np.abs(one["rotations"]).sum() > 0 and np.abs(one["rotations"] - np.eye(3)).max() > 0.5
+    np.testing.assert_allclose(two["rotations"], one["rotations"], atol=1e-4)
+    np.testing.assert_allclose(two["shifts"], one["shifts"], atol=1e-3)
+    for key in ("num", "den"):
+        scale = np.abs(one[key]).max()
+        np.testing.assert_allclose(two[key], one[key], atol=1e-5 * scale)

@@ -147,3 +147,18 @@ def test_the_global_search_over_an_asymmetric_unit_finds_each_pose_up_to_the_gro
             assert len(assigner.grid) < 0.45 * settings.n_rotations
     assert np.median(errors["unit"]) < 3.0
     assert np.median(errors["unit"]) < np.median(errors["full"]) + 0.5
+
+
+def test_auto_proposes_the_group_without_imposing_it(c4_set):
+    particles, poses = c4_set
+    turn = random_rotations(1, generator=torch.Generator().manual_seed(9), dtype=torch.float64)[0]
+    found = _search_in_a_turned_frame(particles, poses, turn)
+    said = []
+    record = symmetry_stage(particles, TrainConfig(sym="auto"), found, say=said.append)
+    assert record.figures["proposed"] == "C4"
+    assert record.imposed == "C1" and record.operators is None
+    assert "--sym C4" in record.said[0]
+    tested = record.figures["tested"]
+    assert tested["C2"] >= 0.9 and tested["C4"] >= 0.9  # C4 and its subgroup hold ...
+    assert max(tested[f"C{n}"] for n in (3, 5, 6, 8)) < 0.9  # ... the others do not
+    assert "D4" in tested and tested["D4"] < 0.9

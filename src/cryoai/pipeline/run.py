@@ -47,7 +47,7 @@ from ..reconstruction.particle_scores import ParticleScores
 from ..reconstruction.regularised import half_set_sums, half_sets, reconstruction_from_sums
 from ..training.checkpoint import load_pose_encoder
 from ..training.config import TrainConfig
-from ..training.distributed import DistInfo, broadcast_
+from ..training.distributed import DistInfo, broadcast_, particle_shard
 from ..training.run_dir import RUN_LOG, RunDirectory, strict_json
 from ..training.trainer import (
     Trainer,
@@ -359,8 +359,12 @@ def run_default(
         )
         state.minutes += encoder.figures.get("seconds", 0.0) / 60
         run.done(encoder, state.minutes)
+        if dist.enabled:  # every rank poses its block against rank 0's map, in rank 0's frame
+            for tensor in (found.fourier_volume, found.rotations, found.shifts_px):
+                broadcast_(torch.view_as_real(tensor) if tensor.is_complex() else tensor, dist)
         assignment = assignment_stage(work, cfg, found, encoder, say=run.say, progress=run.progress,
-                                      symmetry=None if imposed == "C1" else point_group(imposed).float())
+                                      symmetry=None if imposed == "C1" else point_group(imposed).float(),
+                                      shard=particle_shard(dist))
         poses = assignment.poses
         state.minutes += assignment.figures["seconds"] / 60
         _broadcast_poses(poses, dist)
@@ -378,7 +382,7 @@ def run_default(
         # The half sets' sums are kept for the junk stage, which updates them as poses change;
         # with a point group, every particle is inserted once per operator.
         sums = half_set_sums(particles.spectra(), poses, seed=cfg.seed, symmetry=operators,
-                             progress=run.progress)
+                             progress=run.progress, shard=particle_shard(dist))
         rec = reconstruction_from_sums(sums, mask_radius_px=mask_radius_px(cfg, particles.box_px))
         if mode == "search" and cfg.sort_junk and dataset.noise is not None:
             # (the scores are in units of the measured noise: none without a noise model)

@@ -27,6 +27,7 @@ from ..reconstruction.junk_sorting import score_band_px, sort_junk
 from ..reconstruction.particle_scores import micrograph_amplitude, score_particles
 from ..reconstruction.pose_search import Progress, SubsetSearch
 from ..reconstruction.regularised import Reconstruction, density_skewness
+from ..reconstruction.shard import ALONE, Shard
 from ..simulate.views import sampling_compensation_factor
 from ..training.config import TrainConfig
 from ..training.encoder_fit import (
@@ -246,13 +247,15 @@ def assignment_stage(
     encoder: EncoderRecord,
     *,
     symmetry: torch.Tensor | None = None,
+    shard: Shard = ALONE,
     say: Callable[[str], None] = print,
     progress: Progress | None = None,
 ) -> PosesRecord:
     """Every particle outside the search's subset posed against its map (the encoder's
     hypotheses when it is used, else the global search, over one asymmetric unit where the map
     has a point group ``symmetry``; then local refinement), then the map centred; returns the
-    poses of every particle (docs/pipeline.md#assignment).
+    poses of every particle (docs/pipeline.md#assignment). ``shard``: under torchrun, each rank
+    poses its block of the particles and every rank gets every pose.
     """
     t0 = time.perf_counter()
     assigner = PoseAssigner(
@@ -264,7 +267,7 @@ def assignment_stage(
         symmetry=symmetry,
     )
     n_rest = len(particles.table) - len(found.subset)
-    poses = assign_remaining(particles.spectra(), found, assigner, log=say, progress=progress)
+    poses = assign_remaining(particles.spectra(), found, assigner, log=say, progress=progress, shard=shard)
     seconds = time.perf_counter() - t0
     figures = {
         "stage": "assignment",

@@ -48,6 +48,7 @@ from .backproject import backproject
 from .class_averages import ClassAverages, ClassAverageSettings, class_averages, class_particles
 from .em import ExpectationMaximisation, assign_global, refine_local, refine_newton
 from .particle_scores import score_spectra
+from .shard import ALONE, Shard
 from .spectra import ParticleSpectra, SpectraInMemory
 
 #: A progress callback: ``progress(what, done, total)`` (e.g. a bar per ``what``).
@@ -305,10 +306,11 @@ def repose_subset(found: SubsetSearch, assigner: PoseAssigner, *, block: int = 4
 
 def assign_remaining(particles: ParticleSpectra, found: SubsetSearch, assigner: PoseAssigner, *,
                      log: Callable[[str], None] = print, block: int = 4096,
-                     progress: Progress | None = None) -> Poses:
+                     progress: Progress | None = None, shard: Shard = ALONE) -> Poses:
     """Steps 3-4: the particles outside the subset posed against the subset's map by
     ``assigner`` (amortized or global), then every shift moved to the map centred on its centre
-    of mass.
+    of mass. ``shard``: under torchrun, this process poses its block of those particles and the
+    poses are gathered (a sum over the processes): every process returns every pose.
 
     Returns
     -------
@@ -317,9 +319,7 @@ def assign_remaining(particles: ParticleSpectra, found: SubsetSearch, assigner: 
     n_total = len(particles)
     rotations = np.zeros((n_total, 3, 3))
     shifts_px = np.zeros((n_total, 2))
-    rotations[found.subset] = found.rotations.double().cpu().numpy()
-    shifts_px[found.subset] = found.shifts_px.double().cpu().numpy()
-    rest = np.setdiff1d(np.arange(n_total), found.subset)
+    rest = shard.rows(np.setdiff1d(np.arange(n_total), found.subset))
     done = 0
     for start in range(0, len(rest), block):
         part = rest[start:start + block]
@@ -331,6 +331,11 @@ def assign_remaining(particles: ParticleSpectra, found: SubsetSearch, assigner: 
         log(f"assignment ({assigner.mode}): {done}/{len(rest)} remaining particles")
         if progress is not None:
             progress("assignment", done, len(rest))
+    if shard.size > 1:  # every process's block, added (each row is posed by one process)
+        rotations = shard.sum_(torch.from_numpy(rotations)).numpy()
+        shifts_px = shard.sum_(torch.from_numpy(shifts_px)).numpy()
+    rotations[found.subset] = found.rotations.double().cpu().numpy()
+    shifts_px[found.subset] = found.shifts_px.double().cpu().numpy()
     shifts_px = centre_poses(found.fourier_volume, rotations, shifts_px)
     return Poses.from_arrays(rotations, shifts_px * particles.formation.pixel_size_a)
 

@@ -28,6 +28,7 @@ from ..physics.grids import max_paired_radius_px, n_shells, radius_grid_3d, shel
 from ..physics.masks import spherical_mask
 from ..physics.poses import Poses
 from .backproject import backproject
+from .shard import ALONE, Shard
 from .spectra import ParticleSpectra
 
 #: The most frequency points (images x coefficients) one trilinear insertion takes at a time: its
@@ -160,20 +161,24 @@ def reconstruct(particles: ParticleSpectra, poses: Poses, *, mask_radius_px: flo
 
 def half_set_sums(particles: ParticleSpectra, poses: Poses, *, seed: int = 0,
                   indices: np.ndarray | None = None, symmetry: torch.Tensor | None = None,
-                  progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  progress=None, shard: Shard = ALONE) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The back-projected sums ``[(num, den), (num, den)]`` of the two random half sets
     (:func:`half_sets` of ``indices``, all particles if None) at their poses: what
     :func:`reconstruct` solves, for a caller that keeps them (e.g. to update them as particles
     leave or change pose, :func:`cryoai.reconstruction.junk_sorting.sort_junk`). ``symmetry``: as
-    :func:`reconstruct`'s. ``progress(what, done, total)``: after each batch, or None.
+    :func:`reconstruct`'s. ``progress(what, done, total)``: after each batch, or None. ``shard``:
+    under torchrun, this process back-projects its block of each half set and the sums are added
+    over the processes (:mod:`cryoai.reconstruction.shard`); every process gets the whole sums.
     """
     rows = np.arange(len(particles)) if indices is None else np.asarray(indices, dtype=np.int64)
-    halves = half_sets(len(rows), seed)
+    halves = [shard.rows(h) for h in half_sets(len(rows), seed)]
+    total = sum(len(h) for h in halves)
     out = []
     for k, h in enumerate(halves):
         tick = None if progress is None else (
-            lambda done, total, k=k: progress("reconstruction", done + k * len(halves[0]), len(rows)))
-        out.append(backproject_particles(particles, rows[h], poses, symmetry=symmetry, progress=tick))
+            lambda done, _, k=k: progress("reconstruction", done + k * len(halves[0]), total))
+        num, den = backproject_particles(particles, rows[h], poses, symmetry=symmetry, progress=tick)
+        out.append((shard.sum_(num), shard.sum_(den)))
     return out
 
 

@@ -23,7 +23,7 @@ from ..physics.grids import grid_3d
 from ..physics.masks import spherical_mask
 from ..physics.projection import sample_volume
 from ..physics.rotations import so3_grid
-from ..physics.symmetry import generated_group
+from ..physics.symmetry import generated_group, group_axes
 from .em import local_rotations
 
 
@@ -115,12 +115,14 @@ def _generators(group: torch.Tensor) -> torch.Tensor:
 
 
 def find_symmetry_frame(volume: torch.Tensor, group: torch.Tensor, *, box_px: int = 24,
-                        mask_radius_frac: float = 0.45, n_rotations: int = 4608, refine_rounds: int = 6,
-                        candidates: int = 48, chunk: int = 64,
+                        mask_radius_frac: float = 0.45, n_rotations: int | None = None,
+                        refine_rounds: int = 6, candidates: int = 48, chunk: int = 64,
                         generator: torch.Generator | None = None) -> SymmetryFrame:
     """The rotation that puts a map's point group in its standard frame.
 
-    Every rotation ``Q`` of an SO(3) grid (``n_rotations``, about 15 deg apart) is scored by the
+    Every rotation ``Q`` of an SO(3) grid (``n_rotations``: 4,608, about 15 deg apart; 576 for a
+    cyclic group, whose score does not depend on the turn about its axis, so that only the axis's
+    direction is searched) is scored by the
     map's mean correlation with itself turned by ``Q^T S Q`` for a set of generators ``S`` of the
     group, on the map Fourier-cropped to ``box_px``; the best is refined by ``refine_rounds``
     rounds of ``candidates`` local rotations, the range halved each round (from the grid's
@@ -131,7 +133,7 @@ def find_symmetry_frame(volume: torch.Tensor, group: torch.Tensor, *, box_px: in
     volume : (N, N, N) real map, in its own frame.
     group : (G, 3, 3) the group's operators in its standard frame (G > 1).
     box_px, mask_radius_frac : as :func:`symmetry_correlations`.
-    n_rotations, refine_rounds, candidates : the search.
+    n_rotations, refine_rounds, candidates : the search (``n_rotations`` None: as above).
     chunk : rotations scored at a time.
     generator : seeds the local rotations.
 
@@ -151,6 +153,8 @@ def find_symmetry_frame(volume: torch.Tensor, group: torch.Tensor, *, box_px: in
             out.append(_correlation(v, turned).mean(dim=1))
         return torch.cat(out)
 
+    if n_rotations is None:
+        n_rotations = 576 if len(group_axes(group)) == 1 else 4608
     grid = so3_grid(n_rotations, dtype=torch.float64)
     s = scores(grid)
     best_q, best_s = grid[int(s.argmax())], float(s.max())

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..reconstruction.shard import Shard
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -119,6 +121,31 @@ def broadcast_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     else:
         dist.broadcast(tensor, src=0)
     return tensor
+
+
+def all_reduce_sum_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Replace ``tensor`` in place by its sum over the ranks (returns it); CPU tensors go
+    through the GPU when the backend is NCCL. Complex tensors are summed as their real pairs.
+    """
+    if not info.enabled:
+        return tensor
+    work = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    if dist.get_backend() == "nccl" and work.device.type != "cuda":
+        tmp = work.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(tmp)
+        work.copy_(tmp.to(work.device))
+    else:
+        dist.all_reduce(work)
+    return tensor
+
+
+def particle_shard(info: DistInfo) -> Shard:
+    """The rank's :class:`cryoai.reconstruction.shard.Shard` of the stages that visit every
+    particle (the assignment, the reconstruction's sums), summed over the ranks by all-reduce.
+    """
+    if not info.enabled:
+        return Shard()
+    return Shard(info.rank, info.world_size, lambda t: all_reduce_sum_(t, info))
 
 
 def barrier(info: DistInfo) -> None:
