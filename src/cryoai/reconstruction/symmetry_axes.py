@@ -116,8 +116,8 @@ def _generators(group: torch.Tensor) -> torch.Tensor:
 
 def find_symmetry_frame(volume: torch.Tensor, group: torch.Tensor, *, box_px: int = 24,
                         mask_radius_frac: float = 0.45, n_rotations: int | None = None,
-                        refine_rounds: int = 6, candidates: int = 48, chunk: int = 64,
-                        generator: torch.Generator | None = None) -> SymmetryFrame:
+                        refine_rounds: int = 6, candidates: int = 48, refine_box_px: int = 48,
+                        chunk: int = 64, generator: torch.Generator | None = None) -> SymmetryFrame:
     """The rotation that puts a map's point group in its standard frame.
 
     Every rotation ``Q`` of an SO(3) grid (``n_rotations``: 4,608, about 15 deg apart; 576 for a
@@ -126,14 +126,17 @@ def find_symmetry_frame(volume: torch.Tensor, group: torch.Tensor, *, box_px: in
     map's mean correlation with itself turned by ``Q^T S Q`` for a set of generators ``S`` of the
     group, on the map Fourier-cropped to ``box_px``; the best is refined by ``refine_rounds``
     rounds of ``candidates`` local rotations, the range halved each round (from the grid's
-    spacing).
+    spacing), on the map at ``refine_box_px`` (at most its own box): the finer map places the
+    axes better (a C4 channel's from 5,000 particles: 1.07 deg off the truth at 24 px, 0.56 at
+    32, 0.18 at 48).
 
     Parameters
     ----------
     volume : (N, N, N) real map, in its own frame.
     group : (G, 3, 3) the group's operators in its standard frame (G > 1).
     box_px, mask_radius_frac : as :func:`symmetry_correlations`.
-    n_rotations, refine_rounds, candidates : the search (``n_rotations`` None: as above).
+    n_rotations, refine_rounds, candidates, refine_box_px : the search (``n_rotations`` None:
+        as above).
     chunk : rotations scored at a time.
     generator : seeds the local rotations.
 
@@ -144,7 +147,7 @@ def find_symmetry_frame(volume: torch.Tensor, group: torch.Tensor, *, box_px: in
     v = _small_map(volume, box_px, mask_radius_frac)
     gens = _generators(group.to(torch.float64))
 
-    def scores(rotations: torch.Tensor) -> torch.Tensor:
+    def scores(rotations: torch.Tensor) -> torch.Tensor:  # (of the map v at hand)
         out = []
         for start in range(0, len(rotations), chunk):
             q = rotations[start:start + chunk]  # (B, 3, 3)
@@ -157,8 +160,10 @@ def find_symmetry_frame(volume: torch.Tensor, group: torch.Tensor, *, box_px: in
         n_rotations = 576 if len(group_axes(group)) == 1 else 4608
     grid = so3_grid(n_rotations, dtype=torch.float64)
     s = scores(grid)
-    best_q, best_s = grid[int(s.argmax())], float(s.max())
+    best_q = grid[int(s.argmax())]
     angle = (8 * math.pi**2 / len(grid)) ** (1 / 3)
+    v = _small_map(volume, min(refine_box_px, volume.shape[-1]), mask_radius_frac)
+    best_s = float(scores(best_q[None])[0])
     for _ in range(refine_rounds):
         pert = local_rotations(candidates, angle, generator=generator, dtype=torch.float64)
         cand = pert @ best_q  # the first is the current one
