@@ -5,6 +5,11 @@ resamples the map by that transform, and reports the FSC (resolution at 0.5 and 
 and A), the median rotation error (squared Frobenius and degrees) and the shift error.
 Writes OUTDIR/metrics.json, fsc.png, rotation_errors.png and aligned_volume.mrc.
 
+Several structures (a simulation's truth.csv with a state per particle, --gt-states): the
+classes of --poses (rlnClassNumber) against the true states, matched one to one (the Hungarian
+method): the class accuracy and the confusion counts; with --class-maps and --gt-state-maps,
+each matched class's map against its state's (FSC) and its particles' pose errors.
+
 Example: cryoai evaluate --map run/volume.mrc --poses run/poses.star \
              --gt-map sim/ground_truth.mrc --gt-poses sim/particles.star --outdir run/eval
 """
@@ -26,13 +31,21 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gt-poses", default=None, help="ground-truth poses (.star/.cs)")
     parser.add_argument("--outdir", required=True, help="where metrics.json and the plots go")
     parser.add_argument("--datadir", default=None)
+    parser.add_argument("--gt-states", default=None,
+                        help="truth.csv of a simulation of several maps (its state column): the class "
+                             "accuracy of --poses' rlnClassNumber")
+    parser.add_argument("--class-maps", nargs="+", default=None,
+                        help="the classes' maps (class_001.mrc ...), in class order, to compare with "
+                             "--gt-state-maps")
+    parser.add_argument("--gt-state-maps", nargs="+", default=None,
+                        help="each true state's map (ground_truth_state_001.mrc ...), in state order")
     parser.add_argument("--symmetry", default="C1",
                         help="the truth's point group: Cn, Dn, T, O or I1-I4 (RELION's settings): rotation "
                              "errors are to the nearest symmetry-equivalent true pose (default C1)")
 
 
 def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, datadir=None,
-                   symmetry: str = "C1") -> dict:
+                   symmetry: str = "C1", gt_states=None, class_maps=None, gt_state_maps=None) -> dict:
     from ..evaluation.metrics import evaluate
     from ..evaluation.plots import plot_fsc, plot_map_slices, plot_rotation_errors
     from ..io import load_particles, write_json_atomic
@@ -66,6 +79,9 @@ def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     metrics = result["metrics"]
+    if gt_states:
+        metrics["classes"] = class_evaluation(poses, gt_states, class_maps, gt_state_maps, pred_rot, true_rot,
+                                              pixel_size_a, symmetry)
     write_json_atomic(outdir / "metrics.json", metrics)
     if "fsc" in metrics:
         plot_fsc(np.array(metrics["fsc"]), volume.shape[-1], pixel_size_a, outdir / "fsc.png")
@@ -74,6 +90,53 @@ def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, 
     write_volume(outdir / "aligned_volume.mrc", result["aligned_volume"].astype(np.float32), pixel_size_a)
     plot_map_slices(result["aligned_volume"], outdir / "map_slices.png", title="aligned map")
     return metrics
+
+
+def class_evaluation(poses, gt_states, class_maps, gt_state_maps, pred_rot, true_rot, pixel_size_a,
+                     symmetry: str) -> dict:
+    """The classes against the true states (module docstring); junk picks (``truth.csv``'s
+    ``kind`` other than ``particle``) left out.
+    """
+    import pandas as pd
+
+    from ..evaluation.metrics import class_accuracy, evaluate
+    from ..evaluation.report import particle_columns
+    from ..io.mrc import read_volume
+
+    if not poses:
+        raise InputError("--gt-states needs --poses (a run's poses.star, with rlnClassNumber)")
+    try:
+        truth = pd.read_csv(gt_states)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{gt_states}: not a readable CSV ({exc})") from None
+    if "state" not in truth:
+        raise InputError(f"{gt_states}: no state column (a simulation of several maps writes one)")
+    columns = particle_columns(Path(poses))
+    if "rlnClassNumber" not in columns:
+        raise InputError(f"{poses}: no rlnClassNumber (run cryoai train with --classes K)")
+    classes = np.asarray(columns["rlnClassNumber"]).astype(np.int64)
+    if len(classes) != len(truth):
+        raise InputError(f"{gt_states}: {len(truth)} particles, but {poses} has {len(classes)}")
+    real = (truth["kind"] == "particle").to_numpy() if "kind" in truth else np.ones(len(truth), bool)
+    states = truth["state"].to_numpy().astype(np.int64)
+    out = class_accuracy(classes[real], states[real])
+    if class_maps and gt_state_maps:
+        per_class = []
+        for c, s in sorted(out["matching"].items()):
+            if not (1 <= c <= len(class_maps) and 1 <= s <= len(gt_state_maps)):
+                continue
+            volume, _ = read_volume(class_maps[c - 1])
+            truth_map, _ = read_volume(gt_state_maps[s - 1])
+            rows = np.flatnonzero(real & (classes == c) & (states == s))
+            m = evaluate(volume, pixel_size_a, truth_volume=truth_map,
+                         pred_rotations=None if pred_rot is None else pred_rot[rows],
+                         true_rotations=None if true_rot is None else true_rot[rows],
+                         symmetry=symmetry)["metrics"]
+            per_class.append({"class": c, "state": s, "particles": int((classes == c).sum()),
+                              **{k: m[k] for k in ("resolution_px_0.5", "resolution_a_0.5",
+                                                   "rotation_error_deg_median") if k in m}})
+        out["per_class"] = per_class
+    return out
 
 
 def summary_lines(metrics: dict) -> list[str]:
@@ -89,12 +152,23 @@ def summary_lines(metrics: dict) -> list[str]:
                      + (f", symmetry {metrics['symmetry']}" if metrics.get("symmetry", "C1") != "C1" else ""))
     if "shift_error_a_median" in metrics:
         lines.append(f"shift error: median {metrics['shift_error_a_median']:.2f} A")
+    if "classes" in metrics:
+        c = metrics["classes"]
+        lines.append(f"classes: accuracy {c['accuracy']:.1%} (class -> state: "
+                     + ", ".join(f"{k} -> {v}" for k, v in c["matching"].items()) + ")")
+        for row in c.get("per_class", []):
+            lines.append(f"  class {row['class']} (state {row['state']}, {row['particles']} particles): "
+                         + (f"FSC=0.5 {row['resolution_a_0.5']:.1f} A" if "resolution_a_0.5" in row else "")
+                         + (f", poses {row['rotation_error_deg_median']:.2f} deg"
+                            if "rotation_error_deg_median" in row else ""))
     return lines
 
 
 def main(args) -> int:
     metrics = run_evaluation(args.map, args.outdir, poses=args.poses, gt_map=args.gt_map,
-                             gt_poses=args.gt_poses, datadir=args.datadir, symmetry=args.symmetry)
+                             gt_poses=args.gt_poses, datadir=args.datadir, symmetry=args.symmetry,
+                             gt_states=args.gt_states, class_maps=args.class_maps,
+                             gt_state_maps=args.gt_state_maps)
     for line in summary_lines(metrics):
         print(line)
     print(f"metrics and plots: {args.outdir}")

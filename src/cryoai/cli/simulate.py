@@ -13,8 +13,16 @@ Fourier-cropping to --output-box; RELION-like output (background normalised, flo
 (--recipe) turns them on together; flags given with it override it. The truth of what a method
 is not told (junk, micrographs' B-factor and scales) goes to OUTDIR/truth.csv.
 
+Several structures: several --map (or --model) make a mixture, each particle the image of one
+of them drawn with --shares; two --model with --trajectory-states K make the K states of a
+motion between them (the shared atoms moved in a straight line). Each particle's state goes to
+OUTDIR/truth.csv, each state's map to OUTDIR/ground_truth_state_NNN.mrc.
+
 Example: cryoai simulate --map map.mrc --n 10000 --snr-db -10 --outdir sim/
          cryoai simulate --recipe large-complex --n 12000 --outdir sim-a/
+         cryoai simulate --map a.mrc b.mrc c.mrc --shares 0.5,0.3,0.2 --n 15000 --outdir mix/
+         cryoai simulate --model open.pdb closed.pdb --trajectory-states 20 --pixel-size 3
+             --box 64 --outdir motion/   (one command)
 """
 
 from __future__ import annotations
@@ -30,10 +38,16 @@ from .common import pick_device, prepare_outdir, progress_bar
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--map",
-                     help="input map (.mrc); default: the embedded 70S ribosome (64 px, 5 A)")
-    src.add_argument("--model",
-                     help="atomic model (.pdb/.cif) turned into a potential map with gemmi")
+    src.add_argument("--map", nargs="+",
+                     help="input map (.mrc), or several (a mixture: one state per map, the same box and "
+                          "pixel size); default: the embedded 70S ribosome (64 px, 5 A)")
+    src.add_argument("--model", nargs="+",
+                     help="atomic model (.pdb/.cif) turned into a potential map with gemmi, or several "
+                          "(a mixture; two with --trajectory-states: a motion)")
+    parser.add_argument("--shares", default=None, metavar="S1,S2,...",
+                        help="each state's share of the particles (default: equal)")
+    parser.add_argument("--trajectory-states", type=int, default=None, metavar="K",
+                        help="with two --model: K states of the motion from the first to the second")
     parser.add_argument("--pixel-size", type=float, default=None,
                         help="pixel size in A (required with --model; overrides the map header)")
     parser.add_argument("--box", type=int, default=None,
@@ -161,18 +175,42 @@ def resolve_simulation(args) -> tuple[dict, object]:
     return sim, realism
 
 
-def load_input_volume(args) -> tuple[np.ndarray, float]:
-    """The map to simulate from and its voxel size (A), honouring --map/--model/--box."""
-    from ..assets import embedded_map_path
-    from ..io.mrc import read_volume
+def load_input_volumes(args) -> tuple[list[np.ndarray], float]:
+    """The maps to simulate from (one per state; one for a single structure) and their voxel size
+    (A), honouring --map/--model/--box/--trajectory-states.
+    """
     from ..simulate import atomic_model_to_map
+    from ..simulate.states import trajectory_models
 
+    if args.trajectory_states is not None and (not args.model or len(args.model) != 2):
+        raise InputError("--trajectory-states needs two --model (the motion's first and last state)")
     if args.model:
         if args.pixel_size is None or args.box is None:
             raise InputError("--model needs --pixel-size and --box")
-        volume = atomic_model_to_map(args.model, pixel_size_a=args.pixel_size, box_px=args.box)
-        return volume, args.pixel_size
-    path = args.map or embedded_map_path()
+        if args.trajectory_states is not None:
+            return trajectory_models(*args.model, args.trajectory_states, pixel_size_a=args.pixel_size,
+                                     box_px=args.box), args.pixel_size
+        return [atomic_model_to_map(m, pixel_size_a=args.pixel_size, box_px=args.box)
+                for m in args.model], args.pixel_size
+    volumes, sizes = [], []
+    for path in args.map or [None]:
+        volume, size = load_input_volume(args, path)
+        if volumes and (volume.shape != volumes[0].shape or abs(size - sizes[0]) > 1e-3 * sizes[0]):
+            raise InputError(f"{path}: {volume.shape[-1]} px at {size:g} A, but {args.map[0]} is "
+                             f"{volumes[0].shape[-1]} px at {sizes[0]:g} A: the maps of a mixture must match")
+        volumes.append(volume)
+        sizes.append(size)
+    return volumes, sizes[0]
+
+
+def load_input_volume(args, path=None) -> tuple[np.ndarray, float]:
+    """A map to simulate from and its voxel size (A), honouring --pixel-size and --box (``path``
+    None: the embedded map).
+    """
+    from ..assets import embedded_map_path
+    from ..io.mrc import read_volume
+
+    path = path or embedded_map_path()
     volume, voxel_size_a = read_volume(path)
     if args.pixel_size is not None:
         voxel_size_a = args.pixel_size
@@ -228,13 +266,23 @@ def main(args) -> int:
     from ..simulate import SimulationConfig, simulate_dataset
 
     check_args(args)
+    from ..simulate.states import normalised_shares
+
     sim, realism = resolve_simulation(args)
-    volume, pixel_size_a = load_input_volume(args)
+    volumes, pixel_size_a = load_input_volumes(args)
+    volume = volumes[0]
+    shares = None
+    if len(volumes) > 1 or args.shares is not None:
+        try:
+            given = None if args.shares is None else [float(v) for v in args.shares.split(",")]
+        except ValueError:
+            raise InputError(f"--shares {args.shares}: expected numbers separated by commas") from None
+        shares = tuple(float(v) for v in normalised_shares(given, len(volumes)))
     out_box = realism.output_box_px if realism is not None else None
     if out_box is not None and out_box > volume.shape[-1]:
         raise InputError(f"--output-box {out_box}: larger than the map's box ({volume.shape[-1]})")
-    if not args.no_noise and float(np.ptp(volume)) == 0.0:
-        raise InputError(f"{args.map or args.model or 'map'}: the map is constant, so its "
+    if not args.no_noise and any(float(np.ptp(v)) == 0.0 for v in volumes):
+        raise InputError(f"{' '.join(args.map or args.model or ['map'])}: a map is constant, so its "
                          "projections have no signal to set an SNR against (use --no-noise)")
     outdir = prepare_outdir(args.outdir, marker="particles.star", force=args.force,
                             resumable=False)
@@ -244,22 +292,26 @@ def main(args) -> int:
         defocus_log_sigma=args.defocus_log_sigma, astigmatism_sigma_a=args.astigmatism_a,
         voltage_kv=args.voltage_kv, cs_mm=args.cs_mm, amplitude_contrast=args.amplitude_contrast,
         bfactor_a2=args.bfactor, chunk_size=args.chunk_size, stack_size=args.stack_size,
-        realism=realism,
+        realism=realism, state_shares=shares if len(volumes) > 1 else None,
     )
     bar = progress_bar(args.n, "simulate", disable=args.quiet)
     try:
-        report = simulate_dataset(volume, pixel_size_a, outdir, cfg,
+        report = simulate_dataset(volumes if len(volumes) > 1 else volume, pixel_size_a, outdir, cfg,
                                   device=pick_device(args.device), progress=bar.update)
     finally:
         bar.close()
     report.setdefault("box_px", int(volume.shape[-1]))
     report.setdefault("pixel_size_a", pixel_size_a)
     report.update({"config": cfg.to_dict(), "recipe": args.recipe,
-                   "source": args.model or args.map or "embedded 70S ribosome"})
+                   "source": args.model or args.map or "embedded 70S ribosome",
+                   **({"trajectory_states": args.trajectory_states} if args.trajectory_states else {})})
     write_json_atomic(Path(outdir) / "simulation.json", report)
     snr = "no noise" if cfg.snr_db is None else f"SNR {report['snr_db_measured']:.2f} dB measured"
     print(f"wrote {args.n} particles ({report['box_px']} px, {report['pixel_size_a']:.3f} A, {snr}) "
           f"to {report['star_path']}")
+    if len(volumes) > 1:
+        print(f"states: {len(volumes)} maps, particles per state {report['state_counts']}; each particle's "
+              f"state in {Path(outdir) / 'truth.csv'}")
     if realism is not None:
         junk = sum(report["junk"].values())
         kinds = ", ".join(f"{k} {v}" for k, v in report["junk"].items() if v)

@@ -244,6 +244,41 @@ def align_shifts(pred_shifts_a: np.ndarray, true_shifts_a: np.ndarray, true_rota
     return t_a, np.linalg.norm(resid, axis=1)
 
 
+def class_accuracy(predicted: np.ndarray, true: np.ndarray) -> dict:
+    """How well predicted classes recover the true states, up to the classes' numbering: the
+    share of particles in the matched pairs of the best one-to-one matching of classes to states
+    (the Hungarian method on their confusion counts, :func:`scipy.optimize.linear_sum_assignment`).
+
+    Parameters
+    ----------
+    predicted, true : (N,) integer labels (any values; e.g. ``rlnClassNumber`` and ``truth.csv``'s
+        ``state``).
+
+    Returns
+    -------
+    dict with ``accuracy``, ``matching`` ({class: state}, classes left unmatched absent),
+    ``classes`` and ``states`` (the labels, in the confusion's order) and ``confusion``
+    (classes x states counts).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    predicted, true = np.asarray(predicted), np.asarray(true)
+    if predicted.shape != true.shape or predicted.ndim != 1:
+        raise ValueError(f"labels of different shapes: {predicted.shape} and {true.shape}")
+    classes, pi = np.unique(predicted, return_inverse=True)
+    states, ti = np.unique(true, return_inverse=True)
+    confusion = np.zeros((len(classes), len(states)), dtype=np.int64)
+    np.add.at(confusion, (pi, ti), 1)
+    rows, cols = linear_sum_assignment(-confusion)
+    return {
+        "accuracy": float(confusion[rows, cols].sum() / max(len(true), 1)),
+        "matching": {int(classes[r]): int(states[c]) for r, c in zip(rows, cols, strict=True)},
+        "classes": classes.tolist(),
+        "states": states.tolist(),
+        "confusion": confusion.tolist(),
+    }
+
+
 def evaluate(volume: np.ndarray, pixel_size_a: float, *, truth_volume: np.ndarray | None = None,
              pred_rotations: np.ndarray | None = None, true_rotations: np.ndarray | None = None,
              pred_shifts_a: np.ndarray | None = None, true_shifts_a: np.ndarray | None = None,

@@ -22,16 +22,12 @@ from ..io.particles import ParticleTable, compact_column
 from ..io.star import write_star
 from ..physics.ctf import compute_ctf
 from ..physics.fft import (
-    crop_center_2d,
     fft2_c,
-    fft3_c,
     fourier_crop_2d,
     fourier_crop_3d,
     ifft2_c,
-    pad_volume,
 )
 from ..physics.grids import frequency_grid_2d
-from ..physics.projection import extract_central_slices
 from ..physics.rotations import random_rotations
 from ..physics.shifts import phase_shift
 from .realism import (
@@ -46,7 +42,15 @@ from .realism import (
     particle_disk,
     particle_radius_px,
 )
-from .simulator import _PARAM_BLOCK, _STREAM_PARAMS, _STREAM_PILOT, _generator, sample_parameters
+from .simulator import (
+    _PARAM_BLOCK,
+    _STREAM_PARAMS,
+    _STREAM_PILOT,
+    _generator,
+    sample_parameters,
+    write_states,
+)
+from .states import StateProjector
 from .views import sample_views, sampling_compensation_factor
 
 _STREAM_REALISM, _STREAM_PILOT_REALISM, _STREAM_MICROGRAPHS, _STREAM_PILOT_MICROGRAPHS = 2, 3, 4, 5
@@ -127,32 +131,32 @@ class RealisticRenderer:
 
     Parameters
     ----------
-    volume : (N, N, N) the map, ``pixel_size_a`` its voxel size.
+    volumes : (N, N, N) the map, or a list of maps (one per state: each particle is the image of
+        its own, ``params["state"]``); ``pixel_size_a`` their voxel size.
     cfg : the :class:`cryoai.simulate.SimulationConfig` (with ``realism``).
     device : torch device.
     """
 
-    def __init__(self, volume: np.ndarray, pixel_size_a: float, cfg, device):
+    def __init__(self, volumes, pixel_size_a: float, cfg, device):
         self.cfg = cfg
         self.rc: RealismConfig = cfg.realism
-        self.n = volume.shape[-1]
+        volumes = list(volumes) if isinstance(volumes, (list, tuple)) else [volumes]
+        self.n = volumes[0].shape[-1]
         self.out_n = self.rc.output_box_px or self.n
         if self.out_n > self.n:
             raise ValueError(f"output_box_px {self.out_n} is larger than the map's box {self.n}")
         self.pixel_size_a = pixel_size_a
         self.out_pixel_size_a = pixel_size_a * self.n / self.out_n
         self.device = device
-        vol = torch.as_tensor(volume, dtype=torch.float32, device=device)
-        self.fvol = fft3_c(pad_volume(vol, self.n * cfg.oversample))
+        self.projector = StateProjector(volumes, cfg.oversample, device)
         self.freqs_a = frequency_grid_2d(self.n, pixel_size_a, device=device, dtype=torch.float32)
-        self.radius_px = particle_radius_px(volume)
+        self.radius_px = max(particle_radius_px(v) for v in volumes)
         self.out_disk = particle_disk(self.out_n, self.radius_px * self.out_n / self.n, device=device)
         self.structural_sigma = 0.0
         self.noise_sigma = 0.0
 
-    def _project(self, rotations: np.ndarray) -> torch.Tensor:
-        rot = torch.as_tensor(rotations, dtype=torch.float32, device=self.device)
-        return crop_center_2d(ifft2_c(extract_central_slices(self.fvol, rot)).real, self.n)
+    def _project(self, rotations: np.ndarray, states: np.ndarray | None = None) -> torch.Tensor:
+        return self.projector.project(rotations, states)
 
     def _shift(self, images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
         freqs = self.freqs_a * self.pixel_size_a
@@ -161,7 +165,8 @@ class RealisticRenderer:
     def projections(self, params: dict) -> torch.Tensor:
         """Pre-CTF images (B, N, N) with the junk made: the particle, or what the pick holds."""
         dev = self.device
-        proj = self._project(params["rotations"])
+        states = params.get("state")
+        proj = self._project(params["rotations"], states)
         kind = params["junk_kind"]
         name = {k: i for i, k in enumerate(JUNK_KINDS)}
         r = self.radius_px
@@ -171,7 +176,8 @@ class RealisticRenderer:
                                      torch.as_tensor(params["cut_fraction"][rows], device=dev))
         rows = np.flatnonzero(kind == name["neighbour"])
         if len(rows):
-            other = self._project(params["neighbour_rotations"][rows])
+            other = self._project(params["neighbour_rotations"][rows],
+                                  None if states is None else states[rows])
             offset = torch.as_tensor(params["neighbour_offset_radii"][rows] * r, device=dev)
             proj[rows] = proj[rows] + self._shift(other, offset)
         rows = np.flatnonzero(kind == name["blob"])
@@ -286,11 +292,12 @@ def _micrographs(cfg, n_particles: int, stream: int) -> tuple[np.ndarray, dict]:
     return np.repeat(np.arange(len(sizes)), sizes), values
 
 
-def simulate_realistic(volume: np.ndarray, pixel_size_a: float, outdir: str | Path, cfg, *,
+def simulate_realistic(volume, pixel_size_a: float, outdir: str | Path, cfg, *,
                        device: str | torch.device = "cpu", progress=None) -> dict:
     """:func:`cryoai.simulate.simulate_dataset` with ``cfg.realism`` set (same outputs, plus
     ``truth.csv``: each particle's micrograph, kind (``particle`` or a junk kind) and the values a
-    method is not told: B-factor, intensity and noise scale).
+    method is not told: B-factor, intensity and noise scale; with several maps (a list), each
+    particle's ``state``).
 
     Returns
     -------
@@ -304,7 +311,8 @@ def simulate_realistic(volume: np.ndarray, pixel_size_a: float, outdir: str | Pa
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    renderer = RealisticRenderer(volume, pixel_size_a, cfg, device)
+    volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
+    renderer = RealisticRenderer(volumes, pixel_size_a, cfg, device)
     n_total, n, out_n = cfg.n_particles, renderer.n, renderer.out_n
 
     mic_of, mic_values = _micrographs(cfg, n_total, _STREAM_MICROGRAPHS)
@@ -335,6 +343,7 @@ def simulate_realistic(volume: np.ndarray, pixel_size_a: float, outdir: str | Pa
     ctf_cols = {k: np.empty(n_total, dtype=np.float32)
                 for k in ("defocus_u_a", "defocus_v_a", "defocus_angle_rad")}
     kinds = np.empty(n_total, dtype=np.int64)
+    states = np.zeros(n_total, dtype=np.int64)
     bfactor_true = np.empty(n_total, dtype=np.float32)
     sums = {"box": 0.0, "masked": 0.0, "integrated": 0.0, "noise": 0.0}
     stack_files, stack_ids, stack_indices = [], np.empty(n_total, np.int32), np.empty(n_total, np.int32)
@@ -370,6 +379,7 @@ def simulate_realistic(volume: np.ndarray, pixel_size_a: float, outdir: str | Pa
                 for k in ctf_cols:
                     ctf_cols[k][sl] = params[k]
                 kinds[sl] = params["junk_kind"]
+                states[sl] = params.get("state", 0)
                 bfactor_true[sl] = params["bfactor_true_a2"]
                 stack_ids[sl] = stack_id
                 stack_indices[sl] = np.arange(c_start, c_start + count)
@@ -401,10 +411,17 @@ def simulate_realistic(volume: np.ndarray, pixel_size_a: float, outdir: str | Pa
         "intensity_scale": mic_values["intensity_scale"][mic_of] if rc.micrographs else 1.0,
         "noise_scale": mic_values["noise_scale"][mic_of] if rc.micrographs else 1.0,
     })
+    if len(volumes) > 1:
+        truth["state"] = states + 1
     truth.to_csv(outdir / "truth.csv", index=False)
-    gt = torch.as_tensor(np.asarray(volume, dtype=np.float64))
-    gt = gt if out_n == n else fourier_crop_3d(gt, out_n)
-    write_volume(outdir / "ground_truth.mrc", gt.float().numpy(), renderer.out_pixel_size_a)
+
+    def at_output_box(v: np.ndarray) -> np.ndarray:
+        gt = torch.as_tensor(np.asarray(v, dtype=np.float64))
+        return (gt if out_n == n else fourier_crop_3d(gt, out_n)).float().numpy()
+
+    write_volume(outdir / "ground_truth.mrc", at_output_box(volumes[0]), renderer.out_pixel_size_a)
+    extra = {} if len(volumes) == 1 else write_states(outdir, [at_output_box(v) for v in volumes],
+                                                       renderer.out_pixel_size_a, states)
 
     real = kinds < 0
 
@@ -428,6 +445,7 @@ def simulate_realistic(volume: np.ndarray, pixel_size_a: float, outdir: str | Pa
         "views_scf": sampling_compensation_factor(rotations[real]) if real.any() else float("nan"),
         "particle_radius_px": renderer.radius_px * out_n / n,
         "realism": rc.to_dict(),
+        **extra,
     }
 
 

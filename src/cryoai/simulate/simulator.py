@@ -12,18 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..io.mrc import StackWriter, write_volume
 from ..io.particles import ParticleTable, compact_column
 from ..io.star import write_star
 from ..physics.ctf import compute_ctf
-from ..physics.fft import crop_center_2d, fft2_c, fft3_c, ifft2_c, pad_volume
+from ..physics.fft import fft2_c, ifft2_c
 from ..physics.grids import frequency_grid_2d
-from ..physics.projection import extract_central_slices
 from ..physics.rotations import random_rotations
 from ..physics.shifts import phase_shift
 from .realism import RealismConfig
+from .states import StateProjector, draw_states
 
 
 @dataclass
@@ -46,6 +47,7 @@ class SimulationConfig:
     oversample: int = 2  # zero-padding factor of the projector
     snr_pilot_size: int = 512  # noise-free images used to measure the signal variance
     realism: RealismConfig | None = field(default=None)  # the realism layer (None: ideal particles)
+    state_shares: tuple[float, ...] | None = None  # several maps: each one's share (None: one map)
 
     def to_dict(self) -> dict:
         """The parameters as plain values (JSON)."""
@@ -60,6 +62,7 @@ class SimulationConfig:
 # seeded by a number drawn with that particle's parameters.
 _PARAM_BLOCK = 1024
 _STREAM_PARAMS, _STREAM_PILOT = 0, 1
+_STREAM_STATES = 16  # + the parameters' stream: each particle's state (several maps)
 
 
 def _generator(seed: int, stream: int, block: int) -> torch.Generator:
@@ -85,6 +88,9 @@ def _sample_block(cfg: SimulationConfig, stream: int, block: int) -> dict:
         "defocus_v_a": (mean_def - astig / 2).numpy(),
         "defocus_angle_rad": angle.numpy(),
         "noise_seeds": noise_seeds.numpy(),
+        **({} if not cfg.state_shares or len(cfg.state_shares) < 2 else {
+            "state": draw_states(_generator(cfg.seed, _STREAM_STATES + stream, block), p,
+                                 np.asarray(cfg.state_shares))}),
     }
 
 
@@ -95,8 +101,9 @@ def sample_parameters(cfg: SimulationConfig, start: int, count: int, *,
     The values of particle ``i`` depend only on ``cfg``, ``stream`` and ``i``.
 
     Returns a dict of numpy arrays: rotations (count, 3, 3), shifts_a (count, 2),
-    defocus_u_a, defocus_v_a, defocus_angle_rad (count,) float64, and noise_seeds (count,)
-    int64 (the seed of each image's noise).
+    defocus_u_a, defocus_v_a, defocus_angle_rad (count,) float64, noise_seeds (count,)
+    int64 (the seed of each image's noise), and with several maps (``cfg.state_shares``) state
+    (count,) int64, each particle's map (from its own stream: the other values do not change).
     """
     parts = []
     for block in range(start // _PARAM_BLOCK, (start + count - 1) // _PARAM_BLOCK + 1):
@@ -116,22 +123,20 @@ def _noise(params: dict, n: int) -> torch.Tensor:
 
 
 class _Renderer:
-    """Noise-free images of one volume for batches of poses and CTFs."""
+    """Noise-free images of one volume (or one per state) for batches of poses and CTFs."""
 
-    def __init__(self, volume: np.ndarray, pixel_size_a: float, cfg: SimulationConfig, device):
-        self.n = volume.shape[-1]
+    def __init__(self, volumes: list[np.ndarray], pixel_size_a: float, cfg: SimulationConfig, device):
+        self.n = volumes[0].shape[-1]
         self.cfg = cfg
         self.pixel_size_a = pixel_size_a
         self.device = device
-        vol = torch.as_tensor(volume, dtype=torch.float32, device=device)
-        self.fvol = fft3_c(pad_volume(vol, self.n * cfg.oversample))
+        self.projector = StateProjector(volumes, cfg.oversample, device)
         self.freqs_a = frequency_grid_2d(self.n, pixel_size_a, device=device, dtype=torch.float32)
 
     def render(self, params: dict) -> torch.Tensor:
         cfg = self.cfg
         dev = self.device
-        rot = torch.as_tensor(params["rotations"], dtype=torch.float32, device=dev)
-        proj = crop_center_2d(ifft2_c(extract_central_slices(self.fvol, rot)).real, self.n)
+        proj = self.projector.project(params["rotations"], params.get("state"))
         ctf = compute_ctf(
             self.freqs_a,
             torch.as_tensor(params["defocus_u_a"], dtype=torch.float32, device=dev),
@@ -144,8 +149,18 @@ class _Renderer:
         return ifft2_c(spec).real
 
 
+def write_states(outdir: Path, volumes: list[np.ndarray], pixel_size_a: float, states: np.ndarray) -> dict:
+    """Each state's map (``ground_truth_state_NNN.mrc``, numbered from 1 as ``truth.csv``'s
+    ``state``) and the simulation report's entries for the states (their number and counts).
+    """
+    for k, v in enumerate(volumes):
+        write_volume(outdir / f"ground_truth_state_{k + 1:03d}.mrc", np.asarray(v, dtype=np.float32),
+                     pixel_size_a)
+    return {"states": len(volumes), "state_counts": np.bincount(states, minlength=len(volumes)).tolist()}
+
+
 def simulate_dataset(
-    volume: np.ndarray,
+    volume: np.ndarray | list[np.ndarray],
     pixel_size_a: float,
     outdir: str | Path,
     cfg: SimulationConfig,
@@ -162,7 +177,9 @@ def simulate_dataset(
 
     Parameters
     ----------
-    volume : (N, N, N) float array [z, y, x], N even.
+    volume : (N, N, N) float array [z, y, x], N even; or a list of K such maps (several
+        structures: each particle is the image of one, drawn with ``cfg.state_shares``; its state
+        goes to ``truth.csv``, each map to ``ground_truth_state_NNN.mrc``).
     pixel_size_a : voxel size in Angstrom.
     outdir : output directory (created).
     cfg : the simulation parameters.
@@ -176,14 +193,17 @@ def simulate_dataset(
     realism layer's simulation and its report
     (:func:`cryoai.simulate.realistic.simulate_realistic`).
     """
+    volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
+    if len(volumes) > 1 and (cfg.state_shares is None or len(cfg.state_shares) != len(volumes)):
+        raise ValueError(f"{len(volumes)} maps need {len(volumes)} state_shares (got {cfg.state_shares})")
     if cfg.realism is not None:
         from .realistic import simulate_realistic
 
-        return simulate_realistic(volume, pixel_size_a, outdir, cfg, device=device, progress=progress)
+        return simulate_realistic(volumes, pixel_size_a, outdir, cfg, device=device, progress=progress)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    n = volume.shape[-1]
-    renderer = _Renderer(volume, pixel_size_a, cfg, torch.device(device))
+    n = volumes[0].shape[-1]
+    renderer = _Renderer(volumes, pixel_size_a, cfg, torch.device(device))
 
     # Signal variance from a pilot set drawn with its own stream (same seed -> same value).
     noise_sigma = 0.0
@@ -203,6 +223,7 @@ def simulate_dataset(
     stack_files: list[str] = []
     stack_ids = np.empty(n_total, dtype=np.int32)
     stack_indices = np.empty(n_total, dtype=np.int32)
+    states = np.zeros(n_total, dtype=np.int64)
 
     sum_signal_var = 0.0
     sum_noise_var = 0.0
@@ -230,6 +251,7 @@ def simulate_dataset(
                 sl = slice(start, start + count)
                 rotations[sl] = params["rotations"]
                 shifts_a[sl] = params["shifts_a"]
+                states[sl] = params.get("state", 0)
                 for k in columns:
                     columns[k][sl] = params[k]
                 stack_ids[sl] = stack_id
@@ -260,7 +282,12 @@ def simulate_dataset(
     )
     star_path = outdir / "particles.star"
     write_star(star_path, table)
-    write_volume(outdir / "ground_truth.mrc", np.asarray(volume, dtype=np.float32), pixel_size_a)
+    write_volume(outdir / "ground_truth.mrc", np.asarray(volumes[0], dtype=np.float32), pixel_size_a)
+    extra = {}
+    if len(volumes) > 1:
+        extra = write_states(outdir, volumes, pixel_size_a, states)
+        pd.DataFrame({"particle": np.arange(1, n_total + 1), "state": states + 1}).to_csv(
+            outdir / "truth.csv", index=False)
     measured = (10 * math.log10(sum_signal_var / sum_noise_var) if sum_noise_var > 0
                 else float("inf"))
     return {
@@ -269,4 +296,5 @@ def simulate_dataset(
         "signal_variance": signal_variance,
         "noise_sigma": noise_sigma,
         "snr_db_measured": measured,
+        **extra,
     }

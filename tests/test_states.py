@@ -1,0 +1,112 @@
+"""Several structures in one data set: a mixture of maps with shares, the states of a motion
+between two atomic models, and the classes evaluated against the true states."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from cryoai.cli.main import main
+from cryoai.evaluation.metrics import class_accuracy
+from cryoai.io import read_volume, write_volume
+from test_simulate import correlation, read_set, reference_images, simulate
+
+
+@pytest.fixture(scope="module")
+def two_maps(tmp_path_factory):
+    """The embedded ribosome at 32 px, and the same turned 90 degrees about x: two structures."""
+    root = tmp_path_factory.mktemp("maps")
+    simulate(root / "one", "--n", "2", "--no-noise")
+    volume, voxel = read_volume(root / "one" / "ground_truth.mrc")
+    other = np.ascontiguousarray(np.rot90(volume, 1, axes=(0, 1)))
+    write_volume(root / "a.mrc", volume, voxel)
+    write_volume(root / "b.mrc", other, voxel)
+    return root / "a.mrc", root / "b.mrc"
+
+
+def test_a_mixture_draws_each_particle_from_its_state_with_the_shares(two_maps, tmp_path):
+    a, b = two_maps
+    star = simulate(tmp_path / "mix", "--map", str(a), str(b), "--shares", "3,1", "--n", "400", "--no-noise",
+                    "--seed", "4")
+    truth = pd.read_csv(tmp_path / "mix" / "truth.csv")
+    states = truth["state"].to_numpy()
+    assert set(states) == {1, 2} and abs((states == 1).mean() - 0.75) < 0.06  # 3:1, within 2.8 sd
+    table, images = read_set(star)
+    volumes = [read_volume(tmp_path / "mix" / f"ground_truth_state_{k:03d}.mrc")[0] for k in (1, 2)]
+    np.testing.assert_array_equal(volumes[0], read_volume(a)[0])
+    rows = np.arange(24)
+    own = [reference_images(table.subset(rows), volumes[k]) for k in (0, 1)]
+    for i in rows:  # each image is the projection of its own state's map, not of the other's
+        mine, other = own[states[i] - 1][i], own[2 - states[i]][i]
+        assert correlation(mine, images[i]) > 0.995 > correlation(other, images[i]) + 0.05
+    # the states have their own random stream: the poses are those of a one-map simulation
+    single = simulate(tmp_path / "single", "--map", str(a), "--n", "400", "--no-noise", "--seed", "4")
+    np.testing.assert_array_equal(read_set(single)[0].rotations, table.rotations)
+
+
+def _low_pass(volume: np.ndarray, radius_px: float) -> np.ndarray:
+    n = volume.shape[0]
+    k = np.fft.fftfreq(n) * n
+    kz, ky, kx = np.meshgrid(k, k, k, indexing="ij")
+    f = np.fft.fftn(volume)
+    f[np.sqrt(kx**2 + ky**2 + kz**2) > radius_px] = 0
+    return np.fft.ifftn(f).real
+
+
+def test_a_motion_between_two_models_changes_step_by_step(tmp_path, shared_data):
+    models = [shared_data / "models" / f for f in ("4AKE_adk_open_MDAnalysisTests.pdb",
+                                                    "1AKE_adk_closed_MDAnalysisTests.pdb")]
+    if not all(m.is_file() for m in models):
+        pytest.skip("the adenylate kinase models are not in ../shared/data")
+    out = tmp_path / "motion"
+    assert main(["simulate", "--model", *map(str, models), "--trajectory-states", "5", "--pixel-size", "3",
+                 "--box", "40", "--n", "50", "--no-noise", "--quiet", "--outdir", str(out)]) == 0
+    maps = [read_volume(out / f"ground_truth_state_{k:03d}.mrc")[0].astype(np.float64) for k in range(1, 6)]
+    # at the scale of the domains' motion (24 A), the farther along, the less alike
+    similarity = [correlation(_low_pass(maps[0], 5), _low_pass(m, 5)) for m in maps]
+    assert all(x > y for x, y in itertools.pairwise(similarity)), similarity
+    assert similarity[-1] < 0.85
+    assert set(pd.read_csv(out / "truth.csv")["state"]) <= set(range(1, 6))
+
+
+def test_class_accuracy_is_that_of_the_best_matching():
+    rng = np.random.default_rng(0)
+    true = rng.integers(1, 4, 300)
+    relabel = {1: 7, 2: 5, 3: 9}
+    predicted = np.array([relabel[t] for t in true])
+    out = class_accuracy(predicted, true)
+    assert out["accuracy"] == 1.0 and out["matching"] == {7: 1, 5: 2, 9: 3}
+    flipped = rng.random(300) < 0.2
+    predicted[flipped] = rng.choice([5, 7, 9], flipped.sum())
+    out = class_accuracy(predicted, true)
+    # the independent reference: the best of every one-to-one relabelling
+    best = max(np.mean(np.array([dict(zip((5, 7, 9), p, strict=True))[c] for c in predicted]) == true)
+               for p in itertools.permutations((1, 2, 3)))
+    assert out["accuracy"] == pytest.approx(best)
+    assert np.asarray(out["confusion"]).sum() == 300
+
+
+def test_evaluate_reads_the_classes_and_the_true_states(two_maps, tmp_path):
+    a, b = two_maps
+    star = simulate(tmp_path / "mix", "--map", str(a), str(b), "--n", "60", "--no-noise", "--seed", "2")
+    truth = pd.read_csv(tmp_path / "mix" / "truth.csv")
+    blocks = starfile.read(star)
+    classes = np.where(truth["state"] == 1, 2, 1)  # numbered the other way round
+    classes[:6] = 3 - classes[:6]  # 6 of 60 wrong
+    blocks["particles"]["rlnClassNumber"] = classes
+    starfile.write(blocks, tmp_path / "poses.star")
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--map", str(a), "--poses", str(tmp_path / "poses.star"),
+                 "--gt-poses", str(star), "--gt-states", str(tmp_path / "mix" / "truth.csv"),
+                 "--class-maps", str(b), str(a), "--gt-state-maps", str(a), str(b),
+                 "--outdir", str(out)]) == 0
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())["classes"]
+    assert metrics["accuracy"] == pytest.approx(0.9) and metrics["matching"] == {"1": 2, "2": 1}
+    per_class = {row["class"]: row for row in metrics["per_class"]}
+    assert per_class[1]["resolution_px_0.5"] < 2.5 and per_class[2]["resolution_px_0.5"] < 2.5  # their own
