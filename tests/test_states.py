@@ -110,3 +110,52 @@ def test_evaluate_reads_the_classes_and_the_true_states(two_maps, tmp_path):
     assert metrics["accuracy"] == pytest.approx(0.9) and metrics["matching"] == {"1": 2, "2": 1}
     per_class = {row["class"]: row for row in metrics["per_class"]}
     assert per_class[1]["resolution_px_0.5"] < 2.5 and per_class[2]["resolution_px_0.5"] < 2.5  # their own
+
+
+def test_classes_with_poses_per_class_separate_two_structures(tmp_path):
+    """Two different structures (the ribosome, and the same without a part) at 0 dB: from start maps
+    made with 30% of each class's particles swapped, each particle is posed against both maps and
+    goes to the one that explains it at its own pose."""
+    import torch
+
+    from cryoai.data.dataset import ParticleDataset
+    from cryoai.evaluation.metrics import align_rotations
+    from cryoai.io import load_particles
+    from cryoai.models.image_formation import ImageFormation
+    from cryoai.pipeline.settings import assignment_settings
+    from cryoai.reconstruction import ParticleSpectra, reconstruct
+    from cryoai.reconstruction.classes3d import refine_classes
+    from cryoai.training.config import TrainConfig
+
+    simulate(tmp_path / "one", "--n", "2", "--no-noise")
+    ribosome, voxel = read_volume(tmp_path / "one" / "ground_truth.mrc")
+    gen = np.random.default_rng(1)
+    # the other structure: the ribosome without the part above a tilted plane (a complex that
+    # lacks a subunit), its power made the ribosome's
+    z, y, x = np.indices(ribosome.shape) - 16
+    partial = np.where(0.8 * x + 0.5 * y + 0.3 * z < 2.0, ribosome, 0.0)
+    partial *= ribosome.std() / partial.std()
+    write_volume(tmp_path / "a.mrc", ribosome, voxel)
+    write_volume(tmp_path / "b.mrc", partial.astype(np.float32), voxel)
+    star = simulate(tmp_path / "mix", "--map", str(tmp_path / "a.mrc"), str(tmp_path / "b.mrc"), "--n", "300",
+                    "--snr-db", "0", "--seed", "6")
+    table = load_particles(star)
+    states = pd.read_csv(tmp_path / "mix" / "truth.csv")["state"].to_numpy() - 1
+    formation = ImageFormation(table.box_px, table.median_pixel_size_a())
+    spectra = ParticleSpectra(ParticleDataset(table), formation, torch.device("cpu"))
+    poses = table.poses()
+    start = states.copy()
+    swap = gen.random(len(start)) < 0.3
+    start[swap] = 1 - start[swap]
+    maps = [reconstruct(spectra, poses, mask_radius_px=14.0,
+                        indices=np.flatnonzero(start == k)).fourier_volume for k in (0, 1)]
+    rows = np.arange(len(table))
+    result, class_poses = refine_classes(spectra, rows, maps, assign=assignment_settings(TrainConfig(), 32),
+                                         amplitude=np.ones(len(table)), radius_px=8.0, mask_radius_px=14.0)
+    accuracy = class_accuracy(result.assignment, states)
+    assert accuracy["accuracy"] >= 0.95 and accuracy["matching"] == {0: 0, 1: 1}
+    for k in (0, 1):  # each class's particles posed in its own map's frame (here the truth's)
+        mine = np.flatnonzero(result.assignment == k)
+        errors = align_rotations(class_poses.rotations[mine].double().numpy(),
+                                 poses.rotations[mine].double().numpy())["angle_deg"]
+        assert np.median(errors) < 5.0, (k, np.median(errors))

@@ -205,6 +205,7 @@ class ClassesRecord(StageRecord):
     probability: np.ndarray | None = None
     info: tuple[dict, ...] = ()
     maps: tuple[MapRecord, ...] = ()
+    poses: Poses | None = None  # each particle's pose against its class's map (--class-poses)
 
 
 @dataclass

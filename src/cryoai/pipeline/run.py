@@ -405,7 +405,8 @@ def run_default(
             encoder = _encoder_from_given_poses(particles, cfg, poses, rec.fourier_volume, state, dist, run)
         if cfg.classes > 1:
             classes = run.done(
-                classes_stage(particles, cfg, poses, rec, junk, symmetry=operators, say=run.say))
+                classes_stage(particles, cfg, poses, rec, junk, symmetry=operators, say=run.say,
+                              progress=run.progress))
             run_dir.write_class_maps([m.volume for m in classes.maps], particles.pixel_size_a)
         del rec
         checkpoint()
@@ -456,7 +457,9 @@ def run_default(
             # every particle's half set: the split of the half maps (and of the junk stage's)
             half_set = np.zeros(len(table), dtype=np.int64)
             half_set[half_sets(len(table), cfg.seed)[1]] = 1
-            written = run_dir.write_poses(table, poses, particle_columns(junk, classes), half_set=half_set,
+            # with classes posed per class, each particle's pose is its class map's
+            own = poses if classes is None or classes.poses is None else classes.poses
+            written = run_dir.write_poses(table, own, particle_columns(junk, classes), half_set=half_set,
                                           sign=sign, image_paths=cfg.image_paths)
         elif dist.is_main:
             written = run_dir.write_poses(table, trainer.predicted_poses(), sign=sign,
@@ -697,6 +700,8 @@ def stage_payload(
         extra["classes"] = torch.from_numpy(classes.classes)
         extra["class_probability"] = torch.from_numpy(classes.probability)
         extra["class_info"] = list(classes.info)
+        if classes.poses is not None:
+            extra.update(class_rotations=classes.poses.rotations, class_shifts_a=classes.poses.shifts_a)
     if encoder.encoder is not None:
         extra["pose_encoder"] = {
             "settings": encoder.encoder.settings,
@@ -737,6 +742,8 @@ def restored_stages(ckpt: dict, device) -> dict:
             classes=ckpt["classes"].cpu().numpy().astype(np.int64),
             probability=ckpt["class_probability"].cpu().numpy().astype(np.float64),
             info=tuple(ckpt["class_info"]),
+            poses=Poses(ckpt["class_rotations"].float().cpu(), ckpt["class_shifts_a"].float().cpu())
+            if "class_rotations" in ckpt else None,
         )
     if "pose_rotations" in ckpt:  # the searched poses
         saved["poses"] = Poses(ckpt["pose_rotations"].float().cpu(), ckpt["pose_shifts_a"].float().cpu())

@@ -22,7 +22,7 @@ from ..physics.grids import max_paired_radius_px
 from ..physics.poses import Poses
 from ..physics.projection import gridding_corrected
 from ..reconstruction import PoseAssigner, assign_remaining
-from ..reconstruction.classes3d import Classes3DSettings, classify_3d
+from ..reconstruction.classes3d import Classes3DSettings, ClassRefinementSettings, classify_3d, refine_classes
 from ..reconstruction.junk_sorting import score_band_px, sort_junk
 from ..reconstruction.particle_scores import micrograph_amplitude, score_particles
 from ..reconstruction.pose_search import Progress, SubsetSearch
@@ -381,10 +381,13 @@ def classes_stage(
     junk: JunkRecord | None,
     symmetry: torch.Tensor | None = None,
     say: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> ClassesRecord:
     """``--classes K``: K maps and each particle's class at the run's poses
     (:mod:`cryoai.reconstruction.classes3d`; docs/pipeline.md#3d-classes), junk included, so that
-    it gathers in classes of its own. The record holds the classes' maps, largest first.
+    it gathers in classes of its own; with ``--class-poses``, then posed again against every
+    class's map and classified at its own pose per class (several structures). The record holds
+    the classes' maps, largest first, and the particles' poses in their classes' maps.
     """
     n = len(particles.table)
     box = particles.box_px
@@ -407,6 +410,23 @@ def classes_stage(
         symmetry=symmetry,
         log=say,
     )
+    class_poses = None
+    if cfg.class_poses:
+        seconds = result.seconds
+        result, class_poses = refine_classes(
+            particles.spectra(),
+            np.arange(n),
+            [r.fourier_volume for r in result.reconstructions],
+            assign=assignment_settings(cfg, box),
+            amplitude=amplitude,
+            radius_px=band_px,
+            mask_radius_px=mask_radius_px(cfg, box),
+            settings=ClassRefinementSettings(seed=cfg.seed),
+            symmetry=symmetry,
+            log=say,
+            progress=progress,
+        )
+        result.seconds += seconds
     order = np.argsort(-result.sizes, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
@@ -461,6 +481,7 @@ def classes_stage(
         probability=result.probability,
         info=tuple(info),
         maps=tuple(maps),
+        poses=class_poses,
     )
 
 

@@ -39,6 +39,7 @@ from ..physics.fsc import resolution_px
 from ..physics.poses import Poses
 from ..physics.projection import sample_volume, slice_coords
 from ..physics.shifts import phase_shift
+from .amortized import AssignSettings, PoseAssigner
 from .particle_scores import score_band
 from .regularised import Reconstruction, reconstruct
 from .spectra import ParticleSpectra
@@ -197,3 +198,104 @@ def classify_3d(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, *, a
                      sizes=np.bincount(assignment, minlength=k_classes),
                      resolution_px=np.array([resolution_px(r.fsc_halves, 0.143) for r in recs]),
                      iterations=iterations, seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class ClassRefinementSettings:
+    """How :func:`refine_classes` runs.
+
+    Attributes
+    ----------
+    rounds : at most this many rounds of (poses per class, assignment, maps).
+    stop_fraction : stop once fewer than this share of the particles change class.
+    min_particles : a class with fewer takes half of the largest class.
+    seed : the maps' half sets.
+    """
+
+    rounds: int = 4
+    stop_fraction: float = 0.01
+    min_particles: int = 20
+    seed: int = 0
+
+
+@torch.no_grad()
+def refine_classes(particles: ParticleSpectra, rows: np.ndarray, maps: list[torch.Tensor], *,
+                   assign: AssignSettings, amplitude: np.ndarray, radius_px: float, mask_radius_px: float,
+                   settings: ClassRefinementSettings | None = None, symmetry: torch.Tensor | None = None,
+                   log=None, progress=None) -> tuple[Classes3D, Poses]:
+    """Classes with a pose per class (heterogeneous refinement, as cryoSPARC's): every particle
+    is posed against every class's map (the global first guess over the grid, then local
+    refinement: :class:`cryoai.reconstruction.PoseAssigner`), goes to the class whose map
+    explains it best at its own pose (the log-likelihood of :func:`class_log_likelihoods`), and
+    each class's map is made again from its particles at their poses; until fewer than
+    ``stop_fraction`` change class. Where :func:`classify_3d` keeps the run's one pose per
+    particle, so that particles of another structure stay posed against the wrong map, here each
+    class poses its particles in its own frame.
+
+    Parameters
+    ----------
+    particles : the particles' whitened spectra and CTFs.
+    rows : the particles to classify.
+    maps : K start maps (Fourier, 1/N scale; e.g. :func:`classify_3d`'s).
+    assign : the pose search against each map.
+    amplitude, radius_px, mask_radius_px : as :func:`classify_3d`.
+    settings : :class:`ClassRefinementSettings`.
+    symmetry : the maps' point group, or None.
+    log : optional ``log(message)``; progress : optional ``progress(what, done, total)``.
+
+    Returns
+    -------
+    (:class:`Classes3D`, :class:`Poses` of every particle of the data set: those of ``rows``
+    against their class's map, the others identity).
+    """
+    st = settings or ClassRefinementSettings()
+    t0 = time.perf_counter()
+    rows = np.asarray(rows, dtype=np.int64)
+    k_classes, n_total = len(maps), len(particles)
+    assignment = np.full(len(rows), -1)
+    rotations = np.zeros((n_total, 3, 3), dtype=np.float32)
+    shifts_a = np.zeros((n_total, 2), dtype=np.float32)
+    scores = np.zeros((len(rows), k_classes))
+    recs: list[Reconstruction] = []
+    iterations = 0
+    for iterations in range(1, st.rounds + 1):
+        per_class = []
+        for k, fourier_volume in enumerate(maps):
+            assigner = PoseAssigner(particles.formation, fourier_volume, assign, symmetry=symmetry)
+            rot = np.zeros((n_total, 3, 3), dtype=np.float32)
+            sh = np.zeros((n_total, 2), dtype=np.float32)
+            for start in range(0, len(rows), 2048):
+                block = rows[start:start + 2048]
+                y, c = particles.read(block)
+                r, s = assigner.assign(y, c)
+                rot[block] = r.float().cpu().numpy()
+                sh[block] = (s * particles.formation.pixel_size_a).float().cpu().numpy()
+                if progress is not None:
+                    progress("classes: poses per class", k * len(rows) + start + len(block),
+                             k_classes * len(rows))
+            poses_k = Poses(torch.from_numpy(rot), torch.from_numpy(sh))
+            scores[:, k] = class_log_likelihoods(particles, [fourier_volume], poses_k, rows, amplitude,
+                                                 radius_px)[:, 0]
+            per_class.append((rot, sh))
+        new = _refill_small_classes(np.argmax(scores, axis=1), scores, st.min_particles)
+        changed = float(np.mean(new != assignment))
+        assignment = new
+        for k, (rot, sh) in enumerate(per_class):
+            mine = rows[assignment == k]
+            rotations[mine], shifts_a[mine] = rot[mine], sh[mine]
+        poses = Poses(torch.from_numpy(rotations), torch.from_numpy(shifts_a))
+        recs = [reconstruct(particles, poses, mask_radius_px=mask_radius_px, seed=st.seed,
+                            indices=rows[assignment == k], symmetry=symmetry) for k in range(k_classes)]
+        maps = [r.fourier_volume for r in recs]
+        if log is not None:
+            sizes = np.bincount(assignment, minlength=k_classes)
+            log(f"3D classes with poses, round {iterations}: sizes {', '.join(str(int(v)) for v in sizes)}; "
+                f"{changed:.1%} changed class")
+        if changed < st.stop_fraction:
+            break
+    result = Classes3D(rows=rows, assignment=assignment, probability=_softmax_probability(scores, assignment),
+                       log_likelihood=scores[np.arange(len(rows)), assignment], reconstructions=recs,
+                       sizes=np.bincount(assignment, minlength=k_classes),
+                       resolution_px=np.array([resolution_px(r.fsc_halves, 0.143) for r in recs]),
+                       iterations=iterations, seconds=time.perf_counter() - t0)
+    return result, Poses(torch.from_numpy(rotations), torch.from_numpy(shifts_a))

@@ -43,7 +43,11 @@ class TrainConfig:
         None, "CPU threads of torch's operators (default: one per core); set it on a node shared with "
               "other jobs.", "common", kind=int)
     classes: int = _opt(
-        1, "3D classes at the run's poses (classification without alignment); 1: none.", "common")
+        1, "3D classes: K maps, each particle in the class that explains it best; 1: none.", "common")
+    class_poses: bool = _opt(
+        True, "With --classes: after the classification at the run's poses, every particle posed "
+              "again against every class's map and classified at its own pose per class "
+              "(heterogeneous refinement: several structures); off: the run's poses only.", "common")
     sym: str = _opt(
         "C1", "Point group of the molecule, in RELION's names and axes (C1, Cn, Dn, T, O, I1-I4): the "
               "search runs in C1, the group's axes are found in its map and checked against the data, "
