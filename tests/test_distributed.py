@@ -122,17 +122,19 @@ found = SubsetSearch(subset=subset, rotations=poses.rotations[subset],
                      spectra=y, ctf=c)
 assigner = PoseAssigner(formation, volume, assignment_settings(TrainConfig(), table.box_px))
 assigned = assign_remaining(spectra, found, assigner, log=lambda _: None, block=7, shard=shard)
+from cryoai.reconstruction.particle_scores import score_particles
+scores = score_particles(spectra, volume, poses, 8.0, shard=shard)
 sums = half_set_sums(spectra, poses, seed=1, shard=shard)
 if info.rank == 0:
     np.savez(out, rotations=assigned.rotations.numpy(), shifts=assigned.shifts_a.numpy(),
-             num=sums[0][0].numpy(), den=sums[1][1].numpy())
+             num=sums[0][0].numpy(), den=sums[1][1].numpy(), score=scores.score, amplitude=scores.amplitude)
 shutdown()
 '''
 
 
 def test_two_ranks_share_the_assignment_and_the_sums_and_get_what_one_process_gets(sim, tmp_path):
-    """The stages that visit every particle, split between 2 ranks (each poses and back-projects
-    its block, the results added over the ranks): the poses and the sums of one process."""
+    """The stages that visit every particle, split between 2 ranks (each poses, back-projects and
+    scores its block, the results added over the ranks): the poses, sums and scores of one process."""
     script = tmp_path / "sharded.py"
     script.write_text(_SHARDED)
     star = str(sim / "particles.star")
@@ -143,6 +145,6 @@ def test_two_ranks_share_the_assignment_and_the_sums_and_get_what_one_process_ge
     assert np.abs(one["rotations"]).sum() > 0 and np.abs(one["rotations"] - np.eye(3)).max() > 0.5
     np.testing.assert_allclose(two["rotations"], one["rotations"], atol=1e-4)
     np.testing.assert_allclose(two["shifts"], one["shifts"], atol=1e-3)
-    for key in ("num", "den"):
+    for key in ("num", "den", "score", "amplitude"):
         scale = np.abs(one[key]).max()
         np.testing.assert_allclose(two[key], one[key], atol=1e-5 * scale)

@@ -388,8 +388,8 @@ def run_default(
             # (the scores are in units of the measured noise: none without a noise model)
             full_cfg = at_full_box(cfg, None if working is None else working["box_px"], particles.box_px)
             junk = run.done(
-                junk_stage(particles, full_cfg, poses, rec, sums, symmetry=operators, say=run.say,
-                           progress=run.progress)
+                junk_stage(particles, full_cfg, poses, rec, sums, symmetry=operators,
+                           shard=particle_shard(dist), say=run.say, progress=run.progress)
             )
             poses, rec = junk.poses, junk.reconstruction
             _broadcast_poses(poses, dist)

@@ -288,6 +288,7 @@ def junk_stage(
     rec: Reconstruction,
     sums,
     symmetry: torch.Tensor | None = None,
+    shard: Shard = ALONE,
     say: Callable[[str], None] = print,
     progress: Progress | None = None,
 ) -> JunkRecord:
@@ -307,6 +308,7 @@ def junk_stage(
         seed=cfg.seed,
         sums=sums,
         symmetry=symmetry,
+        shard=shard,
         log=say,
         progress=progress,
     )

@@ -44,6 +44,7 @@ from .regularised import (
     reconstruct,
     reconstruction_from_sums,
 )
+from .shard import ALONE, Shard
 from .spectra import ParticleSpectra
 
 
@@ -139,7 +140,8 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
               groups: np.ndarray | None, assign_settings: AssignSettings, mask_radius_px: float,
               settings: JunkSortSettings, seed: int = 0,
               sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-              symmetry: torch.Tensor | None = None, log=None, progress=None) -> JunkSorting:
+              symmetry: torch.Tensor | None = None, shard: Shard = ALONE, log=None,
+              progress=None) -> JunkSorting:
     """Score, call the junk, and give the junk a second look (the module docstring).
 
     Parameters
@@ -165,7 +167,8 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
     n, box = len(particles), particles.formation.box_px
     poses = Poses(poses.rotations.clone(), poses.shifts_a.clone())
     radius_px = score_band_px(rec)
-    scores = score_particles(particles, rec.fourier_volume, poses, radius_px, outer_radius_px=mask_radius_px)
+    scores = score_particles(particles, rec.fourier_volume, poses, radius_px, outer_radius_px=mask_radius_px,
+                             shard=shard)
     decision = classify_junk(scores, groups, threshold=st.threshold, core_share=st.core_share)
     reposed: set[int] = set()
     wide = replace(assign_settings, max_shift_px=max(assign_settings.max_shift_px, st.max_shift_frac * box))
@@ -203,7 +206,7 @@ def sort_junk(particles: ParticleSpectra, poses: Poses, rec: Reconstruction, *,
                     a_num.add_(c_num, alpha=sign)
                     a_den.add_(c_den, alpha=sign)
         reposed.update(changed.tolist())
-        scores = score_particles(particles, rec.fourier_volume, poses, radius_px, mask_radius_px)
+        scores = score_particles(particles, rec.fourier_volume, poses, radius_px, mask_radius_px, shard=shard)
         decision = classify_junk(scores, groups, threshold=st.threshold, core_share=st.core_share)
         if progress is not None:
             progress("junk passes", k + 1, st.passes)

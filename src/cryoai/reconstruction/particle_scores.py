@@ -38,6 +38,7 @@ from ..physics.grids import radius_grid_2d
 from ..physics.poses import Poses
 from ..physics.projection import sample_volume, slice_coords
 from ..physics.shifts import phase_shift
+from .shard import ALONE, Shard
 from .spectra import ParticleSpectra
 
 
@@ -125,7 +126,8 @@ def outer_noise_power(formation, radius_px: float, outer: torch.Tensor, n_images
 
 @torch.no_grad()
 def score_particles(particles: ParticleSpectra, fourier_volume: torch.Tensor, poses: Poses,
-                    radius_px: float, outer_radius_px: float | None = None) -> ParticleScores:
+                    radius_px: float, outer_radius_px: float | None = None,
+                    shard: Shard = ALONE) -> ParticleScores:
     """Score every particle against a map at its pose (:func:`score_spectra`).
 
     Parameters
@@ -136,6 +138,8 @@ def score_particles(particles: ParticleSpectra, fourier_volume: torch.Tensor, po
     radius_px : the band compared, frequency pixels (where the map has signal).
     outer_radius_px : the map's mask radius, pixels: the residual's power beyond it is
         ``outer_excess``; None: not measured.
+    shard : under torchrun, this process scores its block and the scores are gathered (a sum
+        over the processes): every process returns every particle's.
     """
     formation = particles.formation
     n = len(particles)
@@ -144,13 +148,15 @@ def score_particles(particles: ParticleSpectra, fourier_volume: torch.Tensor, po
         radius = radius_grid_2d(formation.box_px, device=particles.device, dtype=torch.float64)
         outer = radius > outer_radius_px
     columns = [np.zeros(n) for _ in range(4 if outer is None else 5)]
-    for idx, y, c in particles.batches(np.arange(n)):
+    for idx, y, c in particles.batches(shard.rows(np.arange(n))):
         rows = torch.as_tensor(idx)
         values = score_spectra(formation, fourier_volume, y, c, poses.rotations[rows].to(particles.device),
                                poses.shifts_a[rows].to(particles.device) / formation.pixel_size_a, radius_px,
                                outer)
         for out, v in zip(columns, values, strict=True):
             out[idx] = v.cpu().numpy()
+    if shard.size > 1:  # every block, added (each particle scored by one process)
+        columns = [shard.sum_(torch.from_numpy(col)).numpy() for col in columns]
     outer_excess = None
     if outer is not None:
         mean, sd = outer_noise_power(formation, radius_px, outer)
