@@ -149,6 +149,7 @@ def test_the_global_search_over_an_asymmetric_unit_finds_each_pose_up_to_the_gro
     assert np.median(errors["unit"]) < np.median(errors["full"]) + 0.5
 
 
+@pytest.mark.slow  # (about 25 s: 13 frame searches)
 def test_auto_proposes_the_group_without_imposing_it(c4_set):
     particles, poses = c4_set
     turn = random_rotations(1, generator=torch.Generator().manual_seed(9), dtype=torch.float64)[0]
