@@ -5,10 +5,10 @@ The sets (``--sets``):
 
 - ``C4``: the TRPV1 channel of ../shared/data/maps (48 px, 4.88 A, C4 about z as written);
 - ``D7``, ``O``, ``I1``: assemblies built from the closed adenylate kinase model of
-  ../shared/data/models (its potential by gemmi at 4 A per pixel, turned at random): one copy
-  placed off every axis at ``radius`` A from the centre, then the sum of the copies turned by
-  every operator of the group, about the box centre (14, 24 and 60 subunits: a D7 double ring, an
-  octahedral cage and an icosahedral shell, 64 px).
+  ../shared/data/models: one copy's atoms turned at random and placed off every axis at
+  ``RADIUS_A`` from the centre, then copied by every operator of the group (on the atoms, so the
+  assembly is exactly symmetric), the potential of all copies by gemmi at 4 A per pixel (14, 24
+  and 60 subunits: a D7 double ring, an octahedral cage and an icosahedral shell, 64 px).
 
 For each set: ``cryoai simulate`` (``--n`` particles, ``--snr-db``); ``cryoai train --poses`` at
 the true poses with ``--sym`` (the known-pose symmetric map); ``cryoai train --sym G`` and the
@@ -39,7 +39,7 @@ from cryoai.physics.grids import grid_3d
 from cryoai.physics.projection import sample_volume
 from cryoai.physics.rotations import random_rotations
 from cryoai.physics.symmetry import point_group
-from cryoai.simulate.atomic import atomic_model_to_map
+from cryoai.simulate.atomic import model_potential, read_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -56,23 +56,26 @@ def turned(volume: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def assembly(model: Path, symbol: str, *, box_px: int = 64, pixel_size_a: float = 4.0,
              seed: int = 0) -> np.ndarray:
-    """A symmetric assembly of copies of ``model``'s potential (module docstring)."""
-    unit = torch.as_tensor(atomic_model_to_map(model, pixel_size_a=pixel_size_a, box_px=box_px),
-                           dtype=torch.float64)
+    """A symmetric assembly of copies of ``model`` (module docstring): the atoms of one copy
+    turned at random about their centroid and moved off every axis, then turned by each operator
+    ``S`` of the group about the box centre (exactly, on the atoms), each copy's potential
+    computed by gemmi and the copies' potentials summed.
+    """
+    structure = read_model(model)
+    keys = [(ch.name, res.seqid.num, res.name, a.name) for ch in structure[0] for res in ch for a in res]
+    atoms = np.array([a.pos.tolist() for ch in structure[0] for res in ch for a in res])
     gen = torch.Generator().manual_seed(seed)
-    unit = turned(unit, random_rotations(1, generator=gen, dtype=torch.float64)[0])
-    direction = torch.tensor([0.31, 0.52, 0.79], dtype=torch.float64)  # off every axis
+    turn = random_rotations(1, generator=gen, dtype=torch.float64)[0].numpy()
+    direction = np.array([0.31, 0.52, 0.79])  # off every axis
     if symbol.startswith("D"):
-        direction = torch.tensor([0.93, 0.17, 0.33], dtype=torch.float64)  # a ring, above the plane
-    offset_px = direction / direction.norm() * RADIUS_A[symbol] / pixel_size_a
-    # the copy at the offset: unit(x - offset); the assembly: sum over S of copy(S^T x)
-    n = box_px
-    k = torch.fft.fftfreq(n, dtype=torch.float64)
-    kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
-    phase = torch.exp(-2j * math.pi * (kx * offset_px[0] + ky * offset_px[1] + kz * offset_px[2]))
-    copy = torch.fft.ifftn(torch.fft.fftn(unit) * phase).real
-    total = sum(turned(copy, s.T) for s in point_group(symbol))
-    return total.numpy().astype(np.float32)
+        direction = np.array([0.93, 0.17, 0.33])  # a ring, above the plane
+    offset = direction / np.linalg.norm(direction) * RADIUS_A[symbol]
+    copy = (atoms - atoms.mean(axis=0)) @ turn.T + offset  # A, about the assembly's centre
+    total = np.zeros((box_px,) * 3, dtype=np.float64)
+    for s in point_group(symbol).numpy():
+        total += model_potential(structure, keys, copy @ s.T, np.zeros(3), pixel_size_a=pixel_size_a,
+                                 box_px=box_px, source=str(model))
+    return total.astype(np.float32)
 
 
 def run(args: list[str]) -> float:
@@ -156,7 +159,7 @@ def main() -> None:
         row["sym_over_c1_deg"] = row["sym_median_deg"] / row["c1_median_deg"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.wrong and "C4" in args.sets:
+    if args.wrong and (args.outdir / "C4" / "sim" / "particles.star").exists():
         out = args.outdir / "C4" / "abinitio-C6"
         run(["train", str(args.outdir / "C4" / "sim" / "particles.star"), "--sym", "C6", "--outdir", str(out),
              "--seed", str(args.seed), "--quiet", "--force"])

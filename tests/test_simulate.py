@@ -261,7 +261,10 @@ def test_atomic_model_gives_centred_positive_map(tmp_path, shared_data):
     volume, voxel = read_volume(out / "ground_truth.mrc")
     assert volume.shape == (64, 64, 64) and voxel == pytest.approx(1.5)
     v = volume.astype(np.float64)
-    assert v.sum() > 0 and v.max() > 0 and v.min() > -1e-3 * v.max()
+    # band-limited to the box (src/cryoai/simulate/atomic.py): the atoms' density rings a little
+    # below 0 around them at 1.5 A (at -0.19 of the peak), but the map is a positive molecule
+    assert v.sum() > 0 and v.max() > 0 and v.min() > -0.25 * v.max()
+    assert v[v > 0].sum() > 5 * -v[v < 0].sum()
     zyx = np.indices(v.shape).reshape(3, -1)
     w = v.reshape(-1) / v.sum()
     centroid = zyx @ w

@@ -63,6 +63,16 @@ def _small_map(volume: torch.Tensor, box_px: int, mask_radius_frac: float) -> to
     return v
 
 
+def _upsampled(volume: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """A real map on a ``factor`` times finer grid (its spectrum zero-padded), float64."""
+    n = volume.shape[-1]
+    m = n * factor
+    padded = torch.zeros((m, m, m), dtype=torch.complex128, device=volume.device)
+    lo = m // 2 - n // 2
+    padded[lo:lo + n, lo:lo + n, lo:lo + n] = fft3_c(volume.to(torch.complex128))
+    return ifft3_c(padded).real * factor**3
+
+
 def _turned(volume: torch.Tensor, operators: torch.Tensor) -> torch.Tensor:
     """(K, N, N, N): ``volume(M x)`` for each operator ``M`` (K, 3, 3), trilinear."""
     g = grid_3d(volume.shape[-1], dtype=volume.dtype)  # (N, N, N, 3) as (x, y, z)
@@ -200,8 +210,9 @@ def half_map_agreement(half_maps: tuple[torch.Tensor, torch.Tensor], group: torc
     -------
     (the halves' correlation, (G,) each operator's correlation over it; the identity's is 1).
     """
-    a = _small_map(half_maps[0], box_px, mask_radius_frac)
-    b = _small_map(half_maps[1], box_px, mask_radius_frac)
+    # (upsampled twice, so that the trilinear turn smooths little: the score is the map's)
+    a = _upsampled(_small_map(half_maps[0], box_px, mask_radius_frac))
+    b = _upsampled(_small_map(half_maps[1], box_px, mask_radius_frac))
     q = torch.eye(3, dtype=torch.float64) if rotation is None else rotation.to(torch.float64)
     ops = q.T @ group.to(torch.float64) @ q
     halves = float(_correlation(a, b[None])[0])
