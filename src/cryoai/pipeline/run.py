@@ -476,6 +476,7 @@ def run_default(
                 None if junk is None else junk.kept,
                 searched=True,
                 balanced=views_balanced,
+                symmetry=operators,
             )
         )
         outputs["views_scf"] = views.figures["views_scf"]

@@ -495,13 +495,18 @@ def views_stage(
     *,
     searched: bool,
     balanced: bool,
+    symmetry: torch.Tensor | None = None,
 ) -> StageRecord:
     """The SCF* of the kept particles' views (Baldwin & Lyumkis 2020), and a warning where they
     are preferred: directions of Fourier space the views leave undersampled, so the map is
-    smeared along them (docs/pipeline.md#view-balancing).
+    smeared along them (docs/pipeline.md#view-balancing). With a point group ``symmetry``, each
+    pose counts with its equivalents ``S R`` (the map is sampled at all of them).
     """
     rows = np.arange(len(particles.table)) if kept is None else np.flatnonzero(kept)
-    scf = sampling_compensation_factor(poses.rotations[rows].double().numpy())
+    rotations = poses.rotations[rows].double()
+    if symmetry is not None and len(symmetry) > 1:
+        rotations = torch.einsum("kab,nbc->nkac", symmetry.double(), rotations).reshape(-1, 3, 3)
+    scf = sampling_compensation_factor(rotations.numpy())
     warning = decisions.views_warning(particles.source, scf, searched, balanced, cfg.policy)
     return StageRecord(
         "views",
