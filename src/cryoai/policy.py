@@ -199,8 +199,9 @@ class Policy:
         "--sym imposes a group only where each of its operators turns one C1 half map into a copy "
         "that agrees with the other at least this well (the halves' own agreement is 1); --sym auto "
         "proposes the largest group that passes",
-        "ab initio half maps of a C4 channel (TRPV1, -10 dB) at 32 px: C4's operators 0.96-0.98, the "
-        "extra operators of C3, C6 and C8 0.74-0.79, D4's two-folds 0.64",
+        "ab initio C1 half maps at 32 px (upsampled twice): a C4 channel's (TRPV1, -10 dB) own "
+        "operators 0.97-0.98, those of C3, C6, C8 and D4 0.62-0.76; a D7 ring's own 0.97-0.99, C6's "
+        "and D8's 0.44-0.79",
     )
     symmetry_box_px: int = _tuned(
         32,
