@@ -30,6 +30,7 @@ from ..training.config import TrainConfig
 from . import decisions
 from .records import AttemptFigures, Particles, SearchRecord, StageRecord, ViewsRecord
 from .settings import assignment_settings, mask_radius_px, search_settings
+from .symmetry import wants_symmetry
 
 
 def read_initial_map(path: str, box_px: int, pixel_size_a: float) -> np.ndarray:
@@ -228,7 +229,7 @@ def search_stage(
         explained = explained_share(particles, found, settings.radius_end_px)
         # With --sym the views are judged after the symmetry stage: a symmetric molecule's C1 poses
         # may gather in one asymmetric unit, which looks like preferred views (NaN: not judged).
-        scf = float("nan") if symmetric_views_later(cfg) else \
+        scf = float("nan") if wants_symmetry(cfg) else \
             sampling_compensation_factor(found.rotations.double().cpu().numpy())
         attempts.append(AttemptFigures(attempt + 1, start, explained, scf))
         log(
@@ -351,16 +352,6 @@ def contrast_check(
     return replace(found, fourier_volume=-found.fourier_volume, spectra=-found.spectra), warning
 
 
-def symmetric_views_later(cfg: TrainConfig) -> bool:
-    """Whether the search's views go unjudged (no retry for them, no view balancing) because a
-    point group is asked for (``--sym``, ``auto`` included): in C1, the poses of a molecule with
-    G-fold symmetry may each take any of G equivalents and gather in one asymmetric unit (SCF*
-    0.08-0.13 on an octahedral set of uniform views), which is not a preferred view; the views
-    are judged at the end, with every pose's equivalents (docs/pipeline.md#symmetry).
-    """
-    return cfg.sym.strip().upper() not in ("C1", "")
-
-
 def balance_views_stage(particles: Particles, cfg: TrainConfig, found: SubsetSearch, *,
                         say: Callable[[str], None] = print, progress: Progress | None = None) -> ViewsRecord:
     """Where the subset's views are preferred, its poses refined against half maps that weigh
@@ -369,7 +360,7 @@ def balance_views_stage(particles: Particles, cfg: TrainConfig, found: SubsetSea
     (docs/pipeline.md#view-balancing). Unchanged otherwise, or with ``--no-balance-views``.
     """
     policy = cfg.policy
-    if symmetric_views_later(cfg):  # (judged once the group's frame is known: see search_stage)
+    if wants_symmetry(cfg):  # (judged once the group's frame is known: see search_stage)
         return ViewsRecord("balanced_views", found=found, balanced=False)
     scf = sampling_compensation_factor(found.rotations.double().cpu().numpy())
     if not decisions.should_balance_views(cfg.balance_views, scf, len(found.spectra), policy):

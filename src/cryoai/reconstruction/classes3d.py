@@ -146,6 +146,16 @@ def _softmax_probability(log_like: np.ndarray, assignment: np.ndarray) -> np.nda
     return post[np.arange(len(assignment)), assignment]
 
 
+def _classes(rows: np.ndarray, assignment: np.ndarray, scores: np.ndarray, recs: list[Reconstruction],
+             iterations: int, t0: float) -> Classes3D:
+    """The :class:`Classes3D` of an assignment, its (m, K) log-likelihoods and the K maps."""
+    return Classes3D(rows=rows, assignment=assignment, probability=_softmax_probability(scores, assignment),
+                     log_likelihood=scores[np.arange(len(rows)), assignment], reconstructions=recs,
+                     sizes=np.bincount(assignment, minlength=len(recs)),
+                     resolution_px=np.array([resolution_px(r.fsc_halves, 0.143) for r in recs]),
+                     iterations=iterations, seconds=time.perf_counter() - t0)
+
+
 def classify_3d(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, *, amplitude: np.ndarray,
                 radius_px: float, mask_radius_px: float, settings: Classes3DSettings | None = None,
                 symmetry: torch.Tensor | None = None, log=None) -> Classes3D:
@@ -193,11 +203,7 @@ def classify_3d(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, *, a
                         indices=rows[assignment == k], symmetry=symmetry) for k in range(k_classes)]
     scores = class_log_likelihoods(particles, [r.fourier_volume for r in recs], poses, rows, amplitude,
                                    radius_px)
-    return Classes3D(rows=rows, assignment=assignment, probability=_softmax_probability(scores, assignment),
-                     log_likelihood=scores[np.arange(len(rows)), assignment], reconstructions=recs,
-                     sizes=np.bincount(assignment, minlength=k_classes),
-                     resolution_px=np.array([resolution_px(r.fsc_halves, 0.143) for r in recs]),
-                     iterations=iterations, seconds=time.perf_counter() - t0)
+    return _classes(rows, assignment, scores, recs, iterations, t0)
 
 
 @dataclass
@@ -293,9 +299,5 @@ def refine_classes(particles: ParticleSpectra, rows: np.ndarray, maps: list[torc
                 f"{changed:.1%} changed class")
         if changed < st.stop_fraction:
             break
-    result = Classes3D(rows=rows, assignment=assignment, probability=_softmax_probability(scores, assignment),
-                       log_likelihood=scores[np.arange(len(rows)), assignment], reconstructions=recs,
-                       sizes=np.bincount(assignment, minlength=k_classes),
-                       resolution_px=np.array([resolution_px(r.fsc_halves, 0.143) for r in recs]),
-                       iterations=iterations, seconds=time.perf_counter() - t0)
-    return result, Poses(torch.from_numpy(rotations), torch.from_numpy(shifts_a))
+    poses = Poses(torch.from_numpy(rotations), torch.from_numpy(shifts_a))
+    return _classes(rows, assignment, scores, recs, iterations, t0), poses
