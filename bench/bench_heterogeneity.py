@@ -31,6 +31,8 @@ from cryoai.cli.main import main as cli
 from cryoai.io import read_volume, write_volume
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: The complexes' point groups (the TRPV1 channel is C4): pose errors to the nearest equivalent.
+SYMMETRY = ("C1", "C4", "C1")
 
 
 def run(args: list[str]) -> float:
@@ -100,7 +102,8 @@ def main() -> None:
             state_maps = [str(sim / f"ground_truth_state_{k:03d}.mrc") for k in range(1, len(paths) + 1)]
             run(["evaluate", "--map", str(run_dir / "volume.mrc"), "--poses", str(run_dir / "poses.star"),
                  "--gt-poses", str(sim / "particles.star"), "--gt-states", str(sim / "truth.csv"),
-                 "--class-maps", *class_maps, "--gt-state-maps", *state_maps, "--outdir", str(ev)])
+                 "--class-maps", *class_maps, "--gt-state-maps", *state_maps, "--state-symmetry", *SYMMETRY,
+                 "--outdir", str(ev)])
             c = json.loads((ev / "metrics.json").read_text())["classes"]
             row["accuracy"] = c["accuracy"]
             row["per_class"] = [{**r, "known_fsc05_px": known[r["state"] - 1],
@@ -117,7 +120,7 @@ def main() -> None:
                 starfile.write(sub, out / f"single-state-{k}.star")
                 run(["evaluate", "--map", str(run_dir / "volume.mrc"),
                      "--poses", str(out / f"single-state-{k}.star"), "--gt-poses", str(star),
-                     "--outdir", str(ev)])
+                     "--symmetry", SYMMETRY[k - 1], "--outdir", str(ev)])
                 m = json.loads((ev / "metrics.json").read_text())
                 per_state.append({"state": k, "rotation_error_deg_median": m["rotation_error_deg_median"]})
             row["per_state"] = per_state

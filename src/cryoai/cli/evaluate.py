@@ -42,17 +42,22 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symmetry", default="C1",
                         help="the truth's point group: Cn, Dn, T, O or I1-I4 (RELION's settings): rotation "
                              "errors are to the nearest symmetry-equivalent true pose (default C1)")
+    parser.add_argument("--state-symmetry", nargs="+", default=None,
+                        help="each true state's point group, in state order (the classes' pose errors and "
+                             "map alignment to the nearest equivalent; default: --symmetry for every state)")
 
 
 def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, datadir=None,
-                   symmetry: str = "C1", gt_states=None, class_maps=None, gt_state_maps=None) -> dict:
+                   symmetry: str = "C1", gt_states=None, class_maps=None, gt_state_maps=None,
+                   state_symmetry: list[str] | None = None) -> dict:
     from ..evaluation.metrics import evaluate
     from ..evaluation.plots import plot_fsc, plot_map_slices, plot_rotation_errors
     from ..io import load_particles, write_json_atomic
     from ..io.mrc import read_volume, write_volume
     from ..physics.symmetry import point_group
 
-    point_group(symmetry)  # a bad symbol is said before anything is read
+    for group in [symmetry, *(state_symmetry or [])]:
+        point_group(group)  # a bad symbol is said before anything is read
     volume, pixel_size_a = read_volume(map_path)
     truth = None
     if gt_map:
@@ -81,7 +86,7 @@ def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, 
     metrics = result["metrics"]
     if gt_states:
         metrics["classes"] = class_evaluation(poses, gt_states, class_maps, gt_state_maps, pred_rot, true_rot,
-                                              pixel_size_a, symmetry)
+                                              pixel_size_a, symmetry, state_symmetry)
     write_json_atomic(outdir / "metrics.json", metrics)
     if "fsc" in metrics:
         plot_fsc(np.array(metrics["fsc"]), volume.shape[-1], pixel_size_a, outdir / "fsc.png")
@@ -93,9 +98,10 @@ def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, 
 
 
 def class_evaluation(poses, gt_states, class_maps, gt_state_maps, pred_rot, true_rot, pixel_size_a,
-                     symmetry: str) -> dict:
+                     symmetry: str, state_symmetry: list[str] | None = None) -> dict:
     """The classes against the true states (module docstring); junk picks (``truth.csv``'s
-    ``kind`` other than ``particle``) left out.
+    ``kind`` other than ``particle``) left out. ``state_symmetry``: each state's point group
+    (else ``symmetry`` for all).
     """
     import pandas as pd
 
@@ -120,6 +126,8 @@ def class_evaluation(poses, gt_states, class_maps, gt_state_maps, pred_rot, true
     real = (truth["kind"] == "particle").to_numpy() if "kind" in truth else np.ones(len(truth), bool)
     states = truth["state"].to_numpy().astype(np.int64)
     out = class_accuracy(classes[real], states[real])
+    if state_symmetry is not None and len(state_symmetry) < int(states.max()):
+        raise InputError(f"--state-symmetry: {len(state_symmetry)} group(s) for {int(states.max())} states")
     if class_maps and gt_state_maps:
         per_class = []
         for c, s in sorted(out["matching"].items()):
@@ -131,7 +139,7 @@ def class_evaluation(poses, gt_states, class_maps, gt_state_maps, pred_rot, true
             m = evaluate(volume, pixel_size_a, truth_volume=truth_map,
                          pred_rotations=None if pred_rot is None else pred_rot[rows],
                          true_rotations=None if true_rot is None else true_rot[rows],
-                         symmetry=symmetry)["metrics"]
+                         symmetry=symmetry if state_symmetry is None else state_symmetry[s - 1])["metrics"]
             per_class.append({"class": c, "state": s, "particles": int((classes == c).sum()),
                               **{k: m[k] for k in ("resolution_px_0.5", "resolution_a_0.5",
                                                    "rotation_error_deg_median") if k in m}})
@@ -168,7 +176,7 @@ def main(args) -> int:
     metrics = run_evaluation(args.map, args.outdir, poses=args.poses, gt_map=args.gt_map,
                              gt_poses=args.gt_poses, datadir=args.datadir, symmetry=args.symmetry,
                              gt_states=args.gt_states, class_maps=args.class_maps,
-                             gt_state_maps=args.gt_state_maps)
+                             gt_state_maps=args.gt_state_maps, state_symmetry=args.state_symmetry)
     for line in summary_lines(metrics):
         print(line)
     print(f"metrics and plots: {args.outdir}")

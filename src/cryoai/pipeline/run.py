@@ -308,6 +308,7 @@ def run_default(
             )
 
     # 2-3. the search, the view balancing, the pose encoder and the assignment
+    searched_classes = None  # (subset, classes, poses) where the search found K classes together
     if mode == "search" and poses is None:
         search, before = search_stage(
             work, cfg, minutes_before=state.minutes, say=run.say, log=run_dir.log, progress=run.progress
@@ -329,6 +330,12 @@ def run_default(
         run.done(search)
         explained = search.explained
         found = search.found
+        if found.classes is not None:  # K classes searched together: the classes stage starts from them
+            rotations = torch.eye(3).repeat(len(table), 1, 1)
+            shifts_a = torch.zeros(len(table), 2)
+            rotations[found.subset] = found.rotations.detach().float().cpu()
+            shifts_a[found.subset] = found.shifts_px.detach().float().cpu() * work.pixel_size_a
+            searched_classes = (found.subset, found.classes, Poses(rotations, shifts_a))
         if found.class_averages is not None:
             ca = found.class_averages
             run_dir.write_class_averages(
@@ -406,7 +413,7 @@ def run_default(
         if cfg.classes > 1:
             classes = run.done(
                 classes_stage(particles, cfg, poses, rec, junk, symmetry=operators, say=run.say,
-                              progress=run.progress))
+                              progress=run.progress, searched=searched_classes))
             run_dir.write_class_maps([m.volume for m in classes.maps], particles.pixel_size_a)
         del rec
         checkpoint()

@@ -17,10 +17,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..evaluation.metrics import pose_agreement
 from ..io.mrc import read_volume
 from ..physics.fft import fourier_crop_3d, ifft3_c
-from ..reconstruction import PoseAssigner, repose_subset, search_subset, starting_map
+from ..reconstruction import PoseAssigner, repose_classes, repose_subset, search_subset, starting_map
 from ..reconstruction.particle_scores import explained_signal, score_spectra
 from ..reconstruction.pose_search import Progress, SubsetSearch
 from ..reconstruction.regularised import density_skewness
@@ -75,16 +76,29 @@ def explained_share(particles: Particles, found: SubsetSearch, radius_px: float)
     noise = particles.dataset.noise
     if noise is None:
         return float("nan")
-    score, _, _, _ = score_spectra(
-        particles.formation,
-        found.fourier_volume,
-        found.spectra,
-        found.ctf,
-        found.rotations,
-        found.shifts_px,
-        radius_px,
-    )
-    return explained_signal(score.cpu().numpy(), noise.information(radius_px))
+    if found.classes is None:
+        groups = [(found.fourier_volume, slice(None))]
+    else:  # each image against its own class's map
+        groups = [(volume, torch.as_tensor(np.flatnonzero(found.classes == k), device=found.spectra.device))
+                  for k, volume in enumerate(found.class_volumes)]
+    scores = []
+    for volume, rows in groups:
+        score, _, _, _ = score_spectra(
+            particles.formation,
+            volume,
+            found.spectra[rows],
+            found.ctf[rows],
+            found.rotations[rows],
+            found.shifts_px[rows],
+            radius_px,
+        )
+        scores.append(score.cpu().numpy())
+    return explained_signal(np.concatenate(scores), noise.information(radius_px))
+
+
+def search_classes(cfg: TrainConfig) -> int:
+    """How many maps the search finds together: ``--classes`` with ``--class-search``, else 1."""
+    return cfg.classes if cfg.classes > 1 and cfg.class_search else 1
 
 
 def signal_energy(particles: Particles, cfg: TrainConfig) -> float:
@@ -104,6 +118,8 @@ def plan_record(cfg: TrainConfig, n_particles: int, box_px: int, start: str) -> 
     subset = min(settings.subset, n_particles)
     batch = min(settings.batch, subset)
     kind = {"blob": "a blob", "classes": "2D class averages", "map": "the given map"}[start]
+    if search_classes(cfg) > 1:
+        kind = f"{cfg.classes} blobs, {cfg.classes} classes searched together"
     band = (
         f"{settings.radius_start_px:g} -> {settings.radius_end_px:g} px"
         if start == "blob"
@@ -122,6 +138,7 @@ def plan_record(cfg: TrainConfig, n_particles: int, box_px: int, start: str) -> 
         "band_end_px": settings.radius_end_px,
         "first_guess_band_px": float(first_px),
         "retries": cfg.search_retries,
+        "classes": search_classes(cfg),
     }
     said = (
         f"search plan: {subset} of {n_particles} particles ("
@@ -191,6 +208,13 @@ def search_stage(
                 (said,) if said else (),
             )
         )
+    if search_classes(cfg) > 1 and start != "blob":
+        if start == "map":
+            raise InputError(f"--initial-map with --classes {cfg.classes}: the classes are searched from "
+                             "blobs (add --no-class-search to search one map from it, then classify)")
+        say(f"search: the {cfg.classes} classes are searched together from blobs (a start from class "
+            "averages makes one map)")
+        start = "blob"
     plan = plan_record(cfg, len(particles.table), box, start)
     before.append(plan)
     for record in before:
@@ -204,7 +228,8 @@ def search_stage(
         deadline = None if cfg.max_minutes is None else time.perf_counter() + (cfg.max_minutes - minutes) * 60
         if deadline is not None and attempt > 0 and time.perf_counter() >= deadline:
             break
-        settings = replace(search_settings(cfg, box), seed=cfg.seed + 1000 * attempt)
+        settings = replace(search_settings(cfg, box), seed=cfg.seed + 1000 * attempt,
+                           n_classes=search_classes(cfg))
         found = search_subset(
             particles.spectra(),
             settings,
@@ -223,7 +248,8 @@ def search_stage(
         # exhaustive global search: these poses teach and check the encoder.
         t0 = time.perf_counter()
         exhaustive = replace(assignment_settings(cfg, box), prune_keep=0)
-        found = repose_subset(found, PoseAssigner(particles.formation, found.fourier_volume, exhaustive))
+        found = repose_subset(found, PoseAssigner(particles.formation, found.fourier_volume, exhaustive)) \
+            if found.classes is None else repose_classes(found, particles.formation, exhaustive)
         repose_seconds = time.perf_counter() - t0
         minutes += (found.seconds + repose_seconds) / 60
         explained = explained_share(particles, found, settings.radius_end_px)
@@ -265,7 +291,7 @@ def search_stage(
             say(verdict.said)
         if not verdict.again:
             break
-        start = verdict.next_start
+        start = verdict.next_start if found.classes is None else "blob"  # K classes: from blobs only
     found, explained, kept_attempt = best
     said = []
     if found.class_averages is None and classes_tried:

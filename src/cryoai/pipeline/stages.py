@@ -26,7 +26,7 @@ from ..reconstruction.classes3d import Classes3DSettings, ClassRefinementSetting
 from ..reconstruction.junk_sorting import score_band_px, sort_junk
 from ..reconstruction.particle_scores import micrograph_amplitude, score_particles
 from ..reconstruction.pose_search import Progress, SubsetSearch
-from ..reconstruction.regularised import Reconstruction, density_skewness
+from ..reconstruction.regularised import Reconstruction, density_skewness, reconstruct
 from ..reconstruction.shard import ALONE, Shard
 from ..simulate.views import sampling_compensation_factor
 from ..training.config import TrainConfig
@@ -384,12 +384,20 @@ def classes_stage(
     symmetry: torch.Tensor | None = None,
     say: Callable[[str], None] = print,
     progress: Progress | None = None,
+    searched: tuple[np.ndarray, np.ndarray, Poses] | None = None,
 ) -> ClassesRecord:
     """``--classes K``: K maps and each particle's class at the run's poses
     (:mod:`cryoai.reconstruction.classes3d`; docs/pipeline.md#3d-classes), junk included, so that
     it gathers in classes of its own; with ``--class-poses``, then posed again against every
     class's map and classified at its own pose per class (several structures). The record holds
     the classes' maps, largest first, and the particles' poses in their classes' maps.
+
+    ``searched``: the K classes the search found together (``--class-search``): the subset's rows,
+    their classes, and poses of every particle (the subset's in their classes' maps, shifts in
+    Angstrom; the others' unused). Each class's
+    first map is then its subset images' reconstruction at the full box, and every particle is
+    posed against every class from there (heterogeneous refinement), not classified at the
+    run's one pose first.
     """
     n = len(particles.table)
     box = particles.box_px
@@ -401,6 +409,27 @@ def classes_stage(
     )
     trusted = junk.kept if junk is not None else np.ones(n, bool)
     amplitude = micrograph_amplitude(scores.amplitude, particles.table.micrograph_ids, trusted)
+    if searched is not None:
+        rows, found_classes, found_poses = searched
+        starts = [
+            reconstruct(particles.spectra(), found_poses, mask_radius_px=mask_radius_px(cfg, box),
+                        seed=cfg.seed, indices=rows[found_classes == k], symmetry=symmetry).fourier_volume
+            for k in range(cfg.classes)
+        ]
+        result, class_poses = refine_classes(
+            particles.spectra(),
+            np.arange(n),
+            starts,
+            assign=assignment_settings(cfg, box),
+            amplitude=amplitude,
+            radius_px=band_px,
+            mask_radius_px=mask_radius_px(cfg, box),
+            settings=ClassRefinementSettings(seed=cfg.seed),
+            symmetry=symmetry,
+            log=say,
+            progress=progress,
+        )
+        return _classes_record(particles, result, class_poses, trusted)
     result = classify_3d(
         particles.spectra(),
         poses,
@@ -429,6 +458,13 @@ def classes_stage(
             progress=progress,
         )
         result.seconds += seconds
+    return _classes_record(particles, result, class_poses, trusted)
+
+
+def _classes_record(particles: Particles, result, class_poses: Poses | None,
+                    trusted: np.ndarray) -> ClassesRecord:
+    """The classes stage's record: the classes largest first, their maps, sizes and resolutions."""
+    box = particles.box_px
     order = np.argsort(-result.sizes, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))

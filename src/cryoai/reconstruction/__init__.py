@@ -32,6 +32,7 @@ from .pose_search import (
     assign_poses,
     assign_remaining,
     assign_settings,
+    repose_classes,
     repose_subset,
     search_subset,
     starting_map,
@@ -41,4 +42,4 @@ from .spectra import ParticleSpectra
 
 __all__ = ["AssignSettings", "ParticleSpectra", "PoseAssigner", "Reconstruction", "SearchSettings",
            "SubsetSearch", "assign_poses", "assign_remaining", "assign_settings", "backproject",
-           "reconstruct", "repose_subset", "search_subset", "starting_map"]
+           "reconstruct", "repose_classes", "repose_subset", "search_subset", "starting_map"]

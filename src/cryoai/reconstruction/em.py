@@ -302,11 +302,14 @@ class ExpectationMaximisation:
     max_shift_px, shift_step_px : the shift grid (a disk), pixels.
     mask_radius_px : radius of the soft real-space mask applied to each map.
     generator : torch Generator for the random initial poses.
+    n_classes : K maps searched together (heterogeneous ab initio, as cryoSPARC's): each image's
+        posterior runs over classes x rotations x shifts, each class's map is made from the
+        images weighted by their posterior in it (``class_volumes``); 1: one map.
     """
 
     def __init__(self, formation: ImageFormation, *, n_rotations: int = 4608, max_shift_px: float = 6.0,
                  shift_step_px: float = 1.5, mask_radius_px: float,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, n_classes: int = 1):
         self.formation = formation
         self.n = formation.box_px
         self.device = formation.coords_px.device
@@ -315,21 +318,40 @@ class ExpectationMaximisation:
         self.shifts = shift_grid(max_shift_px, shift_step_px, device=self.device)
         self.mask_radius_px = mask_radius_px
         self.generator = generator
-        self.fourier_volume: torch.Tensor | None = None
-        self._num: torch.Tensor | None = None
-        self._den: torch.Tensor | None = None
+        self.n_classes = int(n_classes)
+        self.class_volumes: list[torch.Tensor] = []
+        self._num: list[torch.Tensor] | None = None
+        self._den: list[torch.Tensor] | None = None
         self.workspace = Workspace()
+
+    @property
+    def fourier_volume(self) -> torch.Tensor | None:
+        """The current map ((N, N, N) complex, 1/N scale); with several classes, the first's."""
+        return self.class_volumes[0] if self.class_volumes else None
+
+    @fourier_volume.setter
+    def fourier_volume(self, volume: torch.Tensor) -> None:
+        self.class_volumes = [volume] * self.n_classes
 
     def set_map(self, numerator: torch.Tensor, denominator: torch.Tensor, radius_px: float) -> None:
         """Make the current map from back-projected sums (:func:`regularised_volume`)."""
-        self.fourier_volume = regularised_volume(numerator, denominator, radius_px=radius_px,
-                                                 mask_radius_px=self.mask_radius_px)
+        self.fourier_volume = self._regularised(numerator, denominator, radius_px)
+
+    def _regularised(self, numerator: torch.Tensor, denominator: torch.Tensor, radius_px: float):
+        return regularised_volume(numerator, denominator, radius_px=radius_px,
+                                  mask_radius_px=self.mask_radius_px)
 
     def initialise(self, spectra: torch.Tensor, ctf: torch.Tensor, radius_px: float) -> None:
-        """Initial map: back-projection of the images at random poses (a blob of the right size)."""
+        """Initial map: back-projection of the images at random poses (a blob of the right size);
+        with K classes, one blob from each of K disjoint parts of the images (blobs that differ
+        by their images' noise, which the EM's first iterations amplify into K classes).
+        """
         d = SearchData.in_band(self.formation, spectra, ctf, radius_px)
         rot = random_rotations(len(spectra), generator=self.generator, device=self.device)
-        self.set_map(*backproject(d.spectra, d.ctf, rot, d.coords_px, self.n), radius_px)
+        parts = torch.arange(len(spectra), device=self.device).chunk(self.n_classes)
+        self.class_volumes = [
+            self._regularised(*backproject(d.spectra[i], d.ctf[i], rot[i], d.coords_px, self.n), radius_px)
+            for i in parts]
 
     @torch.no_grad()
     def iterate(self, spectra: torch.Tensor, ctf: torch.Tensor, radius_px: float, *,
@@ -347,17 +369,22 @@ class ExpectationMaximisation:
         Returns
         -------
         dict with the best grid ``rotations`` (B, 3, 3), ``shifts_px`` (B, 2), the
-        ``posterior_max`` (B,), the best ``error`` (B,) and the noise variance ``sigma2``.
+        ``posterior_max`` (B,), the best ``error`` (B,) and the noise variance ``sigma2``; with
+        several classes, each image's best ``classes`` (B,) and ``class_posterior`` (B, K).
         """
         d_all = SearchData.in_band(self.formation, spectra, ctf, radius_px)
-        proj = sample_volume(self.fourier_volume, slice_coords(self.grid, d_all.coords_px))  # (R, P)
+        pts = slice_coords(self.grid, d_all.coords_px)
+        # K classes: their slices side by side, as K x R rotations (class k's rotation r at k R + r)
+        proj = torch.cat([sample_volume(v, pts) for v in self.class_volumes])  # (K R, P)
         m, p = proj.shape
+        n_rot = len(self.grid)
+        chunk = max(16, chunk // self.n_classes)  # the scores' buffer no larger than one class's
         n_s = len(self.shifts)
         ws = self.workspace
         num_re = torch.zeros(m, p, dtype=proj.real.dtype, device=self.device)
         num_im = torch.zeros_like(num_re)
         den_slices = torch.zeros_like(num_re)
-        best_r, best_s, best_p, errs = [], [], [], []
+        best_r, best_s, best_p, errs, class_post = [], [], [], [], []
         phases = phase_shift(d_all.freqs_px, self.shifts)  # (S, P)
         # Noise variance per coefficient, from the best fit of a first chunk (model mismatch for
         # noise-free data); the temperature anneals the posterior.
@@ -375,6 +402,8 @@ class ExpectationMaximisation:
             if sigma2 is None:
                 sigma2 = float(emin.mean() / d_all.weight.sum().clamp_min(1)) + 1e-12
             post, post_max = posterior_and_max_(flat, 1.0 / (2 * sigma2 * temperature), emin)  # in place
+            if self.n_classes > 1:
+                class_post.append(post.view(b, n_s, self.n_classes, n_rot).sum(dim=(1, 3)))
             best_p.append(post_max)
             best_r.append(arg % m)
             best_s.append(arg // m)
@@ -385,17 +414,22 @@ class ExpectationMaximisation:
             x = (c * y)[:, None, :] * phases.conj()[None]  # (B, S, P)
             sparse += add_posterior_sums_(post.view(b, n_s, m), x, c * c, num_re, num_im, den_slices, ws)
         num_slices = torch.complex(num_re, num_im)
-        pts = slice_coords(self.grid, d_all.coords_px)
-        num, den = insert_slices(num_slices, den_slices, pts, self.n)
+        blocks = [slice(k * n_rot, (k + 1) * n_rot) for k in range(self.n_classes)]
+        sums = [insert_slices(num_slices[k], den_slices[k], pts, self.n) for k in blocks]
         if ema > 0 and self._num is not None:
             # Stochastic EM: decayed running sums over mini-batches.
-            num, den = ema * self._num + num, ema * self._den + den
-        self._num, self._den = num, den
-        self.set_map(num, den, radius_px)
-        idx_r = torch.cat(best_r)
-        return {"rotations": self.grid[idx_r], "shifts_px": self.shifts[torch.cat(best_s)],
-                "posterior_max": torch.cat(best_p), "error": torch.cat(errs), "sigma2": sigma2,
-                "sparse_share": sparse / len(spectra)}
+            sums = [(ema * a + num, ema * b + den)
+                    for (num, den), a, b in zip(sums, self._num, self._den, strict=True)]
+        self._num, self._den = [num for num, _ in sums], [den for _, den in sums]
+        self.class_volumes = [self._regularised(num, den, radius_px) for num, den in sums]
+        idx = torch.cat(best_r)
+        out = {"rotations": self.grid[idx % n_rot], "shifts_px": self.shifts[torch.cat(best_s)],
+               "posterior_max": torch.cat(best_p), "error": torch.cat(errs), "sigma2": sigma2,
+               "sparse_share": sparse / len(spectra)}
+        if self.n_classes > 1:
+            out["classes"] = idx // n_rot
+            out["class_posterior"] = torch.cat(class_post)  # (B, K)
+        return out
 
 
 @torch.no_grad()

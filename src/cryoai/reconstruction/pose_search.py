@@ -42,11 +42,19 @@ import torch
 from ..physics.fft import fft3_c, ifft3_c
 from ..physics.grids import grid_3d, max_paired_radius_px
 from ..physics.poses import Poses
+from ..physics.projection import sample_volume, slice_coords
 from ..physics.shifts import phase_shift
 from .amortized import AssignSettings, PoseAssigner
 from .backproject import backproject
 from .class_averages import ClassAverages, ClassAverageSettings, class_averages, class_particles
-from .em import ExpectationMaximisation, assign_global, refine_local, refine_newton
+from .em import (
+    ExpectationMaximisation,
+    SearchData,
+    assign_global,
+    refine_local,
+    refine_newton,
+    score_hypotheses,
+)
 from .particle_scores import score_spectra
 from .shard import ALONE, Shard
 from .spectra import ParticleSpectra, SpectraInMemory
@@ -84,6 +92,7 @@ class SearchSettings:
         kept (by how much of the averages the map explains).
     seed : seeds the subset and every random draw of the search.
     temperature : of the EM's posterior (1: the noise model's; below 1 sharper).
+    n_classes : K maps searched together from K blobs (heterogeneous ab initio; 1: one map).
     refine_method : ``"newton"`` (:func:`cryoai.reconstruction.em.refine_newton`: steps of half
         the grid's spacing and half the shift step, halved each round) or ``"random"``
         (:func:`cryoai.reconstruction.em.refine_local`: ``refine_candidates`` rotations within
@@ -111,6 +120,7 @@ class SearchSettings:
     seed: int
     temperature: float = 1.0
     refine_method: str = "random"
+    n_classes: int = 1
 
 
 @dataclass
@@ -130,6 +140,9 @@ class SubsetSearch:
     class_averages : the 2D classes its start was made from (``start="classes"``), else None.
     em_band_px, em_posterior : per EM iteration, its band (frequency px) and the images' mean
         maximum posterior (how sharply they pick a pose): the search's convergence.
+    classes : with K classes searched together, (n,) each subset image's class, 0..K-1 (its
+        pose is in that class's map), else None.
+    class_volumes : the K classes' maps (``fourier_volume`` is the largest class's), else None.
     """
 
     subset: np.ndarray
@@ -143,6 +156,8 @@ class SubsetSearch:
     class_averages: ClassAverages | None = None
     em_band_px: tuple[float, ...] = ()
     em_posterior: tuple[float, ...] = ()
+    classes: np.ndarray | None = None
+    class_volumes: list[torch.Tensor] | None = None
 
 
 def class_average_settings(settings: SearchSettings, n_images: int) -> ClassAverageSettings:
@@ -304,6 +319,22 @@ def repose_subset(found: SubsetSearch, assigner: PoseAssigner, *, block: int = 4
                    shifts_px=torch.cat(shifts_px).to(found.shifts_px.dtype))
 
 
+def repose_classes(found: SubsetSearch, formation, settings: AssignSettings) -> SubsetSearch:
+    """Step 2b with K classes searched together: each class's images posed afresh against their
+    class's map (:func:`repose_subset`), each in its own class's frame.
+    """
+    rotations, shifts_px = found.rotations.clone(), found.shifts_px.clone()
+    for k, volume in enumerate(found.class_volumes):
+        rows = torch.as_tensor(np.flatnonzero(found.classes == k), device=found.spectra.device)
+        if len(rows) == 0:
+            continue
+        part = repose_subset(replace(found, spectra=found.spectra[rows], ctf=found.ctf[rows],
+                                     rotations=rotations[rows], shifts_px=shifts_px[rows]),
+                             PoseAssigner(formation, volume, settings))
+        rotations[rows], shifts_px[rows] = part.rotations, part.shifts_px
+    return replace(found, rotations=rotations, shifts_px=shifts_px)
+
+
 def assign_remaining(particles: ParticleSpectra, found: SubsetSearch, assigner: PoseAssigner, *,
                      log: Callable[[str], None] = print, block: int = 4096,
                      progress: Progress | None = None, shard: Shard = ALONE) -> Poses:
@@ -380,7 +411,7 @@ class _Search:
         self.em = ExpectationMaximisation(
             self.formation, n_rotations=settings.n_rotations, max_shift_px=settings.max_shift_px,
             shift_step_px=settings.shift_step_px, mask_radius_px=settings.mask_radius_px,
-            generator=self.gen)
+            generator=self.gen, n_classes=settings.n_classes)
 
     def _radius(self, r: float) -> float:
         return float(min(r, self.r_max))
@@ -401,6 +432,8 @@ class _Search:
                 raise ValueError(f"unknown search start {self.start!r}")
             self.start, averages = start_from_class_averages(self.formation, y, c, st, log=self.log,
                                                              deadline=self.deadline, progress=self.progress)
+        if st.n_classes > 1 and self.start is not None:
+            raise ValueError("K classes are searched from blobs only (no start map or class averages)")
         if self.start is None:
             em.initialise(y[: st.batch], c[: st.batch], r0)
         else:
@@ -425,20 +458,68 @@ class _Search:
             converged = r >= r1 and post >= st.stop_posterior
             self.progress("search EM", st.iterations if converged else it + 1, st.iterations)
             if (it + 1) % 10 == 0 or it == st.iterations - 1 or converged:
+                shares = "" if st.n_classes == 1 else ", classes " + "/".join(
+                    f"{share:.0%}" for share in out["class_posterior"].mean(0).tolist())
                 self.log(f"search EM {it + 1}/{st.iterations}: radius {r:.1f} px, mean max posterior "
-                         f"{post:.2f}, {time.perf_counter() - t0:.0f} s")
+                         f"{post:.2f}{shares}, {time.perf_counter() - t0:.0f} s")
             if converged:
                 break
             if self._past_deadline(f"EM stopped after {it + 1} iterations"):
                 break
         # Assign every subset image on the final low-resolution map, then refine locally.
-        rot, shifts = self._assign(y, c, r1)
-        rot, shifts = self._refine(y, c, rot, shifts, start_radius=r1, update_map=True)
+        classes, class_volumes = None, None
+        if st.n_classes > 1:
+            rot, shifts, classes, class_volumes = self._finish_classes(y, c, r1)
+            volume = class_volumes[int(np.bincount(classes, minlength=st.n_classes).argmax())]
+        else:
+            rot, shifts = self._assign(y, c, r1)
+            rot, shifts = self._refine(y, c, rot, shifts, start_radius=r1, update_map=True)
+            volume = em.fourier_volume
         seconds = time.perf_counter() - t0
         self.log(f"search done in {seconds:.0f} s")
-        return SubsetSearch(subset, rot, shifts, em.fourier_volume, y, c, seconds=seconds,
+        return SubsetSearch(subset, rot, shifts, volume, y, c, seconds=seconds,
                             time_limit_reached=self.deadline_said, class_averages=averages,
-                            em_band_px=tuple(bands), em_posterior=tuple(posteriors))
+                            em_band_px=tuple(bands), em_posterior=tuple(posteriors), classes=classes,
+                            class_volumes=class_volumes)
+
+    def _finish_classes(self, y, c, radius):
+        """With K classes: each subset image posed against every class's final EM map (the
+        global assignment) and put in the class whose projection at its pose fits it best
+        (the smallest squared error), then each class's images refined locally against their
+        class's map, made again from them after each round.
+
+        Returns
+        -------
+        rotations (n, 3, 3), shifts (n, 2), classes (n,) and the K maps.
+        """
+        em = self.em
+        volumes = list(em.class_volumes)
+        d = SearchData.in_band(self.formation, y, c, radius)
+        poses, errors = [], []
+        for volume in volumes:
+            rot, shifts = assign_global(self.formation, volume, y, c, radius, em.grid, em.shifts,
+                                        workspace=em.workspace)
+            proj = sample_volume(volume, slice_coords(rot, d.coords_px))[:, None]  # (n, 1, P)
+            errors.append(score_hypotheses(d, proj, shifts[:, None, :]).reshape(-1))
+            poses.append((rot, shifts))
+        best = torch.stack(errors, 1).argmin(1)
+        rot = torch.stack([r for r, _ in poses], 1)[torch.arange(len(y)), best]
+        shifts = torch.stack([s for _, s in poses], 1)[torch.arange(len(y)), best]
+        classes = best.cpu().numpy()
+        maps = []
+        for k, volume in enumerate(volumes):
+            members = torch.as_tensor(np.flatnonzero(classes == k), device=y.device)
+            if len(members) < 2:
+                maps.append(volume)
+                continue
+            em.fourier_volume = volume
+            rot[members], shifts[members] = self._refine(
+                y[members], c[members], rot[members], shifts[members], start_radius=radius, update_map=True)
+            maps.append(em.fourier_volume)
+        em.class_volumes = maps
+        self.log("search classes: " + ", ".join(f"{int((classes == k).sum())}" for k in range(len(maps)))
+                 + f" of {len(y)} images")
+        return rot, shifts, classes, maps
 
     def _past_deadline(self, what: str) -> bool:
         """Whether the deadline has passed (said once, with what the search cuts short)."""

@@ -48,6 +48,10 @@ class TrainConfig:
         True, "With --classes: after the classification at the run's poses, every particle posed "
               "again against every class's map and classified at its own pose per class "
               "(heterogeneous refinement: several structures); off: the run's poses only.", "common")
+    class_search: bool = _opt(
+        True, "With --classes: the search finds the K maps together from K blobs, each image posed "
+              "against every class (heterogeneous ab initio, as cryoSPARC's), and the classes start from "
+              "its maps; off: one map searched, the classes made at its poses (junk classes).", "common")
     sym: str = _opt(
         "C1", "Point group of the molecule, in RELION's names and axes (C1, Cn, Dn, T, O, I1-I4): the "
               "search runs in C1, the group's axes are found in its map and checked against the data, "
