@@ -101,7 +101,7 @@ def test_train_with_classes_writes_the_classes(tmp_path):
     assert cli(["train", str(sim / "particles.star"), "--outdir", str(run), "--quiet", "--no-tensorboard",
                 "--device", "cpu", "--pose-encoder", "off", "--search-iterations", "15",
                 "--refine-rounds", "2", "--decoder-epochs", "0.2", "--search-retries", "0",
-                "--classes", "2"]) == 0
+                "--classes", "2", "--no-class-search"]) == 0
     table = starfile.read(run / "poses.star", always_dict=True)["particles"]
     assert set(table["rlnClassNumber"].unique()) == {1, 2}
     assert table["rlnCryoaiClassProbability"].between(0, 1).all()
@@ -117,6 +117,19 @@ def test_train_with_classes_writes_the_classes(tmp_path):
     assert cli(["report", str(run)]) == 0
     report = json.loads((run / "report" / "report.json").read_text())
     assert report["class_1_particles"] == sizes[0] and report["junk_particles"] == outputs["junk"]
+    # the classes searched together (the default with --classes): no junk called against one map
+    searched = tmp_path / "searched"
+    assert cli(["train", str(sim / "particles.star"), "--outdir", str(searched), "--quiet",
+                "--no-tensorboard",
+                "--device", "cpu", "--pose-encoder", "off", "--search-iterations", "15",
+                "--refine-rounds", "2", "--decoder-epochs", "0.2", "--search-retries", "0",
+                "--classes", "2"]) == 0
+    table = starfile.read(searched / "poses.star", always_dict=True)["particles"]
+    assert set(table["rlnClassNumber"].unique()) == {1, 2} and "rlnCryoaiJunk" not in table
+    outputs = json.loads((searched / "outputs.json").read_text())
+    assert sum(c["particles"] for c in outputs["classes"]) == 400
+    assert "junk: not called against one map" in (searched / "run.log").read_text()
+    assert cli(["report", str(searched)]) == 0
     # --classes needs the searched poses
     assert cli(["train", str(sim / "particles.star"), "--outdir", str(tmp_path / "given"), "--quiet",
                 "--poses", str(sim / "particles.star"), "--classes", "2", "--device", "cpu"]) != 0

@@ -67,7 +67,7 @@ from .records import (
     RunResult,
     StageRecord,
 )
-from .search import balance_views_stage, read_initial_map, search_stage
+from .search import balance_views_stage, read_initial_map, search_classes, search_stage
 from .settings import at_full_box, in_pixels, mask_radius_px
 from .stages import (
     assignment_stage,
@@ -391,7 +391,10 @@ def run_default(
         sums = half_set_sums(particles.spectra(), poses, seed=cfg.seed, symmetry=operators,
                              progress=run.progress, shard=particle_shard(dist))
         rec = reconstruction_from_sums(sums, mask_radius_px=mask_radius_px(cfg, particles.box_px))
-        if mode == "search" and cfg.sort_junk and dataset.noise is not None:
+        if mode == "search" and cfg.sort_junk and search_classes(cfg) > 1:
+            run.say(f"junk: not called against one map, as the search found {cfg.classes} structures: "
+                    "junk goes to the classes (give one class more for it)")
+        elif mode == "search" and cfg.sort_junk and dataset.noise is not None:
             # (the scores are in units of the measured noise: none without a noise model)
             full_cfg = at_full_box(cfg, None if working is None else working["box_px"], particles.box_px)
             junk = run.done(
