@@ -409,14 +409,9 @@ def classes_stage(
     )
     trusted = junk.kept if junk is not None else np.ones(n, bool)
     amplitude = micrograph_amplitude(scores.amplitude, particles.table.micrograph_ids, trusted)
-    if searched is not None:
-        rows, found_classes, found_poses = searched
-        starts = [
-            reconstruct(particles.spectra(), found_poses, mask_radius_px=mask_radius_px(cfg, box),
-                        seed=cfg.seed, indices=rows[found_classes == k], symmetry=symmetry).fourier_volume
-            for k in range(cfg.classes)
-        ]
-        result, class_poses = refine_classes(
+    def poses_per_class(starts: list[torch.Tensor]):
+        """Every particle posed against every class from these start maps (heterogeneous refinement)."""
+        return refine_classes(
             particles.spectra(),
             np.arange(n),
             starts,
@@ -429,6 +424,15 @@ def classes_stage(
             log=say,
             progress=progress,
         )
+
+    if searched is not None:
+        rows, found_classes, found_poses = searched
+        starts = [
+            reconstruct(particles.spectra(), found_poses, mask_radius_px=mask_radius_px(cfg, box),
+                        seed=cfg.seed, indices=rows[found_classes == k], symmetry=symmetry).fourier_volume
+            for k in range(cfg.classes)
+        ]
+        result, class_poses = poses_per_class(starts)
         return _classes_record(particles, result, class_poses, trusted)
     result = classify_3d(
         particles.spectra(),
@@ -444,19 +448,7 @@ def classes_stage(
     class_poses = None
     if cfg.class_poses:
         seconds = result.seconds
-        result, class_poses = refine_classes(
-            particles.spectra(),
-            np.arange(n),
-            [r.fourier_volume for r in result.reconstructions],
-            assign=assignment_settings(cfg, box),
-            amplitude=amplitude,
-            radius_px=band_px,
-            mask_radius_px=mask_radius_px(cfg, box),
-            settings=ClassRefinementSettings(seed=cfg.seed),
-            symmetry=symmetry,
-            log=say,
-            progress=progress,
-        )
+        result, class_poses = poses_per_class([r.fourier_volume for r in result.reconstructions])
         result.seconds += seconds
     return _classes_record(particles, result, class_poses, trusted)
 
