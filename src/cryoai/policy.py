@@ -212,6 +212,29 @@ class Policy:
         "true ones 0.97 at both",
     )
 
+    # --- the continuous latent model (--latent-dim)
+    latent_iterations: int = _tuned(
+        12,
+        "EM passes",
+        "passes of the latent model's EM over the particles",
+        "on the 20-state adenylate kinase motion (10,000 particles, -10 dB) the residual power "
+        "changed by less than 1e-4 of itself after 8 passes (docs/results.md#continuous-heterogeneity)",
+    )
+    latent_ridge: float = _tuned(
+        1e-3,
+        "fraction of the mean CTF^2 weight",
+        "the latent model's M step ridge per voxel (keeps voxels few images reach bounded)",
+        "1e-3 and 1e-2 gave the same per-image FSC-AUC on the motion set within 0.002",
+    )
+    latent_min_determined: float = _tuned(
+        0.1,
+        "share of a dimension's spread",
+        "a latent dimension whose particles' positions the images determine to less than this share "
+        "of its spread (the variance of its posterior means, z in standard deviations) is said to "
+        "show no change the data support",
+        "PLACEHOLDER",
+    )
+
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> Policy:
         """A policy from ``{name: value}`` (the rest default); an unknown name or a value of the

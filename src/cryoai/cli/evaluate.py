@@ -10,6 +10,10 @@ classes of --poses (rlnClassNumber) against the true states, matched one to one 
 method): the class accuracy and the confusion counts; with --class-maps and --gt-state-maps,
 each matched class's map against its state's (FSC) and its particles' pose errors.
 
+A continuous latent model (a run's latent.npz, --latent) with --gt-states and --gt-state-maps:
+CryoBench's per-image FSC-AUC, each sampled particle's own map (at its latent vector) against
+its true state's map, beside the same measure for the consensus map alone.
+
 Example: cryoai evaluate --map run/volume.mrc --poses run/poses.star \
              --gt-map sim/ground_truth.mrc --gt-poses sim/particles.star --outdir run/eval
 """
@@ -39,6 +43,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "--gt-state-maps")
     parser.add_argument("--gt-state-maps", nargs="+", default=None,
                         help="each true state's map (ground_truth_state_001.mrc ...), in state order")
+    parser.add_argument("--latent", default=None,
+                        help="a run's latent.npz (--latent-dim): with --gt-states and --gt-state-maps, the "
+                             "per-image FSC-AUC of the particles' own maps against their true states'")
+    parser.add_argument("--latent-images", type=int, default=200,
+                        help="with --latent: particles sampled (evenly over the set) for the per-image "
+                             "FSC-AUC (default 200)")
     parser.add_argument("--symmetry", default="C1",
                         help="the truth's point group: Cn, Dn, T, O or I1-I4 (RELION's settings): rotation "
                              "errors are to the nearest symmetry-equivalent true pose (default C1)")
@@ -49,7 +59,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, datadir=None,
                    symmetry: str = "C1", gt_states=None, class_maps=None, gt_state_maps=None,
-                   state_symmetry: list[str] | None = None) -> dict:
+                   state_symmetry: list[str] | None = None, latent=None, latent_images: int = 200) -> dict:
     from ..evaluation.metrics import evaluate
     from ..evaluation.plots import plot_fsc, plot_map_slices, plot_rotation_errors
     from ..io import load_particles, write_json_atomic
@@ -84,7 +94,14 @@ def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     metrics = result["metrics"]
-    if gt_states:
+    if latent:
+        if not (gt_states and gt_state_maps):
+            raise InputError("--latent needs --gt-states (truth.csv) and --gt-state-maps")
+        metrics["latent"] = latent_evaluation(latent, gt_states, gt_state_maps, metrics, latent_images)
+    with_classes = bool(poses) and "rlnClassNumber" in _columns(poses)
+    if gt_states and (with_classes or not latent):  # (with --latent alone, no classes are asked for)
+        if not poses:
+            raise InputError("--gt-states needs --poses (a run's poses.star, with rlnClassNumber)")
         metrics["classes"] = class_evaluation(poses, gt_states, class_maps, gt_state_maps, pred_rot, true_rot,
                                               pixel_size_a, symmetry, state_symmetry)
     write_json_atomic(outdir / "metrics.json", metrics)
@@ -97,34 +114,86 @@ def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, 
     return metrics
 
 
-def class_evaluation(poses, gt_states, class_maps, gt_state_maps, pred_rot, true_rot, pixel_size_a,
-                     symmetry: str, state_symmetry: list[str] | None = None) -> dict:
-    """The classes against the true states (module docstring); junk picks (``truth.csv``'s
-    ``kind`` other than ``particle``) left out. ``state_symmetry``: each state's point group
-    (else ``symmetry`` for all).
-    """
+def _columns(poses) -> dict:
+    from ..evaluation.report import particle_columns
+
+    return particle_columns(Path(poses))
+
+
+def _true_states(gt_states) -> tuple[np.ndarray, np.ndarray]:
+    """Each particle's true state (1-based) and whether it is a particle (not a junk pick)."""
     import pandas as pd
 
-    from ..evaluation.metrics import class_accuracy, evaluate
-    from ..evaluation.report import particle_columns
-    from ..io.mrc import read_volume
-
-    if not poses:
-        raise InputError("--gt-states needs --poses (a run's poses.star, with rlnClassNumber)")
     try:
         truth = pd.read_csv(gt_states)
     except (OSError, ValueError) as exc:
         raise InputError(f"{gt_states}: not a readable CSV ({exc})") from None
     if "state" not in truth:
         raise InputError(f"{gt_states}: no state column (a simulation of several maps writes one)")
-    columns = particle_columns(Path(poses))
+    real = (truth["kind"] == "particle").to_numpy() if "kind" in truth else np.ones(len(truth), bool)
+    return truth["state"].to_numpy().astype(np.int64), real
+
+
+def latent_evaluation(latent_path, gt_states, gt_state_maps, metrics: dict, n_images: int) -> dict:
+    """CryoBench's per-image FSC-AUC of a latent model (module docstring), on ``n_images``
+    particles spread evenly over the set (junk picks left out); each particle's map is put in the
+    truth's frame by the consensus map's alignment in ``metrics`` (none with known poses).
+    """
+    from ..evaluation.metrics import _phase_shift_volume, align_volume, fsc_auc
+    from ..io.mrc import read_volume
+    from ..reconstruction.latent import read_latent
+
+    model, background, _ = read_latent(latent_path)
+    states, real = _true_states(gt_states)
+    if len(states) != len(model.z):
+        raise InputError(f"{gt_states}: {len(states)} particles, but {latent_path} has {len(model.z)}")
+    truths = [read_volume(p)[0] for p in gt_state_maps]
+    if int(states.max()) > len(truths):
+        raise InputError(f"--gt-state-maps: {len(truths)} map(s) for {int(states.max())} states")
+    if truths[0].shape[-1] != model.box_px:
+        raise InputError(f"{gt_state_maps[0]}: box {truths[0].shape[-1]}, but the latent model's is "
+                         f"{model.box_px}")
+    eligible = np.flatnonzero(real & np.isfinite(model.z).all(axis=1))
+    rows = eligible[np.linspace(0, len(eligible) - 1, min(n_images, len(eligible))).round().astype(int)]
+
+    def framed(volume: np.ndarray) -> np.ndarray:
+        if "alignment_rotation" in metrics:
+            volume = align_volume(volume, np.asarray(metrics["alignment_rotation"]),
+                                  metrics["alignment_mirror"])
+        if "alignment_translation_px" in metrics:
+            shift_zyx = np.asarray(metrics["alignment_translation_px"])[::-1]
+            volume = np.fft.ifftn(_phase_shift_volume(np.fft.fftn(volume), shift_zyx)).real
+        return volume
+
+    consensus = framed(model.volume(np.zeros(model.dim), background))
+    own, alone = [], []
+    for row in rows:
+        truth = truths[int(states[row]) - 1]
+        own.append(fsc_auc(framed(model.volume(model.z[row], background)), truth))
+        alone.append(fsc_auc(consensus, truth))
+    own, alone = np.asarray(own), np.asarray(alone)
+    return {"images": int(len(rows)), "fsc_auc_mean": float(own.mean()),
+            "fsc_auc_median": float(np.median(own)), "consensus_fsc_auc_mean": float(alone.mean()),
+            "dim": model.dim,
+            "determined": [float(v) for v in model.variance]}
+
+
+def class_evaluation(poses, gt_states, class_maps, gt_state_maps, pred_rot, true_rot, pixel_size_a,
+                     symmetry: str, state_symmetry: list[str] | None = None) -> dict:
+    """The classes against the true states (module docstring); junk picks (``truth.csv``'s
+    ``kind`` other than ``particle``) left out. ``state_symmetry``: each state's point group
+    (else ``symmetry`` for all).
+    """
+    from ..evaluation.metrics import class_accuracy, evaluate
+    from ..io.mrc import read_volume
+
+    states, real = _true_states(gt_states)
+    columns = _columns(poses)
     if "rlnClassNumber" not in columns:
         raise InputError(f"{poses}: no rlnClassNumber (run cryoai train with --classes K)")
     classes = np.asarray(columns["rlnClassNumber"]).astype(np.int64)
-    if len(classes) != len(truth):
-        raise InputError(f"{gt_states}: {len(truth)} particles, but {poses} has {len(classes)}")
-    real = (truth["kind"] == "particle").to_numpy() if "kind" in truth else np.ones(len(truth), bool)
-    states = truth["state"].to_numpy().astype(np.int64)
+    if len(classes) != len(states):
+        raise InputError(f"{gt_states}: {len(states)} particles, but {poses} has {len(classes)}")
     out = class_accuracy(classes[real], states[real])
     if state_symmetry is not None and len(state_symmetry) < int(states.max()):
         raise InputError(f"--state-symmetry: {len(state_symmetry)} group(s) for {int(states.max())} states")
@@ -160,6 +229,11 @@ def summary_lines(metrics: dict) -> list[str]:
                      + (f", symmetry {metrics['symmetry']}" if metrics.get("symmetry", "C1") != "C1" else ""))
     if "shift_error_a_median" in metrics:
         lines.append(f"shift error: median {metrics['shift_error_a_median']:.2f} A")
+    if "latent" in metrics:
+        m = metrics["latent"]
+        lines.append(f"latent model ({m['dim']} dimensions): per-image FSC-AUC {m['fsc_auc_mean']:.3f} "
+                     f"(mean of {m['images']} particles; the consensus map alone "
+                     f"{m['consensus_fsc_auc_mean']:.3f})")
     if "classes" in metrics:
         c = metrics["classes"]
         lines.append(f"classes: accuracy {c['accuracy']:.1%} (class -> state: "
@@ -176,7 +250,8 @@ def main(args) -> int:
     metrics = run_evaluation(args.map, args.outdir, poses=args.poses, gt_map=args.gt_map,
                              gt_poses=args.gt_poses, datadir=args.datadir, symmetry=args.symmetry,
                              gt_states=args.gt_states, class_maps=args.class_maps,
-                             gt_state_maps=args.gt_state_maps, state_symmetry=args.state_symmetry)
+                             gt_state_maps=args.gt_state_maps, state_symmetry=args.state_symmetry,
+                             latent=args.latent, latent_images=args.latent_images)
     for line in summary_lines(metrics):
         print(line)
     print(f"metrics and plots: {args.outdir}")

@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "cryoai.cli.train",
     "predict-poses": "cryoai.cli.predict_poses",
     "evaluate": "cryoai.cli.evaluate",
+    "analyze": "cryoai.cli.analyze",
     "symmetry-expand": "cryoai.cli.symmetry_expand",
     "report": "cryoai.cli.report",
     "demo": "cryoai.cli.demo",

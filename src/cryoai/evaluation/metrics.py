@@ -206,6 +206,30 @@ def fsc_report(volume: np.ndarray, truth: np.ndarray, pixel_size_a: float) -> di
     return out
 
 
+def fsc_auc(volume: np.ndarray, truth: np.ndarray) -> float:
+    """The area under the FSC curve of ``volume`` against ``truth``, frequency in cycles per
+    pixel from 0 to Nyquist (0.5): 0.5 for a perfect map, CryoBench's per-image measure of a
+    heterogeneous reconstruction (Jeon et al., NeurIPS 2024) when ``volume`` is a particle's map
+    and ``truth`` its true state's.
+    """
+    curve = fsc(torch.as_tensor(volume, dtype=torch.float64), torch.as_tensor(truth, dtype=torch.float64))
+    c = curve.numpy()
+    freqs = np.arange(len(c)) / (2.0 * (len(c) - 1))
+    return float(np.sum(0.5 * (c[1:] + c[:-1]) * np.diff(freqs)))
+
+
+def per_image_fsc_auc(volume_of, true_states: np.ndarray, state_maps: list[np.ndarray], rows: np.ndarray
+                      ) -> np.ndarray:
+    """CryoBench's per-image FSC-AUC: for each particle of ``rows``, the FSC-AUC
+    (:func:`fsc_auc`) of its own map ``volume_of(row)`` against its true state's map
+    (``state_maps[true_states[row] - 1]``, states numbered from 1 as in ``truth.csv``).
+    """
+    out = np.empty(len(rows))
+    for i, row in enumerate(np.asarray(rows)):
+        out[i] = fsc_auc(volume_of(int(row)), state_maps[int(true_states[row]) - 1])
+    return out
+
+
 def best_flip_fsc(volume: np.ndarray, truth: np.ndarray, pixel_size_a: float) -> dict:
     """FSC of a volume against the truth, or of its mirror, whichever is higher at 0.5.
 

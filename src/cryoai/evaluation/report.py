@@ -407,6 +407,32 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+_STYLE = """<style>
+body { font-family: sans-serif; max-width: 980px; margin: 2em auto; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; border-bottom: 1px solid #ccc; }
+img { max-width: 100%; } .cap { color: #555; font-size: 0.9em; }
+table { border-collapse: collapse; }
+th, td { text-align: left; padding: 2px 10px; border-bottom: 1px solid #eee; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+.summary th { width: 11em; } .summary { font-size: 1.05em; margin-bottom: 0.8em; }
+.warn { background: #fff4e0; border-left: 4px solid #e08a00; padding: 0.5em 1em; }
+.ok { background: #eef7ee; border-left: 4px solid #3a9a3a; padding: 0.5em 1em; }
+</style>"""
+
+
+def write_page(path: str | Path, title: str, body: str) -> Path:
+    """A plain HTML page in the report's style: ``title`` (escaped) and ``body`` (HTML), written
+    atomically (e.g. ``cryoai analyze``'s page, whose figures sit beside it).
+    """
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+            f"<title>{html.escape(title)}</title>\n"
+            f"{_STYLE}</head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
+            f"<p>Written {when} by cryoai {html.escape(__version__)}.</p>\n{body}\n</body></html>\n")
+    write_text_atomic(Path(path), page)
+    return Path(path)
+
+
 def _html(run: Path, figures, metrics: dict, config_text: str, out: Path, box: int,
           pixel_size_a: float, summary: list[tuple[str, str]], warnings: list[str], view: str) -> str:
     def img(name: str) -> str:
@@ -427,17 +453,7 @@ def _html(run: Path, figures, metrics: dict, config_text: str, out: Path, box: i
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>cryoai report: {html.escape(run.name)}</title>
-<style>
-body {{ font-family: sans-serif; max-width: 980px; margin: 2em auto; color: #222; }}
-h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.15em; border-bottom: 1px solid #ccc; }}
-img {{ max-width: 100%; }} .cap {{ color: #555; font-size: 0.9em; }}
-table {{ border-collapse: collapse; }}
-th, td {{ text-align: left; padding: 2px 10px; border-bottom: 1px solid #eee; }}
-pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }}
-.summary th {{ width: 11em; }} .summary {{ font-size: 1.05em; margin-bottom: 0.8em; }}
-.warn {{ background: #fff4e0; border-left: 4px solid #e08a00; padding: 0.5em 1em; }}
-.ok {{ background: #eef7ee; border-left: 4px solid #3a9a3a; padding: 0.5em 1em; }}
-</style></head>
+{_STYLE}</head>
 <body>
 <h1>cryoai report: {html.escape(str(run))}</h1>
 <p>Box {box} px, pixel size {pixel_size_a:.3f} A. Written {when} by cryoai {html.escape(__version__)}.</p>

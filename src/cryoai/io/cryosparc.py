@@ -304,7 +304,8 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, *
 
 def write_cs(path: str | os.PathLike, table: ParticleTable, *, poses=None,
              chunk_records: int = CHUNK_RECORDS, half_set: np.ndarray | None = None,
-             sign: float | None = None, image_paths: str = "as_read") -> None:
+             sign: float | None = None, image_paths: str = "as_read",
+             latent: np.ndarray | None = None) -> None:
     """Write ``table`` as a cryoSPARC particle ``.cs`` file (atomically, streaming).
 
     Written by hand rather than through cryosparc-tools' ``Dataset``, which holds the whole
@@ -345,7 +346,7 @@ def write_cs(path: str | os.PathLike, table: ParticleTable, *, poses=None,
     ------
     ValueError
         ``half_set`` of the wrong length or with values other than 0 and 1, ``half_set``
-        without poses, ``sign`` not -1 or +1, an unknown ``image_paths``.
+        without poses, ``sign`` not -1 or +1, an unknown ``image_paths``, ``latent`` not (N, D).
     """
     from ..physics.poses import Poses
     from ._util import atomic_path
@@ -362,6 +363,10 @@ def write_cs(path: str | os.PathLike, table: ParticleTable, *, poses=None,
         half_set = half_set_column(half_set, n)
     if sign is not None and sign not in (-1, 1):
         raise ValueError(f"sign must be -1 (dark protein) or +1 (bright), got {sign}")
+    if latent is not None:
+        latent = np.asarray(latent, dtype=np.float32)
+        if latent.ndim != 2 or len(latent) != n:
+            raise ValueError(f"latent must be ({n}, D), got {latent.shape}")
     signs = (compact_column(float(sign), n) if sign is not None else
              table.image_sign if table.image_sign is not None else compact_column(-1.0, n))
     groups = table.optics_group if table.optics_group is not None else compact_column(1, n, np.uint32)
@@ -378,6 +383,8 @@ def write_cs(path: str | os.PathLike, table: ParticleTable, *, poses=None,
                    ("alignments3D/psize_A", "<f4")]
         if half_set is not None:
             fields += [("alignments3D/split", "<u4")]
+    for k in range(0 if latent is None else latent.shape[1]):
+        fields += [(f"components_mode_{k}/component", "<u4"), (f"components_mode_{k}/value", "<f4")]
     dtype = np.dtype(fields)
     pose_chunks = _PoseChunks(poses) if poses is not None else None
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)}
@@ -413,6 +420,9 @@ def write_cs(path: str | os.PathLike, table: ParticleTable, *, poses=None,
                 rec["alignments3D/psize_A"] = apix
                 if half_set is not None:
                     rec["alignments3D/split"] = half_set[sl]
+            for j in range(0 if latent is None else latent.shape[1]):
+                rec[f"components_mode_{j}/component"] = j
+                rec[f"components_mode_{j}/value"] = latent[sl, j]
             rec.tofile(f)
         if pose_chunks is not None:
             pose_chunks.finish()

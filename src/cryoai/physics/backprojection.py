@@ -21,10 +21,31 @@ def insert_slices(values: torch.Tensor, weights: torch.Tensor, points_px: torch.
     numerator (N, N, N) complex and denominator (N, N, N) real, indexed [z, y, x]. Each value is
     inserted at ``k`` and its conjugate at ``-k``, so ``numerator / denominator`` is Hermitian.
     """
+    data = torch.stack([values.reshape(-1).real, values.reshape(-1).imag, weights.reshape(-1)], dim=-1)
+    out = insert_channels(data, torch.tensor([1.0, -1.0, 1.0]), points_px, n)
+    return torch.complex(out[0], out[1]), out[2]
+
+
+def insert_channels(data: torch.Tensor, parity: torch.Tensor, points_px: torch.Tensor,
+                    n: int) -> torch.Tensor:
+    """Trilinear insertion of C real channels at 3D frequency points, and of their Hermitian
+    mates: channel ``c`` is inserted at ``k`` and ``parity[c]`` times it at ``-k`` (+1 for a
+    real part or a weight, -1 for an imaginary part), the many-channel form of
+    :func:`insert_slices` (e.g. the sums of a linear model of several volumes).
+
+    Parameters
+    ----------
+    data : (P, C) real values at the points (any leading shape flattened to P).
+    parity : (C,) +1 or -1 per channel.
+    points_px : (P, 3) points ``(x, y, z)`` in centred frequency pixels.
+    n : grid size N.
+
+    Returns
+    -------
+    (C, N, N, N) real sums, indexed [z, y, x].
+    """
     pts = points_px.reshape(-1, 3)
-    # Real part, imaginary part and weight, accumulated together (one scatter per corner).
-    data = torch.stack([values.reshape(-1).real.to(pts.dtype), values.reshape(-1).imag.to(pts.dtype),
-                        weights.reshape(-1).to(pts.dtype)], dim=-1)  # (P, 3)
+    data = data.reshape(len(pts), -1).to(pts.dtype)
     # The points are inserted once, into a grid of indices 0..N; the Hermitian mates then follow
     # by reflecting that grid (index i -> N - i is -k: a flip) and conjugating, which gives the
     # same sums as inserting every -k (same trilinear weights, mirrored) at half the scatter
@@ -35,7 +56,7 @@ def insert_slices(values: torch.Tensor, weights: torch.Tensor, points_px: torch.
     base = torch.floor(idx)
     frac = idx - base
     base = base.long()
-    out = torch.zeros(m**3, 3, dtype=pts.dtype, device=pts.device)
+    out = torch.zeros(m**3, data.shape[1], dtype=pts.dtype, device=pts.device)
     for dz in (0, 1):
         for dy in (0, 1):
             for dx in (0, 1):
@@ -45,10 +66,9 @@ def insert_slices(values: torch.Tensor, weights: torch.Tensor, points_px: torch.
                 ok = (cx >= 0) & (cx <= n) & (cy >= 0) & (cy <= n) & (cz >= 0) & (cz <= n)
                 flat = torch.where(ok, (cz * m + cy) * m + cx, 0)
                 out.index_add_(0, flat, data * (w * ok)[:, None])
-    out = out.reshape(m, m, m, 3)
-    mate = out.flip(0, 1, 2)
-    numerator = torch.complex(out[..., 0] + mate[..., 0], out[..., 1] - mate[..., 1])[:n, :n, :n]
-    return numerator.contiguous(), (out[..., 2] + mate[..., 2])[:n, :n, :n].contiguous()
+    out = out.T.reshape(-1, m, m, m)
+    mate = out.flip(1, 2, 3) * parity.to(out)[:, None, None, None]
+    return (out + mate)[:, :n, :n, :n].contiguous()
 
 
 def insert_planes(values: torch.Tensor, weights: torch.Tensor, points_px: torch.Tensor,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..physics.poses import Poses
+from ..reconstruction.latent import LatentModel
 from ..reconstruction.particle_scores import ParticleScores
 from ..reconstruction.pose_search import SubsetSearch
 from ..reconstruction.regularised import Reconstruction
@@ -206,6 +207,16 @@ class ClassesRecord(StageRecord):
     info: tuple[dict, ...] = ()
     maps: tuple[MapRecord, ...] = ()
     poses: Poses | None = None  # each particle's pose against its class's map (--class-poses)
+
+
+@dataclass(frozen=True)
+class LatentRecord(StageRecord):
+    """The continuous latent model (``--latent-dim``): the fitted model (every particle's latent
+    vector in ``model.z``) and the consensus Fourier map that stands beyond its band.
+    """
+
+    model: LatentModel | None = None
+    background: torch.Tensor | None = None
 
 
 @dataclass

@@ -62,6 +62,7 @@ from .records import (
     ClassesRecord,
     EncoderRecord,
     JunkRecord,
+    LatentRecord,
     MapRecord,
     Particles,
     RunResult,
@@ -75,6 +76,7 @@ from .stages import (
     encoder_stage,
     first_guess_stage,
     junk_stage,
+    latent_stage,
     noise_stage,
     reconstruction_figures,
     views_stage,
@@ -292,6 +294,7 @@ def run_default(
     poses = fixed_poses.poses() if fixed_poses is not None else saved.get("poses")
     encoder: EncoderRecord = saved.get("encoder", EncoderRecord("encoder"))
     junk: JunkRecord | None = saved.get("junk")
+    latent: LatentRecord | None = None
     classes: ClassesRecord | None = saved.get("classes")
     views_balanced, explained = saved.get("views_balanced", False), float("nan")
     imposed = saved.get("symmetry", "C1")  # the point group imposed (after the search, if any)
@@ -418,6 +421,11 @@ def run_default(
                 classes_stage(particles, cfg, poses, rec, junk, symmetry=operators, say=run.say,
                               progress=run.progress, searched=searched_classes))
             run_dir.write_class_maps([m.volume for m in classes.maps], particles.pixel_size_a)
+        if cfg.latent_dim > 0:
+            latent = run.done(
+                latent_stage(particles, cfg, poses, rec, junk, say=run.say, progress=run.progress))
+            state.minutes += latent.figures["seconds"] / 60
+            run_dir.write_latent(latent.model, latent.background, particles.pixel_size_a)
         del rec
         checkpoint()
 
@@ -461,8 +469,13 @@ def run_default(
         "images_seen": state.images_seen,
         "version": __version__,
     }
+    sign = -1.0 if cfg.invert_contrast else 1.0  # cryoSPARC's blob/sign: -1 protein dark
+    z = None if latent is None else latent.model.z
+    if mode == "given" and z is not None:  # the given poses, written with each particle's latent vector
+        outputs["poses"] = str(
+            run_dir.write_poses(table, poses, sign=sign, image_paths=cfg.image_paths, latent=z))
+        outputs["latent"] = str(run_dir.path / "latent.npz")
     if mode != "given":
-        sign = -1.0 if cfg.invert_contrast else 1.0  # cryoSPARC's blob/sign: -1 protein dark
         if poses is not None:
             # every particle's half set: the split of the half maps (and of the junk stage's)
             half_set = np.zeros(len(table), dtype=np.int64)
@@ -470,7 +483,9 @@ def run_default(
             # with classes posed per class, each particle's pose is its class map's
             own = poses if classes is None or classes.poses is None else classes.poses
             written = run_dir.write_poses(table, own, particle_columns(junk, classes), half_set=half_set,
-                                          sign=sign, image_paths=cfg.image_paths)
+                                          sign=sign, image_paths=cfg.image_paths, latent=z)
+            if z is not None:
+                outputs["latent"] = str(run_dir.path / "latent.npz")
         elif dist.is_main:
             written = run_dir.write_poses(table, trainer.predicted_poses(), sign=sign,
                                           image_paths=cfg.image_paths)
@@ -539,6 +554,7 @@ _TIMED = (
     ("junk", "junk"),
     ("reconstruction", "reconstruction"),
     ("classes", "3D classes"),
+    ("latent", "latent model"),
     ("fit", "polish"),
 )
 

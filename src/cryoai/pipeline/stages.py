@@ -24,6 +24,7 @@ from ..physics.projection import gridding_corrected
 from ..reconstruction import PoseAssigner, assign_remaining
 from ..reconstruction.classes3d import Classes3DSettings, ClassRefinementSettings, classify_3d, refine_classes
 from ..reconstruction.junk_sorting import score_band_px, sort_junk
+from ..reconstruction.latent import LatentSettings, fit_latent
 from ..reconstruction.particle_scores import micrograph_amplitude, score_particles
 from ..reconstruction.pose_search import Progress, SubsetSearch
 from ..reconstruction.regularised import Reconstruction, density_skewness, reconstruct
@@ -41,6 +42,7 @@ from .records import (
     ClassesRecord,
     EncoderRecord,
     JunkRecord,
+    LatentRecord,
     MapRecord,
     NoiseRecord,
     Particles,
@@ -541,3 +543,57 @@ def views_stage(
         {"stage": "views", "views_scf": scf, "particles": len(rows)},
         warnings=(warning,) if warning else (),
     )
+
+
+def latent_stage(
+    particles: Particles,
+    cfg: TrainConfig,
+    poses: Poses,
+    rec: Reconstruction,
+    junk: JunkRecord | None,
+    say: Callable[[str], None] = print,
+    progress: Progress | None = None,
+) -> LatentRecord:
+    """``--latent-dim D``: the continuous latent model at the run's poses
+    (:mod:`cryoai.reconstruction.latent`; docs/pipeline.md#continuous-heterogeneity): fitted to
+    the particles not called junk, from the consensus map, within the consensus map's resolution
+    (or ``--latent-resolution``); every particle then gets its latent vector, junk included.
+    """
+    n, box = len(particles.table), particles.box_px
+    pixel_size_a = particles.pixel_size_a
+    if cfg.latent_resolution_a is not None:
+        band_px = box * pixel_size_a / cfg.latent_resolution_a
+    else:
+        band_px = box / resolution_px(rec.fsc_halves, 0.143)
+    band_px = float(min(band_px, max_paired_radius_px(box)))
+    rows = np.arange(n) if junk is None else np.flatnonzero(junk.kept)
+    settings = LatentSettings(dim=cfg.latent_dim, band_px=band_px, iterations=cfg.policy.latent_iterations,
+                              ridge=cfg.policy.latent_ridge, seed=cfg.seed)
+    say(f"latent model: {cfg.latent_dim} dimensions to {box * pixel_size_a / band_px:.1f} A, fitted to "
+        f"{len(rows):,} particles at their poses ({settings.iterations} passes)")
+    model = fit_latent(particles.spectra(), poses, rows, rec.fourier_volume, settings, all_rows=np.arange(n),
+                       progress=None if progress is None else (lambda d, t: progress("latent model", d, t)))
+    spread = ", ".join(f"{v:.2f}" for v in model.variance)
+    supported = int((model.variance >= cfg.policy.latent_min_determined).sum())
+    said = (f"latent model: fitted in {model.seconds:.0f} s; share of each dimension's spread that the "
+            f"images determine: {spread} ({supported} of {cfg.latent_dim} above "
+            f"{cfg.policy.latent_min_determined:g})",)
+    warnings = ()
+    if supported == 0:
+        warnings = ("latent model: the images determine no dimension's spread beyond "
+                    f"{cfg.policy.latent_min_determined:g}: these particles show no continuous change the "
+                    "data support at this resolution",)
+    figures = {
+        "stage": "latent",
+        "dim": cfg.latent_dim,
+        "band_px": band_px,
+        "resolution_a": box * pixel_size_a / band_px,
+        "particles_fitted": int(len(rows)),
+        "iterations": settings.iterations,
+        "determined": [float(v) for v in model.variance],
+        "supported_dims": supported,
+        "noise_var": model.noise_var,
+        "residual_history": [float(h) for h in model.history],
+        "seconds": model.seconds,
+    }
+    return LatentRecord("latent", figures, said, warnings, model=model, background=rec.fourier_volume)

@@ -52,6 +52,13 @@ class TrainConfig:
         True, "With --classes: the search finds the K maps together from K blobs, each image posed "
               "against every class (heterogeneous ab initio, as cryoSPARC's), and the classes start from "
               "its maps; off: one map searched, the classes made at its poses (junk classes).", "common")
+    latent_dim: int = _opt(
+        0, "Continuous heterogeneity: D latent dimensions, every particle's map the consensus plus D "
+           "basis maps weighted by its latent vector, fitted at the run's poses (written to latent.npz "
+           "and the poses' STAR; cryoai analyze shows them); 0: none.", "common")
+    latent_resolution_a: float | None = _opt(
+        None, "With --latent-dim: the latent model's resolution limit, Angstrom (default: the "
+              "consensus map's half-map FSC=0.143 resolution).", "common", kind=float)
     sym: str = _opt(
         "C1", "Point group of the molecule, in RELION's names and axes (C1, Cn, Dn, T, O, I1-I4): the "
               "search runs in C1, the group's axes are found in its map and checked against the data, "
@@ -234,6 +241,10 @@ class TrainConfig:
                              f"(got {self.noise_model!r})")
         if self.encoder_heads < 1:
             raise InputError(f"encoder_heads must be at least 1 (got {self.encoder_heads})")
+        if self.latent_dim < 0:
+            raise InputError(f"latent_dim must be 0 (none) or more (got {self.latent_dim})")
+        if self.latent_resolution_a is not None and not self.latent_resolution_a > 0:
+            raise InputError(f"latent_resolution_a must be > 0 Angstrom (got {self.latent_resolution_a})")
         if self.classes < 1:
             raise InputError(f"classes must be at least 1 (got {self.classes})")
         for name in ("particle_diameter_a", "search_resolution_a"):

@@ -17,8 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..io import write_text_atomic
+from ..io._util import atomic_path
 from ..io.cryosparc import write_cs
 from ..io.mrc import write_stack, write_volume
 from ..io.particles import ParticleTable
@@ -183,7 +185,7 @@ class RunDirectory:
                     poses: Poses | Iterable[tuple[np.ndarray, np.ndarray]],
                     extra_columns: dict[str, np.ndarray] | None = None, *,
                     half_set: np.ndarray | None = None, sign: float | None = None,
-                    image_paths: str = "as_read") -> Path:
+                    image_paths: str = "as_read", latent: np.ndarray | None = None) -> Path:
         """``poses.star`` and ``poses.cs``: every input column of ``table`` with the poses (a
         :class:`Poses`, or (rotations, shifts_a) blocks in particle order, streamed) and
         ``extra_columns`` (label -> (N,) values, e.g. the particles' scores and classes; with a
@@ -192,15 +194,21 @@ class RunDirectory:
         ``half_set`` : (N,) 0/1, the half set each particle's map went to (``rlnRandomSubset``,
         ``alignments3D/split``), or None. ``sign`` : the images' contrast as cryoSPARC's
         ``blob/sign`` (-1: protein dark). ``image_paths`` : how stack names are written
-        (:data:`cryoai.io.IMAGE_PATHS`; "as_read": as the input named them).
+        (:data:`cryoai.io.IMAGE_PATHS`; "as_read": as the input named them). ``latent`` : (N, D)
+        every particle's latent vector (``--latent-dim``): ``rlnCryoaiLatent1..D`` in the STAR,
+        cryoSPARC 3DVA's ``components_mode_K/value`` in the ``.cs``.
         """
         if not self.writes:
             return self.poses_path
         if isinstance(poses, Poses):
+            if latent is not None:
+                extra_columns = {**(extra_columns or {}),
+                                 **{f"rlnCryoaiLatent{k + 1}": np.round(latent[:, k], 5)
+                                    for k in range(latent.shape[1])}}
             write_star(self.poses_path, table, poses=poses, extra_columns=extra_columns, half_set=half_set,
                        image_paths=image_paths)
             write_cs(self.poses_cs_path, table, poses=poses, half_set=half_set, sign=sign,
-                     image_paths=image_paths)
+                     image_paths=image_paths, latent=latent)
             return self.poses_path
         # A stream (predicted batch by batch) is read once: its blocks go to poses.star and to
         # a temporary file on disk, from which poses.cs is written (memory stays flat in N).
@@ -216,6 +224,22 @@ class RunDirectory:
         return self.poses_path
 
     # ---------------------------------------------------------- checkpoints
+    def write_latent(self, model, background: torch.Tensor, pixel_size_a: float) -> Path:
+        """``latent.npz``: the latent model (:class:`cryoai.reconstruction.latent.LatentModel`),
+        its mean and basis on the band's Fourier grid, the consensus Fourier map beyond the band,
+        every particle's latent vector and its standard deviation; read by ``cryoai analyze``.
+        """
+        path = self.path / "latent.npz"
+        if not self.writes:
+            return path
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, mean=model.mean.cpu().numpy(), basis=model.basis.cpu().numpy(),
+                                background=background.cpu().numpy().astype(np.complex64),
+                                box_px=model.box_px, band_px=model.band_px, pixel_size_a=pixel_size_a,
+                                z=model.z, z_std=model.z_std, noise_var=model.noise_var,
+                                variance=model.variance, history=np.asarray(model.history))
+        return path
+
     def save_checkpoint(self, payload: dict) -> None:
         """Write ``checkpoint.pt`` (atomically, with the cryoai version)."""
         if self.writes:
