@@ -5,8 +5,10 @@ Reads RUN/latent.npz and RUN/poses.star and writes to OUTDIR (default RUN/analyz
                       dimension's histogram; latent_LABEL.png coloured by each --color-by column
   umap.png            a UMAP of the latent vectors (when umap-learn is installed and D > 2)
   pcK/map_NN.mrc      the maps along each principal direction K (--pcs), from its 5th to its
-                      95th percentile (--steps maps, the other dimensions at 0): open them as a
-                      volume series in ChimeraX; pcK.png shows their projections side by side
+                      95th percentile (--steps maps, the other dimensions at the mean of the
+                      particles nearest each step, so that a curved motion is followed; with
+                      --straight, at 0): open them as a volume series in ChimeraX; pcK.png
+                      shows their projections side by side
   kmeansK/centre_NN.mrc  the maps at the centres of K k-means clusters of the latent vectors
                       (--kmeans), kmeansK/labels.txt each particle's cluster (1..K)
   analyze.html        all of it on one page
@@ -44,6 +46,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", default=None,
                         help="a CSV with one row per particle (e.g. a simulation's truth.csv) whose "
                              "columns --color-by can name")
+    parser.add_argument("--straight", action="store_true",
+                        help="the maps along each direction with the other coordinates at 0 (a straight "
+                             "line through the mean), not through the particles")
     parser.add_argument("--seed", type=int, default=0, help="seed of k-means and UMAP")
 
 
@@ -143,7 +148,7 @@ def _plot_series(volumes: list[np.ndarray], path: Path, title: str) -> None:
 
 def analyze(run_dir: str | Path, outdir: str | Path | None = None, *, pcs: int = 2, steps: int = 10,
             kmeans: int = 5, color_by: list[str] | None = None, table: str | None = None, seed: int = 0,
-            say=print) -> dict:
+            straight: bool = False, say=print) -> dict:
     """Everything ``cryoai analyze`` writes (module docstring); returns a summary dict."""
     from ..evaluation.report import write_page
     from ..io import write_json_atomic
@@ -184,7 +189,7 @@ def analyze(run_dir: str | Path, outdir: str | Path | None = None, *, pcs: int =
     for k in range(min(pcs, model.dim)):
         folder = out / f"pc{k + 1}"
         folder.mkdir(exist_ok=True)
-        zs = latent_traversal(model, k, steps, rows=rows)
+        zs = latent_traversal(model, k, steps, rows=rows, through_particles=not straight)
         volumes = []
         for j, zk in enumerate(zs):
             volume = model.volume(zk, background)
@@ -194,7 +199,7 @@ def analyze(run_dir: str | Path, outdir: str | Path | None = None, *, pcs: int =
                      f"along z{k + 1}: {zs[0, k]:+.2f} to {zs[-1, k]:+.2f} (projections down z, then x)")
         figures.append((f"pc{k + 1}.png",
                         f"{steps} maps along z{k + 1} ({folder.name}/map_01..{steps:02d}.mrc)."))
-        series[f"pc{k + 1}"] = zs[:, k].tolist()
+        series[f"pc{k + 1}"] = zs.tolist()
         say(f"analyze: {steps} maps along z{k + 1} in {folder}")
     if kmeans > 0:
         k = min(kmeans, len(z))
@@ -229,5 +234,5 @@ def analyze(run_dir: str | Path, outdir: str | Path | None = None, *, pcs: int =
 
 def main(args) -> int:
     analyze(args.run, args.outdir, pcs=args.pcs, steps=args.steps, kmeans=args.kmeans, color_by=args.color_by,
-            table=args.table, seed=args.seed)
+            table=args.table, seed=args.seed, straight=args.straight)
     return 0

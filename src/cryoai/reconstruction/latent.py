@@ -264,6 +264,7 @@ def fit_latent(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, mean_
     k1 = d + 1
     pairs = [(a, b) for a in range(k1) for b in range(a, k1)]
     parity = torch.tensor([1.0] * k1 + [-1.0] * k1 + [1.0] * len(pairs), device=device)
+    spread = torch.zeros(d, int(inside.sum()), device=device)  # the basis's posterior variance per voxel
     for it in range(settings.iterations):
         sums = torch.zeros(2 * k1 + len(pairs), nb, nb, nb, device=device)
         volumes = _stacked(mean, basis)
@@ -292,7 +293,10 @@ def fit_latent(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, mean_
                 progress(done, total)
         noise_var = residual_sum / weight_sum
         history.append(noise_var)
-        mean, basis = _m_step(sums, k1, pairs, inside, settings.ridge)
+        # the first half of the passes find the directions (no prior); the second half weighs them
+        prior = (torch.zeros(d, int(inside.sum()), device=device) if it < settings.iterations // 2
+                 else _basis_prior(basis, spread, inside, noise_var))
+        mean, basis, spread = _m_step(sums, k1, pairs, inside, settings.ridge, prior, noise_var)
         mean, basis = _hermitian(mean[None])[0], _hermitian(basis)
         if log is not None:
             log(f"latent model: iteration {it + 1}/{settings.iterations}, residual power {noise_var:.5f}")
@@ -346,8 +350,31 @@ def _principal_axes(mean, basis, z, cov, fitted: torch.Tensor, inside: torch.Ten
     return mean, basis, z @ t.T, t @ cov @ t.T
 
 
-def _m_step(sums: torch.Tensor, k1: int, pairs, inside: torch.Tensor, ridge: float):
-    """Solve every voxel's (D+1) x (D+1) normal equations: the mean and the basis."""
+def _basis_prior(basis: torch.Tensor, spread: torch.Tensor, inside: torch.Tensor,
+                 noise_var: float) -> torch.Tensor:
+    """(D, V) the basis maps' prior precision at each voxel of the band, ``sigma^2 / tau^2``,
+    with ``tau^2`` each basis map's expected power in the voxel's shell, its estimate's power
+    plus ``spread`` (D, V), the estimate's posterior variance (the EM update of a Gaussian
+    prior's variance; RELION estimates its map's prior from the map's power alike): a direction
+    that the images do not support loses power at every pass, and its shells with it, until it
+    is gone (automatic relevance determination), rather than fitting the noise of a few images.
+    """
+    nb = basis.shape[-1]
+    g = torch.arange(nb, device=basis.device, dtype=torch.float32) - nb // 2
+    r = (g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2).sqrt()[inside]
+    shell = r.round().long()
+    power = basis[:, inside].abs().square() + spread  # (D, V)
+    count = torch.bincount(shell).clamp_min(1).to(power.dtype)
+    tau2 = torch.stack([torch.bincount(shell, weights=p) for p in power]) / count  # (D, shells)
+    return noise_var / tau2[:, shell].clamp_min(1e-30)
+
+
+def _m_step(sums: torch.Tensor, k1: int, pairs, inside: torch.Tensor, ridge: float, prior: torch.Tensor,
+            noise_var: float):
+    """Solve every voxel's (D+1) x (D+1) normal equations: the mean (a small ridge) and the basis
+    (its prior ``prior`` (D, V), :func:`_basis_prior`). Returns the mean, the basis and the
+    basis's posterior variance per voxel (D, V).
+    """
     nb = sums.shape[-1]
     num = torch.complex(sums[:k1], sums[k1:2 * k1])[:, inside].T  # (V, D+1)
     den = torch.zeros(num.shape[0], k1, k1, dtype=sums.dtype, device=sums.device)
@@ -355,11 +382,14 @@ def _m_step(sums: torch.Tensor, k1: int, pairs, inside: torch.Tensor, ridge: flo
         den[:, a, b] = sums[2 * k1 + j][inside]
         den[:, b, a] = sums[2 * k1 + j][inside]
     lam = ridge * den[:, 0, 0].mean().clamp_min(1e-12)
-    den = den + lam * torch.eye(k1, dtype=den.dtype, device=den.device)
-    solved = torch.linalg.solve(den.to(torch.complex64), num.to(torch.complex64).unsqueeze(-1)).squeeze(-1)
+    diagonal = torch.cat([lam.expand(1, den.shape[0]), lam + prior.to(den.dtype)]).T  # (V, D+1)
+    den = den + torch.diag_embed(diagonal)
+    inverse = torch.linalg.inv(den)
+    solved = torch.einsum("vab,vb->va", inverse.to(torch.complex64), num.to(torch.complex64))
     out = torch.zeros(k1, nb, nb, nb, dtype=torch.complex64, device=sums.device)
     out[:, inside] = solved.T
-    return out[0], out[1:]
+    spread = noise_var * torch.diagonal(inverse, dim1=1, dim2=2)[:, 1:].T  # (D, V)
+    return out[0], out[1:], spread
 
 
 def _hermitian(volumes: torch.Tensor) -> torch.Tensor:
@@ -371,16 +401,25 @@ def _hermitian(volumes: torch.Tensor) -> torch.Tensor:
 
 
 def latent_traversal(model: LatentModel, component: int, n_steps: int, *, rows: np.ndarray | None = None,
-                     quantile: float = 0.05) -> np.ndarray:
-    """(n_steps, D) latent vectors along ``component`` (0-based) from its ``quantile`` to its
-    ``1 - quantile`` over the particles ``rows`` (default: every particle with a vector), the
-    others at 0: the maps along one principal direction, as 3DVA's and cryoDRGN's series show it.
+                     quantile: float = 0.05, through_particles: bool = True) -> np.ndarray:
+    """(n_steps, D) latent vectors along ``component`` (0-based), from its ``quantile`` to its
+    ``1 - quantile`` over the particles ``rows`` (default: every particle with a vector): the maps
+    along one principal direction, as 3DVA's and cryoDRGN's series show it. With
+    ``through_particles``, the other coordinates at each step are the mean of the particles
+    nearest that value of ``z[component]`` (a twentieth of them), so that the series follows the
+    particles where their motion is curved in latent space; else they are 0 (a straight line).
     """
     z = model.z if rows is None else model.z[rows]
     z = z[np.isfinite(z).all(axis=1)]
     lo, hi = np.quantile(z[:, component], [quantile, 1 - quantile])
+    values = np.linspace(lo, hi, n_steps)
     out = np.zeros((n_steps, model.dim), dtype=np.float32)
-    out[:, component] = np.linspace(lo, hi, n_steps)
+    if through_particles and model.dim > 1:
+        near = max(1, len(z) // 20)
+        for j, v in enumerate(values):
+            closest = np.argpartition(np.abs(z[:, component] - v), near - 1)[:near]
+            out[j] = z[closest].mean(axis=0)
+    out[:, component] = values
     return out
 
 
