@@ -105,6 +105,10 @@ def test_latent_run_writes_z_for_relion_and_cryosparc_and_analyze_shows_it(two_c
     first, last = (series if sign > 0 else series[::-1])
     assert correlation(first, truths[0]) - correlation(first, truths[1]) > 0.01
     assert correlation(last, truths[1]) - correlation(last, truths[0]) > 0.01
+    # the run's report shows the latent space and the maps along z1
+    run_ok(capsys, "report", run)
+    page = (run / "report" / "report.html").read_text()
+    assert "Latent space" in page and "Maps along z1" in page
     labels = np.loadtxt(analysis / "kmeans2" / "labels.txt").astype(int)
     agreement = max((labels == states).mean(), (labels == 3 - states).mean())
     assert agreement > 0.9

@@ -98,8 +98,7 @@ def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, 
         if not (gt_states and gt_state_maps):
             raise InputError("--latent needs --gt-states (truth.csv) and --gt-state-maps")
         metrics["latent"] = latent_evaluation(latent, gt_states, gt_state_maps, metrics, latent_images)
-    with_classes = bool(poses) and "rlnClassNumber" in _columns(poses)
-    if gt_states and (with_classes or not latent):  # (with --latent alone, no classes are asked for)
+    if gt_states and not latent:  # (with --latent, the states score the latent model, not classes)
         if not poses:
             raise InputError("--gt-states needs --poses (a run's poses.star, with rlnClassNumber)")
         metrics["classes"] = class_evaluation(poses, gt_states, class_maps, gt_state_maps, pred_rot, true_rot,

@@ -249,6 +249,22 @@ def build_report(run_dir: str | Path, outdir: str | Path | None = None, *, gt_ma
                             "Each particle's score against the map at its pose (poses.star: "
                             "rlnCryoaiScore); junk (rlnCryoaiJunk 1) is what lies far from the "
                             "particles' cluster of amplitude and unexplained power."))
+    analysis = run / "analyze"
+    if (analysis / "analyze.json").exists():  # cryoai analyze's latent space (--latent-dim runs)
+        import shutil
+
+        summary = json.loads((analysis / "analyze.json").read_text())
+        determined = ", ".join(f"z{k + 1} {v:.2f}" for k, v in enumerate(summary.get("determined", [])))
+        for name, title, caption in (
+                ("latent.png", "Latent space", f"Each particle's latent vector ({summary.get('dim')} "
+                 f"dimensions, in standard deviations of the particles' spread; the share of each "
+                 f"dimension's spread the images determine: {determined})."),
+                ("pc1.png", "Maps along z1", "Projections of the maps along the direction in which the "
+                 "particles' maps change most (analyze/pc1/map_NN.mrc, a volume series for ChimeraX)."),
+                ("pc2.png", "Maps along z2", "The same along the second direction (analyze/pc2/).")):
+            if (analysis / name).exists():
+                shutil.copyfile(analysis / name, out / f"latent_{name}")
+                figures.append((title, f"latent_{name}", caption))
     if "rotation_error_deg" in per_particle:
         plots.plot_rotation_errors(per_particle["rotation_error_deg"], out / "rotation_errors.png")
         figures.append(("Rotation errors", "rotation_errors.png",

@@ -557,7 +557,7 @@ def latent_stage(
     """``--latent-dim D``: the continuous latent model at the run's poses
     (:mod:`cryoai.reconstruction.latent`; docs/pipeline.md#continuous-heterogeneity): fitted to
     the particles not called junk, from the consensus map, within the consensus map's resolution
-    (or ``--latent-resolution``); every particle then gets its latent vector, junk included.
+    (or ``--latent-resolution-a``); every particle then gets its latent vector, junk included.
     """
     n, box = len(particles.table), particles.box_px
     pixel_size_a = particles.pixel_size_a

@@ -52,13 +52,6 @@ class TrainConfig:
         True, "With --classes: the search finds the K maps together from K blobs, each image posed "
               "against every class (heterogeneous ab initio, as cryoSPARC's), and the classes start from "
               "its maps; off: one map searched, the classes made at its poses (junk classes).", "common")
-    latent_dim: int = _opt(
-        0, "Continuous heterogeneity: D latent dimensions, every particle's map the consensus plus D "
-           "basis maps weighted by its latent vector, fitted at the run's poses (written to latent.npz "
-           "and the poses' STAR; cryoai analyze shows them); 0: none.", "common")
-    latent_resolution_a: float | None = _opt(
-        None, "With --latent-dim: the latent model's resolution limit, Angstrom (default: the "
-              "consensus map's half-map FSC=0.143 resolution).", "common", kind=float)
     sym: str = _opt(
         "C1", "Point group of the molecule, in RELION's names and axes (C1, Cn, Dn, T, O, I1-I4): the "
               "search runs in C1, the group's axes are found in its map and checked against the data, "
@@ -180,6 +173,13 @@ class TrainConfig:
     lr_voxel: float = _opt(0.05, "Learning rate of the voxel decoder.")
     amsgrad: bool = _opt(True, "Adam with AMSGrad.")
     grad_clip: float = _opt(1.0, "Clip the gradient's norm to this (0: no clipping).")
+    latent_dim: int = _opt(
+        0, "Continuous heterogeneity: D latent dimensions, every particle's map the consensus plus D "
+           "basis maps weighted by its latent vector, fitted at the run's poses (written to latent.npz "
+           "and the poses' STAR; cryoai analyze shows them); 0: none.", "training")
+    latent_resolution_a: float | None = _opt(
+        None, "With --latent-dim: the latent model's resolution limit, Angstrom (default: the "
+              "consensus map's half-map FSC=0.143 resolution).", "training", kind=float)
     max_epochs: float = _opt(100.0, "Epochs of --poses and amortized runs.")
     num_workers: int = _opt(0, "Processes reading images (0: background threads in this process).")
     precision: str = _opt(
