@@ -346,7 +346,7 @@ _STAGES = (("noise", "noise model", "noise_seconds"), ("search", "search", "sear
            ("balanced_views", "view balancing", "seconds"), ("encoder", "pose encoder", "seconds"),
            ("assignment", "assignment", "seconds"), ("junk", "junk", "seconds"),
            ("reconstruction", "reconstruction", "seconds"), ("classes", "3D classes", "seconds"),
-           ("fit", "polish", "seconds"))
+           ("latent", "latent model", "seconds"), ("fit", "polish", "seconds"))
 
 
 def _stage_seconds(log: list[dict]) -> dict[str, float]:
