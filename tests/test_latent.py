@@ -34,7 +34,7 @@ def two_conformations(tmp_path_factory):
     return root / "mix"
 
 
-def _fit(folder, dim: int, band_px: float = 10.0, iterations: int = 12):
+def _fit(folder, dim: int, band_px: float = 10.0, iterations: int = 12, deadline: float | None = None):
     from cryoai.data.dataset import ParticleDataset
     from cryoai.models.image_formation import ImageFormation
     from cryoai.reconstruction import ParticleSpectra
@@ -47,7 +47,7 @@ def _fit(folder, dim: int, band_px: float = 10.0, iterations: int = 12):
     poses = table.poses()
     rec = reconstruct(particles, poses, mask_radius_px=14.0)
     model = fit_latent(particles, poses, np.arange(len(table)), rec.fourier_volume,
-                       LatentSettings(dim=dim, band_px=band_px, iterations=iterations))
+                       LatentSettings(dim=dim, band_px=band_px, iterations=iterations), deadline=deadline)
     return model, rec
 
 
@@ -67,6 +67,13 @@ def test_the_latent_model_separates_two_conformations_at_known_poses(two_conform
         made = model.volume(model.z[states == k].mean(0), rec.fourier_volume)
         own, other = correlation(made, truths[k - 1]), correlation(made, truths[2 - k])
         assert own > other + 0.01, (k, own, other)
+
+
+def test_the_latent_fit_stops_at_its_deadline(two_conformations):
+    import time
+
+    model, _ = _fit(two_conformations, dim=1, deadline=time.perf_counter())  # (the run's --max-minutes)
+    assert len(model.history) == 1 and np.isfinite(model.z).all()
 
 
 def test_the_latent_model_says_when_the_particles_do_not_change(tmp_path):

@@ -423,7 +423,8 @@ def run_default(
             run_dir.write_class_maps([m.volume for m in classes.maps], particles.pixel_size_a)
         if cfg.latent_dim > 0:
             latent = run.done(
-                latent_stage(particles, cfg, poses, rec, junk, say=run.say, progress=run.progress))
+                latent_stage(particles, cfg, poses, rec, junk, say=run.say, progress=run.progress,
+                             minutes_before=state.minutes))
             state.minutes += latent.figures["seconds"] / 60
             run_dir.write_latent(latent.model, latent.background, particles.pixel_size_a)
         del rec

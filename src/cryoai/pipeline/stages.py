@@ -553,6 +553,7 @@ def latent_stage(
     junk: JunkRecord | None,
     say: Callable[[str], None] = print,
     progress: Progress | None = None,
+    minutes_before: float = 0.0,
 ) -> LatentRecord:
     """``--latent-dim D``: the continuous latent model at the run's poses
     (:mod:`cryoai.reconstruction.latent`; docs/pipeline.md#continuous-heterogeneity): fitted to
@@ -571,8 +572,14 @@ def latent_stage(
                               ridge=cfg.policy.latent_ridge, seed=cfg.seed)
     say(f"latent model: {cfg.latent_dim} dimensions to {box * pixel_size_a / band_px:.1f} A, fitted to "
         f"{len(rows):,} particles at their poses ({settings.iterations} passes)")
+    deadline = (None if cfg.max_minutes is None
+                else time.perf_counter() + max(0.0, cfg.max_minutes - minutes_before) * 60)
     model = fit_latent(particles.spectra(), poses, rows, rec.fourier_volume, settings, all_rows=np.arange(n),
-                       progress=None if progress is None else (lambda d, t: progress("latent model", d, t)))
+                       progress=None if progress is None else (lambda d, t: progress("latent model", d, t)),
+                       deadline=deadline)
+    if len(model.history) < settings.iterations:
+        say(f"latent model: stopped after {len(model.history)} of {settings.iterations} passes "
+            "(--max-minutes)")
     spread = ", ".join(f"{v:.2f}" for v in model.variance)
     supported = int((model.variance >= cfg.policy.latent_min_determined).sum())
     said = (f"latent model: fitted in {model.seconds:.0f} s; share of each dimension's spread that the "
@@ -589,7 +596,7 @@ def latent_stage(
         "band_px": band_px,
         "resolution_a": box * pixel_size_a / band_px,
         "particles_fitted": int(len(rows)),
-        "iterations": settings.iterations,
+        "iterations": len(model.history),
         "determined": [float(v) for v in model.variance],
         "supported_dims": supported,
         "noise_var": model.noise_var,

@@ -83,7 +83,8 @@ class LatentModel:
         share of the particles' spread along that direction that their images determine (near 1
         for a direction the data show clearly, near 0 for one they do not; z is in standard
         deviations of the spread, posterior included).
-    history : per iteration, the mean expected residual power over ``sigma^2`` of the start.
+    history : per pass, the mean expected residual power per coefficient (its length: the passes
+        done).
     seconds : the fit's time.
     """
 
@@ -222,7 +223,7 @@ def _posterior(y, slices, weight, noise_var: float):
 @torch.no_grad()
 def fit_latent(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, mean_fourier: torch.Tensor,
                settings: LatentSettings, *, all_rows: np.ndarray | None = None, progress=None,
-               log=None) -> LatentModel:
+               log=None, deadline: float | None = None) -> LatentModel:
     """Fit the latent model (module docstring) to the particles ``rows`` at their ``poses``.
 
     Parameters
@@ -235,6 +236,8 @@ def fit_latent(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, mean_
     all_rows : the particles given a latent vector after the fit (default: ``rows``).
     progress : callable(done, total) per E step batch, or None.
     log : callable(str) per iteration, or None.
+    deadline : ``time.perf_counter()`` after which no further pass starts (the run's budget), or
+        None; the model is then that of the passes done (``len(history)``).
 
     Returns
     -------
@@ -300,6 +303,8 @@ def fit_latent(particles: ParticleSpectra, poses: Poses, rows: np.ndarray, mean_
         mean, basis = _hermitian(mean[None])[0], _hermitian(basis)
         if log is not None:
             log(f"latent model: iteration {it + 1}/{settings.iterations}, residual power {noise_var:.5f}")
+        if deadline is not None and time.perf_counter() > deadline:
+            break
     # every particle's latent vector under the final model; then the basis turned to principal axes
     targets = np.asarray(all_rows if all_rows is not None else rows)
     z_all = np.full((len(particles), d), np.nan, dtype=np.float32)
