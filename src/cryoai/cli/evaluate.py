@@ -113,12 +113,6 @@ def run_evaluation(map_path, outdir, *, poses=None, gt_map=None, gt_poses=None, 
     return metrics
 
 
-def _columns(poses) -> dict:
-    from ..evaluation.report import particle_columns
-
-    return particle_columns(Path(poses))
-
-
 def _true_states(gt_states) -> tuple[np.ndarray, np.ndarray]:
     """Each particle's true state (1-based) and whether it is a particle (not a junk pick)."""
     import pandas as pd
@@ -184,10 +178,11 @@ def class_evaluation(poses, gt_states, class_maps, gt_state_maps, pred_rot, true
     (else ``symmetry`` for all).
     """
     from ..evaluation.metrics import class_accuracy, evaluate
+    from ..evaluation.report import particle_columns
     from ..io.mrc import read_volume
 
     states, real = _true_states(gt_states)
-    columns = _columns(poses)
+    columns = particle_columns(Path(poses))
     if "rlnClassNumber" not in columns:
         raise InputError(f"{poses}: no rlnClassNumber (run cryoai train with --classes K)")
     classes = np.asarray(columns["rlnClassNumber"]).astype(np.int64)

@@ -112,8 +112,7 @@ class LatentModel:
         """
         n, nb = self.box_px, self.mean.shape[-1]
         zt = torch.as_tensor(np.asarray(z, dtype=np.float32), device=self.mean.device).reshape(-1)
-        inner = self.mean + torch.einsum("k,kzyx->zyx", zt.to(self.basis.real.dtype), self.basis.real) \
-            + 1j * torch.einsum("k,kzyx->zyx", zt.to(self.basis.real.dtype), self.basis.imag)
+        inner = self.mean + _combined("k,kzyx->zyx", zt, self.basis)
         out = (torch.zeros(n, n, n, dtype=inner.dtype, device=inner.device) if background is None
                else background.to(inner.device, inner.dtype).clone())
         lo = n // 2 - nb // 2
@@ -162,10 +161,19 @@ def _band_grid(band_px: float) -> int:
     return 2 * (int(math.ceil(band_px)) + 2)
 
 
-def _band_mask(nb: int, band_px: float, device) -> torch.Tensor:
+def _radius(nb: int, device) -> torch.Tensor:
+    """(nb, nb, nb) each voxel's distance from the centre ``nb // 2``, voxels."""
     g = torch.arange(nb, device=device, dtype=torch.float32) - nb // 2
-    r = (g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2).sqrt()
-    return r <= band_px
+    return (g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2).sqrt()
+
+
+def _band_mask(nb: int, band_px: float, device) -> torch.Tensor:
+    return _radius(nb, device) <= band_px
+
+
+def _combined(spec: str, weights: torch.Tensor, volumes: torch.Tensor) -> torch.Tensor:
+    """``torch.einsum(spec, weights, volumes)`` of real weights and complex Fourier volumes."""
+    return torch.einsum(spec, weights.to(volumes.device, volumes.dtype), volumes)
 
 
 def _crop(fourier_volume: torch.Tensor, nb: int) -> torch.Tensor:
@@ -193,8 +201,8 @@ class _Slices:
         points = slice_coords(poses.rotations[rows].to(device), self.coords)
         sampled = sample_channels(volumes, points)  # (2K, B, m)
         k = volumes.shape[0] // 2
-        slices = torch.complex(sampled[:k], sampled[k:]) * (c[:, self.keep] * phase)[None]
-        return y[:, self.keep], c[:, self.keep] * phase, slices, points
+        cphase = c[:, self.keep] * phase
+        return y[:, self.keep], cphase, torch.complex(sampled[:k], sampled[k:]) * cphase[None], points
 
 
 def _stacked(mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -335,10 +343,8 @@ def _principal_axes(mean, basis, z, cov, fitted: torch.Tensor, inside: torch.Ten
     standard deviations of the particles' spread, and the variance of its posterior means is the
     share of that spread the images determine (the rest is the prior's).
     """
-    device, real = basis.device, basis.real.dtype
     mu = z[fitted].mean(0)
-    mean = mean + torch.einsum("k,kzyx->zyx", mu.to(device, real), basis.real) \
-        + 1j * torch.einsum("k,kzyx->zyx", mu.to(device, real), basis.imag)
+    mean = mean + _combined("k,kzyx->zyx", mu, basis)
     z = z - mu
     second = (z[fitted, :, None] * z[fitted, None, :] + cov[fitted]).mean(0)  # E[z z^T]
     flat = torch.view_as_real(basis[:, inside]).reshape(basis.shape[0], -1).double().cpu()
@@ -350,8 +356,7 @@ def _principal_axes(mean, basis, z, cov, fitted: torch.Tensor, inside: torch.Ten
     lam, u = lam[order].clamp_min(1e-30), u[:, order]
     t = torch.diag(lam.rsqrt()) @ u.T @ root  # z' = T z
     t_inv = torch.linalg.inv(t)
-    basis = torch.einsum("kj,kzyx->jzyx", t_inv.to(device, real), basis.real) \
-        + 1j * torch.einsum("kj,kzyx->jzyx", t_inv.to(device, real), basis.imag)
+    basis = _combined("kj,kzyx->jzyx", t_inv, basis)
     return mean, basis, z @ t.T, t @ cov @ t.T
 
 
@@ -364,10 +369,7 @@ def _basis_prior(basis: torch.Tensor, spread: torch.Tensor, inside: torch.Tensor
     that the images do not support loses power at every pass, and its shells with it, until it
     is gone (automatic relevance determination), rather than fitting the noise of a few images.
     """
-    nb = basis.shape[-1]
-    g = torch.arange(nb, device=basis.device, dtype=torch.float32) - nb // 2
-    r = (g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2).sqrt()[inside]
-    shell = r.round().long()
+    shell = _radius(basis.shape[-1], basis.device)[inside].round().long()
     power = basis[:, inside].abs().square() + spread  # (D, V)
     count = torch.bincount(shell).clamp_min(1).to(power.dtype)
     tau2 = torch.stack([torch.bincount(shell, weights=p) for p in power]) / count  # (D, shells)
